@@ -1,0 +1,45 @@
+"""Packaging for diffusers-scm: one- and two-step generators from diffusion models, inside diffusers."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "src/diffusers_scm/__init__.py").read_text()).group(1)
+
+install_requires = [
+    "torch>=2.1",
+    "diffusers>=0.32",
+    "huggingface_hub>=0.25",
+    "safetensors>=0.4",
+    "numpy",
+    "Pillow",
+]
+
+extras = {
+    "test": ["pytest>=7", "scipy", "scikit-learn", "accelerate>=0.30"],
+    "training": ["accelerate>=0.30", "datasets>=2.19", "tensorboard", "scikit-learn", "tqdm"],
+    "flash": ["flash-attn", "xformers", "jvp-flash-attention"],
+    "metrics": ["scipy", "torch-fidelity", "matplotlib"],
+}
+extras["dev"] = sorted(set(extras["test"] + extras["training"] + ["ruff>=0.4"]))
+
+setup(
+    name="diffusers-scm",
+    version=VERSION,
+    description="Continuous-time consistency models (sCM) and truncated consistency models (TCM) for diffusers",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require=extras,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

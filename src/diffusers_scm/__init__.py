@@ -1,0 +1,36 @@
+"""diffusers-scm: one- and two-step generators from diffusion models (sCM, TCM), inside diffusers."""
+
+__version__ = "0.1.0.dev0"
+
+# diffusers' pipeline loader resolves a component saved as ["diffusers_scm", ClassName] by looking up its loadable
+# base classes on this module, so they are importable from here.
+from diffusers import ModelMixin, SchedulerMixin  # noqa: F401
+
+from .denoiser import TrigFlowDenoiser, call_network
+from .parameterizations import (
+    EDMParameterization,
+    FlowMatchingParameterization,
+    Parameterization,
+    TrigFlowParameterization,
+    VPParameterization,
+    get_parameterization,
+)
+from .pipelines import SCMPipeline
+from .schedulers import TrigFlowODEScheduler, TrigFlowScheduler, TrigFlowSchedulerOutput
+
+
+__all__ = [
+    "__version__",
+    "TrigFlowScheduler",
+    "TrigFlowODEScheduler",
+    "TrigFlowSchedulerOutput",
+    "SCMPipeline",
+    "TrigFlowDenoiser",
+    "call_network",
+    "get_parameterization",
+    "Parameterization",
+    "TrigFlowParameterization",
+    "EDMParameterization",
+    "FlowMatchingParameterization",
+    "VPParameterization",
+]

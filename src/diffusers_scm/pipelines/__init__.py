@@ -1,0 +1,4 @@
+from .pipeline_scm import SCMPipeline
+
+
+__all__ = ["SCMPipeline"]

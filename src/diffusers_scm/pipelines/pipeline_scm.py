@@ -1,0 +1,192 @@
+"""`SCMPipeline`: sample a consistency model (or, with `TrigFlowODEScheduler`, a diffusion model)."""
+
+from collections.abc import Callable
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..denoiser import call_network
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from diffusers_scm import SCMPipeline
+
+        >>> pipe = SCMPipeline.from_pretrained("path/to/student")
+        >>> images = pipe(batch_size=4, num_inference_steps=2).images
+        ```
+"""
+
+
+class SCMPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for one-, two- or k-step generation with a TrigFlow consistency model (SPEC.md section 4).
+
+    The network's inputs come from the scheduler's parameterization (`scheduler.model_inputs`), so the same loop
+    samples TrigFlow, EDM, flow-matching and DDPM networks. Given a `TrigFlowODEScheduler` instead of a
+    `TrigFlowScheduler`, the same loop samples a diffusion model (a teacher) by its probability-flow ODE.
+
+    Args:
+        scheduler ([`TrigFlowScheduler`] or [`TrigFlowODEScheduler`]): the sampler; its config names the
+            parameterization of the network.
+        unet (`UNet2DModel`, *optional*): the network, for UNet models.
+        transformer (`DiTTransformer2DModel`, *optional*): the network, for transformer models.
+        vae (`AutoencoderKL`, *optional*): decodes latents for latent models.
+    """
+
+    model_cpu_offload_seq = "unet->transformer->vae"
+    _optional_components = ["unet", "transformer", "vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, scheduler, unet=None, transformer=None, vae=None):
+        super().__init__()
+        if (unet is None) == (transformer is None):
+            raise ValueError("SCMPipeline needs exactly one network: pass `unet` or `transformer`.")
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae)
+        self.image_processor = VaeImageProcessor(do_normalize=True)
+
+    def register_modules(self, **kwargs):
+        super().register_modules(**kwargs)
+        # Record our own components as ["diffusers_scm", ClassName] rather than by their private module path.
+        for name, module in kwargs.items():
+            if module is not None and type(module).__module__.startswith("diffusers_scm."):
+                self.register_to_config(**{name: ("diffusers_scm", type(module).__name__)})
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.unet if getattr(self, "unet", None) is not None else self.transformer
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    def _sample_shape(self, batch_size: int) -> tuple[int, ...]:
+        config = self.network.config
+        channels = config.get("in_channels")
+        size = config.get("sample_size")
+        if channels is None or size is None:
+            raise ValueError(
+                f"Cannot infer the sample shape from {type(self.network).__name__}'s config (in_channels, "
+                "sample_size); pass `latents` of the right shape."
+            )
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, channels, height, width)
+
+    def _class_labels(self, class_labels, batch_size: int, device) -> torch.Tensor | None:
+        config = self.network.config
+        conditional = (
+            config.get("num_class_embeds") is not None
+            or config.get("class_embed_type") is not None
+            or (type(self.network).__name__ == "DiTTransformer2DModel" and config.get("num_embeds_ada_norm"))
+        )
+        if class_labels is None:
+            if conditional:
+                raise ValueError(
+                    f"{type(self.network).__name__} is class-conditional: pass `class_labels` (one per image, or "
+                    "one for the whole batch)."
+                )
+            return None
+        labels = torch.as_tensor(class_labels, device=device, dtype=torch.long).flatten()
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(f"Got {labels.numel()} class labels for a batch of {batch_size} images.")
+        return labels
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 1,
+        timesteps: list[float] | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate images.
+
+        Args:
+            batch_size (`int`, defaults to 1): number of images.
+            num_inference_steps (`int`, defaults to 1): network evaluations (consistency steps, or ODE steps for
+                a `TrigFlowODEScheduler`).
+            timesteps (`list[float]`, *optional*): explicit TrigFlow times in (0, pi/2]; overrides
+                `num_inference_steps`.
+            class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): class of each image, for
+                class-conditional networks.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator, or one per image
+                (then the images do not depend on how the batch is split).
+            latents (`torch.Tensor`, *optional*): unit Gaussian noise to start from; scaled by the scheduler's
+                `init_noise_sigma`.
+            output_type (`str`, defaults to `"pil"`): "pil", "np", "pt" or "latent".
+            return_dict (`bool`, defaults to `True`): return an `ImagePipelineOutput` or a tuple.
+            callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, callback_kwargs)` after
+                each step; it may return a dict that replaces tensors named in
+                `callback_on_step_end_tensor_inputs`.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to it.
+
+        Examples:
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`: the images (first element of the tuple).
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"Unknown output_type {output_type!r}: use 'pil', 'np', 'pt' or 'latent'.")
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"Callback tensor inputs {bad} are not available; choose from {self._callback_tensor_inputs}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} images.")
+
+        network, device = self.network, self._execution_device
+        dtype = network.dtype
+        shape = self._sample_shape(batch_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` has shape {tuple(latents.shape)}, the network expects {shape}.")
+        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        labels = self._class_labels(class_labels, batch_size, device)
+        conditioning = {} if labels is None else {"class_labels": labels}
+
+        if timesteps is not None:
+            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps=num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            for i, t in enumerate(self.scheduler.timesteps):
+                sample_in, t_in = self.scheduler.model_inputs(latents, t)
+                model_output = call_network(network, sample_in.to(dtype), t_in, **conditioning)
+                latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        if output_type == "latent":
+            image = latents
+        else:
+            image = latents
+            if getattr(self, "vae", None) is not None:
+                vae_config = self.vae.config
+                image = image / vae_config.get("scaling_factor", 1.0) + (vae_config.get("shift_factor") or 0.0)
+                image = self.vae.decode(image.to(self.vae.dtype), return_dict=False)[0]
+            image = self.image_processor.postprocess(image.float(), output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+

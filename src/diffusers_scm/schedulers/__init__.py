@@ -1,0 +1,5 @@
+from .scheduling_trigflow import TrigFlowScheduler, TrigFlowSchedulerOutput
+from .scheduling_trigflow_ode import TrigFlowODEScheduler
+
+
+__all__ = ["TrigFlowScheduler", "TrigFlowSchedulerOutput", "TrigFlowODEScheduler"]
