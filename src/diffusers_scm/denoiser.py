@@ -48,7 +48,12 @@ def call_network(model, sample: torch.Tensor, timestep: torch.Tensor, **conditio
     if _accepts_return_dict(model):
         kwargs["return_dict"] = False
     out = _first_output(model(sample, timestep, **kwargs))
-    if out.ndim >= 2 and sample.ndim >= 2 and out.shape[1] == 2 * sample.shape[1] and out.shape[2:] == sample.shape[2:]:
+    if (
+        out.ndim >= 2
+        and sample.ndim >= 2
+        and out.shape[1] == 2 * sample.shape[1]
+        and out.shape[2:] == sample.shape[2:]
+    ):
         out = out[:, : sample.shape[1]]  # learned-variance channels: keep the mean prediction
     return out
 

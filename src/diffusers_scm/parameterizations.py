@@ -257,8 +257,6 @@ class VPParameterization(Parameterization):
         v:        F = v / b + sin t cos t (sigma_data - 1 / sigma_data) x_t / b^2
     """
 
-    name = "vp"
-
     def __init__(
         self,
         sigma_data: float = 0.5,
@@ -278,7 +276,9 @@ class VPParameterization(Parameterization):
         self.beta_end = beta_end
         self.beta_schedule = beta_schedule
         self.trained_betas = trained_betas
-        self.alphas_cumprod = make_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.alphas_cumprod = make_alphas_cumprod(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        )
         abar = self.alphas_cumprod.double()
         self.log_sigmas = 0.5 * torch.log((1 - abar) / abar)  # increasing in tau
 
@@ -355,9 +355,7 @@ def get_parameterization(name, **params) -> Parameterization:
     cls, fixed = PARAMETERIZATIONS[name]
     unknown = set(params) - set(_accepted(cls))
     if unknown:
-        raise TypeError(
-            f"Parameterization {name!r} does not take {sorted(unknown)}; it accepts {_accepted(cls)}."
-        )
+        raise TypeError(f"Parameterization {name!r} does not take {sorted(unknown)}; it accepts {_accepted(cls)}.")
     for key, value in fixed.items():
         if params.get(key, value) != value:
             raise ValueError(

@@ -143,7 +143,9 @@ class SCMPipeline(DiffusionPipeline):
             raise ValueError(f"Unknown output_type {output_type!r}: use 'pil', 'np', 'pt' or 'latent'.")
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
-            raise ValueError(f"Callback tensor inputs {bad} are not available; choose from {self._callback_tensor_inputs}.")
+            raise ValueError(
+                f"Callback tensor inputs {bad} are not available; choose from {self._callback_tensor_inputs}."
+            )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} images.")
 
@@ -170,7 +172,8 @@ class SCMPipeline(DiffusionPipeline):
                 model_output = call_network(network, sample_in.to(dtype), t_in, **conditioning)
                 latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    step_tensors = {"latents": latents}
+                    callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
@@ -189,4 +192,3 @@ class SCMPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
-

@@ -1,0 +1,52 @@
+"""Tiny networks and helpers shared by the tests (everything is built locally; nothing is downloaded)."""
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DModel
+
+
+def tiny_unet(in_channels=1, out_channels=None, sample_size=8, attention=True, num_class_embeds=None, seed=0):
+    """A random two-level UNet2DModel small enough for CPU tests (eval mode: deterministic kernels)."""
+    torch.manual_seed(seed)
+    down = ("DownBlock2D", "AttnDownBlock2D") if attention else ("DownBlock2D", "DownBlock2D")
+    up = ("AttnUpBlock2D", "UpBlock2D") if attention else ("UpBlock2D", "UpBlock2D")
+    model = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels or in_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        num_class_embeds=num_class_embeds,
+        add_attention=attention,
+    )
+    return model.eval()
+
+
+def tiny_dit(num_classes=10, learn_sigma=True, seed=0):
+    """A random class-conditional DiT with learned-variance output channels, as the public DiT checkpoints have."""
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8 if learn_sigma else 4,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+    )
+    return model.eval()
+
+
+@pytest.fixture
+def unet():
+    return tiny_unet()
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
