@@ -1,0 +1,213 @@
+"""Attention with a forward-mode derivative (SPEC.md section 6).
+
+With S = Q K^T * scale (+ mask bias), P = softmax(S), O = P V and tangents dQ, dK, dV:
+
+    dS = (dQ K^T + Q dK^T) * scale
+    dO = P dV + (P * dS) V - rowsum(P * dS) * O
+
+Backends of `jvp_attention`:
+    "math"     materializes the attention matrix: memory O(N^2) (reference, small sizes);
+    "blocked"  the online-softmax form over key blocks in plain PyTorch: memory O(N x block), CPU and GPU;
+    "triton"   the `jvp-flash-attention` Triton kernel on CUDA (optional extra `flash`).
+
+`attention` is the op for use inside networks: an `autograd.Function` whose primal pass is PyTorch's fused SDPA,
+whose forward-mode rule is `jvp_attention`, and whose backward recomputes through SDPA. `torch.func.jvp`,
+`torch.autograd.forward_ad`, `torch.func.vmap` and ordinary backward all work through it.
+
+Shapes: q (batch, heads, Nq, d), k (batch, heads, Nk, d), v (batch, heads, Nk, dv) (or any leading dims).
+Masks: a boolean mask (True = attend) or an additive float bias, broadcastable to (batch, heads, Nq, Nk); a 2-D mask
+of shape (batch, Nk) is taken as a key-padding mask.
+"""
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+__all__ = ["attention", "jvp_attention", "available_backends", "resolve_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "math", "blocked", "triton")
+DEFAULT_BLOCK_SIZE = 512
+
+
+def _triton_available(device) -> bool:
+    return torch.device(device).type == "cuda" and importlib.util.find_spec("jvp_flash_attention") is not None
+
+
+def available_backends(device="cpu") -> list[str]:
+    """The concrete backends that can run on `device`."""
+    return ["math", "blocked"] + (["triton"] if _triton_available(device) else [])
+
+
+def resolve_backend(backend: str, q: torch.Tensor, attn_mask=None) -> str:
+    """Pick the concrete backend: "auto" is "triton" on CUDA when installed (and the inputs suit it), else "blocked"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown JVP attention backend {backend!r}: choose one of {BACKENDS}.")
+    if backend == "triton":
+        if not _triton_available(q.device):
+            raise RuntimeError(
+                "The 'triton' JVP attention backend needs a CUDA device and the `jvp-flash-attention` package: "
+                "`pip install diffusers-scm[flash]`, or use backend='blocked'."
+            )
+        return "triton"
+    if backend == "auto":
+        suits_triton = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] in (16, 32, 64, 128)
+        return "triton" if _triton_available(q.device) and suits_triton else "blocked"
+    return backend
+
+
+def _mask_to_bias(attn_mask, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype):
+    """A broadcastable additive bias (0 / -inf for boolean masks), or None."""
+    if attn_mask is None:
+        return None
+    if attn_mask.ndim == 2 and q.ndim == 4 and attn_mask.shape == (k.shape[0], k.shape[-2]):
+        attn_mask = attn_mask[:, None, None, :]  # key-padding mask (batch, Nk)
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    return attn_mask.to(dtype)
+
+
+def _scale(q: torch.Tensor, scale) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _math(q, k, v, dq, dk, dv, bias, scale):
+    # SPEC.md section 6, materialized: S, P and dS are (..., Nq, Nk).
+    s = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias
+    p = torch.softmax(s, dim=-1)
+    out = p @ v
+    ds = (dq @ k.transpose(-1, -2) + q @ dk.transpose(-1, -2)) * scale
+    pds = p * ds
+    dout = p @ dv + pds @ v - pds.sum(-1, keepdim=True) * out
+    return out, dout
+
+
+def _blocked(q, k, v, dq, dk, dv, bias, scale, block_size):
+    # SPEC.md section 6, online softmax over key blocks j: running max m, normalizer l, accumulators
+    # A = sum_j exp(S_j - m) V_j,  B = sum_j exp(S_j - m) (dS_j V_j + dV_j),  C = sum_j exp(S_j - m) dS_j.
+    n_k = k.shape[-2]
+    lead = q.shape[:-1]
+    m = torch.full((*lead, 1), float("-inf"), dtype=q.dtype, device=q.device)
+    l = torch.zeros((*lead, 1), dtype=q.dtype, device=q.device)
+    acc_a = torch.zeros((*lead, v.shape[-1]), dtype=q.dtype, device=q.device)
+    acc_b = torch.zeros_like(acc_a)
+    acc_c = torch.zeros_like(l)
+    if bias is not None:
+        bias = bias.expand(*q.shape[:-2], q.shape[-2], n_k) if bias.ndim == q.ndim else bias
+    for start in range(0, n_k, block_size):
+        stop = min(start + block_size, n_k)
+        k_j, v_j, dk_j, dv_j = k[..., start:stop, :], v[..., start:stop, :], dk[..., start:stop, :], dv[..., start:stop, :]
+        s_j = q @ k_j.transpose(-1, -2) * scale  # (..., Nq, block)
+        if bias is not None:
+            s_j = s_j + bias[..., start:stop]
+        ds_j = (dq @ k_j.transpose(-1, -2) + q @ dk_j.transpose(-1, -2)) * scale
+        m_new = torch.maximum(m, s_j.amax(dim=-1, keepdim=True))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows masked so far
+        alpha = torch.exp(m - m_safe)
+        p_j = torch.exp(s_j - m_safe)
+        pds_j = p_j * ds_j
+        l = alpha * l + p_j.sum(-1, keepdim=True)
+        acc_a = alpha * acc_a + p_j @ v_j
+        acc_b = alpha * acc_b + pds_j @ v_j + p_j @ dv_j
+        acc_c = alpha * acc_c + pds_j.sum(-1, keepdim=True)
+        m = m_new
+    out = acc_a / l
+    dout = acc_b / l - (acc_c / l) * out
+    return out, dout
+
+
+def _triton(q, k, v, dq, dk, dv, attn_mask, scale):
+    from jvp_flash_attention.jvp_attention import attention as triton_attention
+
+    if scale is not None and abs(scale - 1.0 / math.sqrt(q.shape[-1])) > 1e-12:
+        raise ValueError("The 'triton' JVP attention backend supports only the default scale 1/sqrt(head_dim).")
+    with torch.autograd.forward_ad.dual_level():
+        dual = [torch.autograd.forward_ad.make_dual(x, dx) for x, dx in ((q, dq), (k, dk), (v, dv))]
+        out = triton_attention(*dual, attn_mask=attn_mask)
+        primal, tangent = torch.autograd.forward_ad.unpack_dual(out)
+    return primal, tangent
+
+
+def jvp_attention(q, k, v, dq, dk, dv, attn_mask=None, scale=None, backend="auto", block_size=None):
+    """Attention output and its forward-mode derivative along (dq, dk, dv): returns `(out, dout)`.
+
+    Args:
+        q, k, v (`torch.Tensor`): queries (..., Nq, d), keys (..., Nk, d), values (..., Nk, dv).
+        dq, dk, dv (`torch.Tensor`): their tangents (same shapes); `None` means zero.
+        attn_mask (`torch.Tensor`, *optional*): boolean (True = attend) or additive mask, broadcastable to
+            (..., Nq, Nk); a (batch, Nk) mask is a key-padding mask.
+        scale (`float`, *optional*): softmax scale; defaults to 1/sqrt(d).
+        backend (`str`, defaults to "auto"): "math", "blocked", "triton" or "auto".
+        block_size (`int`, *optional*): key block length of the "blocked" backend (default 512).
+    """
+    dq = torch.zeros_like(q) if dq is None else dq
+    dk = torch.zeros_like(k) if dk is None else dk
+    dv = torch.zeros_like(v) if dv is None else dv
+    backend = resolve_backend(backend, q, attn_mask)
+    if backend == "triton":
+        return _triton(q, k, v, dq, dk, dv, attn_mask, scale)
+    bias = _mask_to_bias(attn_mask, q, k, q.dtype)
+    if backend == "math":
+        return _math(q, k, v, dq, dk, dv, bias, _scale(q, scale))
+    return _blocked(q, k, v, dq, dk, dv, bias, _scale(q, scale), block_size or DEFAULT_BLOCK_SIZE)
+
+
+def _sdpa(q, k, v, attn_mask, scale):
+    if attn_mask is not None and attn_mask.ndim == 2 and q.ndim == 4 and attn_mask.shape == (k.shape[0], k.shape[-2]):
+        attn_mask = attn_mask[:, None, None, :]
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+class _JVPAttention(torch.autograd.Function):
+    """SDPA forward and backward, with the forward-mode rule of SPEC.md section 6."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, attn_mask, scale, backend, block_size):
+        # contiguous, as the tangent is: forward-mode rules of later ops (group_norm) view the tangent like the primal
+        return _sdpa(q, k, v, attn_mask, scale).contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, scale, backend, block_size = inputs
+        ctx.scale, ctx.backend, ctx.block_size = scale, backend, block_size
+        ctx.has_mask = attn_mask is not None
+        saved = (q, k, v, attn_mask) if attn_mask is not None else (q, k, v)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, d_mask, d_scale, d_backend, d_block):
+        q, k, v, *mask = ctx.saved_tensors
+        _, dout = jvp_attention(
+            q, k, v, dq, dk, dv, mask[0] if ctx.has_mask else None, ctx.scale, ctx.backend, ctx.block_size
+        )
+        return dout.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, *mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_(n) for x, n in zip((q, k, v), needs)]
+            out = _sdpa(*inputs, mask[0] if ctx.has_mask else None, ctx.scale)
+            wanted = [x for x, n in zip(inputs, needs) if n]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return (*[next(grads) if n else None for n in needs], None, None, None, None)
+
+
+def attention(q, k, v, attn_mask=None, scale=None, backend="auto", block_size=None):
+    """Scaled dot-product attention that forward-mode AD (and vmap, and backward) differentiates.
+
+    Same arguments as `jvp_attention`, without tangents; returns the attention output.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown JVP attention backend {backend!r}: choose one of {BACKENDS}.")
+    return _JVPAttention.apply(q, k, v, attn_mask, scale, backend, block_size)
