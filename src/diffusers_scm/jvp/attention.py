@@ -171,8 +171,7 @@ class _JVPAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, attn_mask, scale, backend, block_size):
-        # contiguous, as the tangent is: forward-mode rules of later ops (group_norm) view the tangent like the primal
-        return _sdpa(q, k, v, attn_mask, scale).contiguous()
+        return _sdpa(q, k, v, attn_mask, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -189,7 +188,7 @@ class _JVPAttention(torch.autograd.Function):
         _, dout = jvp_attention(
             q, k, v, dq, dk, dv, mask[0] if ctx.has_mask else None, ctx.scale, ctx.backend, ctx.block_size
         )
-        return dout.contiguous()
+        return dout
 
     @staticmethod
     def backward(ctx, grad_out):
