@@ -100,7 +100,12 @@ def _blocked(q, k, v, dq, dk, dv, bias, scale, block_size):
         bias = bias.expand(*q.shape[:-2], q.shape[-2], n_k) if bias.ndim == q.ndim else bias
     for start in range(0, n_k, block_size):
         stop = min(start + block_size, n_k)
-        k_j, v_j, dk_j, dv_j = k[..., start:stop, :], v[..., start:stop, :], dk[..., start:stop, :], dv[..., start:stop, :]
+        k_j, v_j, dk_j, dv_j = (
+            k[..., start:stop, :],
+            v[..., start:stop, :],
+            dk[..., start:stop, :],
+            dv[..., start:stop, :],
+        )
         s_j = q @ k_j.transpose(-1, -2) * scale  # (..., Nq, block)
         if bias is not None:
             s_j = s_j + bias[..., start:stop]
@@ -178,6 +183,7 @@ class _JVPAttention(torch.autograd.Function):
         q, k, v, attn_mask, scale, backend, block_size = inputs
         ctx.scale, ctx.backend, ctx.block_size = scale, backend, block_size
         ctx.has_mask = attn_mask is not None
+        ctx.out_dtype = output.dtype
         saved = (q, k, v, attn_mask) if attn_mask is not None else (q, k, v)
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
@@ -185,10 +191,13 @@ class _JVPAttention(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv, d_mask, d_scale, d_backend, d_block):
         q, k, v, *mask = ctx.saved_tensors
-        _, dout = jvp_attention(
-            q, k, v, dq, dk, dv, mask[0] if ctx.has_mask else None, ctx.scale, ctx.backend, ctx.block_size
-        )
-        return dout
+        # Half-precision inputs (autocast, bf16 models) are differentiated in float32 (SPEC.md pitfall 6); the tangent
+        # takes the dtype of the primal output.
+        work = torch.promote_types(q.dtype, torch.float32)
+        args = [None if x is None else x.to(work) for x in (q, k, v, dq, dk, dv)]
+        with torch.autocast(q.device.type, enabled=False):
+            _, dout = jvp_attention(*args, mask[0] if ctx.has_mask else None, ctx.scale, ctx.backend, ctx.block_size)
+        return dout.to(ctx.out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):

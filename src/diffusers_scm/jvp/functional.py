@@ -84,10 +84,11 @@ def _module_dtype(module, dtype):
 
 
 def _finite_difference(fn, primals, tangents, eps, dtype):
+    # central differences (f(x + eps v) - f(x - eps v)) / (2 eps), with the perturbation made in `dtype`
+    primals, tangents = _cast(primals, dtype), _cast(tangents, dtype)
     plus = tuple(p + eps * t if torch.is_tensor(t) else p for p, t in zip(primals, tangents))
     minus = tuple(p - eps * t if torch.is_tensor(t) else p for p, t in zip(primals, tangents))
-    out = fn(*_cast(primals, dtype))
-    return out, (fn(*_cast(plus, dtype)) - fn(*_cast(minus, dtype))) / (2 * eps)
+    return fn(*primals), (fn(*plus) - fn(*minus)) / (2 * eps)
 
 
 def jvp(
@@ -161,7 +162,8 @@ def jvp(
         fwad = torch.autograd.forward_ad
         with fwad.dual_level():
             duals = [
-                fwad.make_dual(p, t) if torch.is_tensor(p) and torch.is_tensor(t) else p for p, t in zip(primals, tangents)
+                fwad.make_dual(p, t) if torch.is_tensor(p) and torch.is_tensor(t) else p
+                for p, t in zip(primals, tangents)
             ]
             output = call(*duals)
             primal_out, tangent_out = fwad.unpack_dual(output)

@@ -2,7 +2,8 @@
 
 Inside `jvp_mode(model)` every attention module of `model` computes attention through `attention` (SPEC.md
 section 6), whose forward-mode derivative exists; sinusoidal time embeddings run at the precision of their input
-(float64 inputs stay float64, so float64 finite differences can check the JVP). On exit, even on error, the original
+(float64 inputs stay float64, so float64 finite differences can check the JVP); group norms accept the channels-last
+activations of attention blocks under forward-mode AD. On exit, even on error, the original
 processors and embeddings are restored, so ordinary forward and backward passes keep the fused kernels.
 """
 
@@ -76,10 +77,8 @@ class JVPAttnProcessor:
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            # contiguous: group_norm's forward-mode rule (in the next block) views its tangent, which fails on the
-            # channel-strided layout this reshape returns
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width).contiguous()
+        if input_ndim == 4:  # channels-last layout, as diffusers' processor returns (dropout masks follow layout)
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
@@ -98,6 +97,22 @@ def _timesteps_forward(self, timesteps: torch.Tensor) -> torch.Tensor:
     if self.num_channels % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1, 0, 0))
     return emb
+
+
+def _group_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
+    # Two gaps in torch's forward-mode rule of group_norm, closed here with the same result as the fused kernel:
+    # - under autocast, group_norm runs in float32 but the tangent of a half-precision input is not cast with it:
+    #   cast explicitly, as autocast's float32 policy for group_norm would;
+    # - the rule views the tangent, which fails for the channels-last activations that attention blocks return:
+    #   normalize a contiguous copy, then give the result the layout the fused kernel returns (the layout decides
+    #   which dropout mask a later layer draws, which must match the gradient pass).
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
+        input = input.float()
+    channels_last = (
+        input.ndim == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+    )
+    out = torch.nn.functional.group_norm(input.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def _unsupported(name: str, module: nn.Module, why: str) -> ValueError:
@@ -143,6 +158,9 @@ def jvp_mode(model: nn.Module, backend: str = "auto", block_size: int | None = N
                 raise _unsupported(name, module, "nn.MultiheadAttention uses fused attention without forward AD")
             elif isinstance(module, Timesteps) and "forward" not in module.__dict__:
                 module.forward = _timesteps_forward.__get__(module)
+                patched.append(module)
+            elif isinstance(module, nn.GroupNorm) and "forward" not in module.__dict__:
+                module.forward = _group_norm_forward.__get__(module)
                 patched.append(module)
         yield model
     finally:

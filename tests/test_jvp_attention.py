@@ -1,0 +1,123 @@
+"""JVP attention (SPEC.md section 6): backends against each other, against finite differences of PyTorch's SDPA,
+through forward-mode AD, vmap and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusers_scm.jvp import attention, available_backends, jvp_attention
+
+
+def _qkv(dtype, n_q=37, n_k=45, heads=3, d=8, dv=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(2, heads, n_q, d), (2, heads, n_k, d), (2, heads, n_k, dv)]
+    primals = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    tangents = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    return primals, tangents
+
+
+def _masks(n_q, n_k, heads):
+    g = torch.Generator().manual_seed(1)
+    keep = torch.ones(2, n_k, dtype=torch.bool)
+    keep[0, -7:] = False  # padded keys of the first sample
+    additive = torch.randn(2, heads, n_q, n_k, generator=g)
+    bool_full = torch.rand(2, 1, n_q, n_k, generator=g) > 0.3
+    bool_full[..., 0] = True  # every query attends to at least one key
+    return {"none": None, "key_padding": keep, "additive": additive, "bool": bool_full}
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding", "additive", "bool"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_blocked_equals_math(mask_kind, dtype, tol):
+    (q, k, v), (dq, dk, dv) = _qkv(dtype)
+    mask = _masks(q.shape[-2], k.shape[-2], q.shape[1])[mask_kind]
+    out_m, dout_m = jvp_attention(q, k, v, dq, dk, dv, attn_mask=mask, backend="math")
+    for block in (8, 16, 45, 512):  # blocks that do and do not divide the key length
+        out_b, dout_b = jvp_attention(q, k, v, dq, dk, dv, attn_mask=mask, backend="blocked", block_size=block)
+        torch.testing.assert_close(out_b, out_m, rtol=tol, atol=tol)
+        torch.testing.assert_close(dout_b, dout_m, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding", "additive"])
+@pytest.mark.parametrize("backend", ["math", "blocked"])
+def test_jvp_matches_finite_differences_of_sdpa(backend, mask_kind):
+    (q, k, v), (dq, dk, dv) = _qkv(torch.float64, seed=3)
+    mask = _masks(q.shape[-2], k.shape[-2], q.shape[1])[mask_kind]
+    sdpa_mask = mask[:, None, None, :] if mask_kind == "key_padding" else mask
+    sdpa_mask = sdpa_mask.double() if mask_kind == "additive" else sdpa_mask
+    out, dout = jvp_attention(q, k, v, dq, dk, dv, attn_mask=mask, scale=0.3, backend=backend, block_size=16)
+    h = 1e-6
+
+    def sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, attn_mask=sdpa_mask, scale=0.3)
+
+    fd = (sdpa(q + h * dq, k + h * dk, v + h * dv) - sdpa(q - h * dq, k - h * dk, v - h * dv)) / (2 * h)
+    torch.testing.assert_close(out, sdpa(q, k, v), rtol=1e-12, atol=1e-12)
+    assert ((dout - fd).abs().max() / fd.abs().max()).item() < 1e-8
+
+
+@pytest.mark.parametrize("backend", ["math", "blocked"])
+def test_forward_ad_and_func_jvp_through_attention_op(backend):
+    (q, k, v), (dq, dk, dv) = _qkv(torch.float64, seed=4)
+    ref_out, ref_dout = jvp_attention(q, k, v, dq, dk, dv, backend="math")
+    out, dout = torch.func.jvp(lambda a, b, c: attention(a, b, c, backend=backend), (q, k, v), (dq, dk, dv))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(dout, ref_dout)
+    fwad = torch.autograd.forward_ad
+    with fwad.dual_level():
+        dual = attention(fwad.make_dual(q, dq), k, fwad.make_dual(v, dv), backend=backend)
+        _, tangent = fwad.unpack_dual(dual)
+    _, ref_partial = jvp_attention(q, k, v, dq, None, dv, backend="math")
+    torch.testing.assert_close(tangent, ref_partial)
+
+
+def test_vmap_over_attention_and_its_jvp():
+    (q, k, v), (dq, dk, dv) = _qkv(torch.float64, seed=5)
+
+    def f(a, b, c):
+        return attention(a, b, c, backend="blocked", block_size=16)
+
+    batched = torch.func.vmap(f)(q, k, v)  # vmap over the batch dimension: each call sees (heads, N, d)
+    torch.testing.assert_close(batched, torch.stack([f(q[i], k[i], v[i]) for i in range(2)]))
+    _, dout = torch.func.vmap(lambda *x: torch.func.jvp(f, x[:3], x[3:]))(q, k, v, dq, dk, dv)
+    torch.testing.assert_close(dout, jvp_attention(q, k, v, dq, dk, dv, backend="math")[1])
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding", "additive"])
+def test_gradients_match_pytorch_sdpa(mask_kind):
+    (q, k, v), _ = _qkv(torch.float64, seed=6)
+    mask = _masks(q.shape[-2], k.shape[-2], q.shape[1])[mask_kind]
+    sdpa_mask = mask[:, None, None, :] if mask_kind == "key_padding" else mask
+    sdpa_mask = sdpa_mask.double() if mask_kind == "additive" else sdpa_mask
+    weights = torch.randn(2, 3, q.shape[-2], v.shape[-1], dtype=torch.float64)
+    grads = []
+    for fn in (
+        lambda a, b, c: attention(a, b, c, attn_mask=mask),
+        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=sdpa_mask),
+    ):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        (fn(*leaves) * weights).sum().backward()
+        grads.append([x.grad for x in leaves])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_backend_errors_and_availability():
+    (q, k, v), (dq, dk, dv) = _qkv(torch.float32)
+    with pytest.raises(ValueError, match="Unknown JVP attention backend 'flash'"):
+        jvp_attention(q, k, v, dq, dk, dv, backend="flash")
+    with pytest.raises(RuntimeError, match="jvp-flash-attention"):
+        jvp_attention(q, k, v, dq, dk, dv, backend="triton")  # CPU tensors
+    assert available_backends("cpu") == ["math", "blocked"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backends_agree():
+    (q, k, v), (dq, dk, dv) = _qkv(torch.float32, n_q=256, n_k=256, heads=4, d=64, dv=64)
+    args = [x.cuda() for x in (q, k, v, dq, dk, dv)]
+    out_m, dout_m = jvp_attention(*args, backend="math")
+    for backend in available_backends("cuda")[1:]:
+        out, dout = jvp_attention(*args, backend=backend)
+        torch.testing.assert_close(out, out_m, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(dout, dout_m, rtol=2e-3, atol=2e-3)

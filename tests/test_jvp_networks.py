@@ -1,0 +1,194 @@
+"""JVP through real diffusers networks (SPEC.md section 3, pitfalls 1-6): float64 finite differences as the oracle,
+and the RNG, checkpointing, DDP and precision discipline of `jvp`."""
+
+import pytest
+import torch
+from conftest import tiny_dit, tiny_unet
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from diffusers_scm import TrigFlowDenoiser
+from diffusers_scm.jvp import JVPAttnProcessor, jvp, jvp_mode
+
+
+def tiny_cond_unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
+
+
+def _case(kind):
+    g = torch.Generator().manual_seed(11)
+    if kind == "unet":
+        return tiny_unet(), torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64), {}
+    if kind == "cond_unet":
+        ctx = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])  # padded text tokens of the first sample
+        return (
+            tiny_cond_unet(),
+            torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64),
+            {"encoder_hidden_states": ctx, "encoder_attention_mask": mask},
+        )
+    return (
+        tiny_dit(),
+        torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64),
+        {"class_labels": torch.tensor([1, 7])},
+    )
+
+
+@pytest.mark.parametrize("method", ["forward_ad", "func"])
+@pytest.mark.parametrize("parameterization", ["trigflow", "vp_v"])
+@pytest.mark.parametrize("kind", ["unet", "cond_unet", "dit"])
+def test_jvp_in_x_and_t_matches_float64_finite_differences(kind, parameterization, method):
+    net, x, cond = _case(kind)
+    den = TrigFlowDenoiser(net.double(), parameterization, sigma_data=0.5)
+    t = torch.tensor([0.35, 1.2], dtype=torch.float64)
+    dx, dt = torch.randn_like(x), torch.tensor([0.8, -1.1], dtype=torch.float64)
+
+    def f(a, b):
+        return den(a, b, **cond)
+
+    out, tangent = jvp(f, (x, t), (dx, dt), module=den, method=method, backend="blocked")
+    h = 1e-6
+    with jvp_mode(den), torch.no_grad():  # same float64 time embedding as the JVP pass
+        fd = (f(x + h * dx, t + h * dt) - f(x - h * dx, t - h * dt)) / (2 * h)
+        plain = f(x, t)
+    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+    assert ((tangent - fd).abs().max() / fd.abs().max()).item() < 1e-6
+
+
+def test_without_jvp_mode_sdpa_has_no_forward_ad():
+    den = TrigFlowDenoiser(tiny_unet().double(), "trigflow")
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        torch.func.jvp(den, (x, torch.ones(1, dtype=torch.float64)), (x, torch.ones(1, dtype=torch.float64)))
+
+
+def test_processors_restored_after_jvp_mode_even_on_error():
+    net = tiny_unet()
+    before = {n: m.processor for n, m in net.named_modules() if isinstance(m, Attention)}
+    assert before and all(isinstance(p, AttnProcessor2_0) for p in before.values())
+    with jvp_mode(net, backend="math"):
+        assert all(isinstance(m.processor, JVPAttnProcessor) for m in net.modules() if isinstance(m, Attention))
+        assert "forward" in net.time_proj.__dict__
+    with pytest.raises(RuntimeError, match="boom"):
+        with jvp_mode(net):
+            raise RuntimeError("boom")
+    after = {n: m.processor for n, m in net.named_modules() if isinstance(m, Attention)}
+    assert all(after[n] is before[n] for n in before)
+    assert "forward" not in net.time_proj.__dict__
+
+
+def test_unsupported_attention_gets_a_clear_error():
+    net = tiny_unet()
+
+    class CustomProcessor(AttnProcessor2_0):
+        pass
+
+    name = next(n for n, m in net.named_modules() if isinstance(m, Attention))
+    net.get_submodule(name).set_processor(CustomProcessor())
+    with pytest.raises(ValueError, match=f"'{name}'.*CustomProcessor has no JVP version"):
+        with jvp_mode(net):
+            pass
+    wrapper = torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2))
+    with pytest.raises(ValueError, match="'0'.*MultiheadAttention"):
+        with jvp_mode(wrapper):
+            pass
+
+
+def test_dropout_masks_match_between_jvp_pass_and_gradient_pass():
+    torch.manual_seed(0)
+    net = tiny_unet(attention=True)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    net.train()
+    den = TrigFlowDenoiser(net, "trigflow")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 1.0])
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in net.modules())
+    torch.manual_seed(123)
+    out, _ = jvp(den, (x, t), (torch.randn_like(x), torch.ones(2)))
+    grad_pass = den(x, t)  # the gradient pass right after draws the same dropout masks
+    torch.testing.assert_close(out, grad_pass, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(grad_pass, den(x, t))  # dropout is really active: a fresh pass differs
+
+
+def test_gradient_checkpointing_is_off_during_the_pass_and_restored():
+    net = tiny_unet()
+    net.enable_gradient_checkpointing()
+    flagged = [m for m in net.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert flagged
+    seen = []
+    hook = flagged[0].register_forward_pre_hook(lambda m, a: seen.append(m.gradient_checkpointing))
+    x = torch.randn(1, 1, 8, 8)
+    jvp(TrigFlowDenoiser(net, "trigflow"), (x, torch.ones(1)), (x, torch.ones(1)))
+    hook.remove()
+    assert seen == [False] and all(m.gradient_checkpointing for m in flagged)
+
+
+def test_ddp_wrapped_module(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        den = TrigFlowDenoiser(tiny_unet(), "edm")
+        ddp = DistributedDataParallel(den)
+        x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.4, 1.2])
+        dx, dt = torch.randn_like(x), torch.ones(2)
+        out, tangent = jvp(ddp, (x, t), (dx, dt))
+        ref_out, ref_tangent = jvp(den, (x, t), (dx, dt))
+        torch.testing.assert_close(tangent, ref_tangent)
+        torch.testing.assert_close(out, ref_out)
+        loss = (ddp(x, t) * tangent).sum()  # gradient pass through the wrapper
+        loss.backward()
+        assert all(p.grad is not None for p in den.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_float32_pass_inside_bf16_autocast():
+    den = TrigFlowDenoiser(tiny_unet(), "trigflow")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.4, 1.2])
+    dx, dt = torch.randn_like(x), torch.ones(2)
+    ref_out, ref_tangent = jvp(den, (x, t), (dx, dt))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out32, tan32 = jvp(den, (x, t), (dx, dt), dtype=torch.float32)
+        out16, tan16 = jvp(den, (x, t), (dx, dt))
+    assert tan32.dtype == torch.float32
+    torch.testing.assert_close(tan32, ref_tangent)
+    torch.testing.assert_close(out32, ref_out)
+    assert (tan16.float() - ref_tangent).abs().max() > 10 * (tan32 - ref_tangent).abs().max()
+
+
+def test_finite_difference_fallback_runs_float64_and_restores_the_model():
+    net = tiny_unet()
+    den = TrigFlowDenoiser(net, "flow_matching")
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.4, 1.2])
+    dx, dt = torch.randn_like(x), torch.tensor([1.0, -1.0])
+    exact = jvp(den.double(), (x.double(), t.double()), (dx.double(), dt.double()))[1]
+    den.float()
+    out, approx = jvp(den, (x, t), (dx, dt), method="finite_difference")
+    assert approx.dtype == torch.float32 and out.dtype == torch.float32
+    assert ((approx.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6
+    assert all(torch.equal(v, net.state_dict()[k]) and v.dtype == net.state_dict()[k].dtype for k, v in state.items())
+
+
+def test_argument_errors():
+    den = TrigFlowDenoiser(tiny_unet(), "trigflow")
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="Unknown JVP method"):
+        jvp(den, (x, torch.ones(1)), (x, torch.ones(1)), method="reverse")
+    with pytest.raises(ValueError, match="Tangent 0 has shape"):
+        jvp(den, (x, torch.ones(1)), (x[..., :4], torch.ones(1)))
