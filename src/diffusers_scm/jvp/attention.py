@@ -90,6 +90,8 @@ def _blocked(q, k, v, dq, dk, dv, bias, scale, block_size):
     # SPEC.md section 6, online softmax over key blocks j: running max m, normalizer l, accumulators
     # A = sum_j exp(S_j - m) V_j,  B = sum_j exp(S_j - m) (dS_j V_j + dV_j),  C = sum_j exp(S_j - m) dS_j.
     n_k = k.shape[-2]
+    if n_k <= block_size:  # a single key block: the online recurrence reduces to the materialized form
+        return _math(q, k, v, dq, dk, dv, bias, scale)
     lead = q.shape[:-1]
     m = torch.full((*lead, 1), float("-inf"), dtype=q.dtype, device=q.device)
     l = torch.zeros((*lead, 1), dtype=q.dtype, device=q.device)

@@ -1,0 +1,161 @@
+"""Wall time and peak memory of attention with and without a JVP, per backend and sequence length.
+
+    python benchmarks/bench_jvp_attention.py [--lengths 256 512 1024 2048 4096 8192] [--json PATH]
+
+Configurations: 8 heads, head dim 64, batch 2, float32. "sdpa" is PyTorch's fused attention forward (no JVP), the
+others compute the output and its JVP (`jvp_attention`). Each measurement runs in its own subprocess; on CPU the peak
+memory is the growth of the process's peak resident set over its inputs, on CUDA `torch.cuda.max_memory_allocated`
+above the inputs. "math" is skipped where its N x N matrices alone would pass `--math_limit_gb`.
+Targets (CPU, one run): "blocked" peak memory at 4096 tokens at most 25% of "math", its time at most 1.5x "math".
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+HEADS, HEAD_DIM, BATCH = 8, 64, 2
+
+
+def measure(backend: str, length: int, device: str, repeats: int) -> dict:
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    from diffusers_scm.jvp import jvp_attention
+
+    torch.manual_seed(0)
+    shape = (BATCH, HEADS, length, HEAD_DIM)
+    q, k, v, dq, dk, dv = [torch.randn(shape, device=device) for _ in range(6)]
+
+    def run():
+        with torch.no_grad():
+            if backend == "sdpa":
+                return F.scaled_dot_product_attention(q, k, v)
+            return jvp_attention(q, k, v, dq, dk, dv, backend=backend)
+
+    run()  # warm-up (kernels, allocator)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+        del out
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:  # the warm-up already reached this run's peak; measure one more run in a fresh process for CPU
+        peak = None
+    return {"seconds": best, "peak_bytes": peak}
+
+
+def measure_cpu_peak(backend: str, length: int) -> int:
+    """Peak RSS growth of one run, in a fresh process (ru_maxrss only ever grows)."""
+    code = f"""
+import resource, torch, torch.nn.functional as F
+from diffusers_scm.jvp import jvp_attention
+torch.manual_seed(0)
+x = [torch.randn({BATCH}, {HEADS}, {length}, {HEAD_DIM}) for _ in range(6)]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    out = F.scaled_dot_product_attention(*x[:3]) if {backend!r} == "sdpa" else jvp_attention(*x, backend={backend!r})
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--math_limit_gb", type=float, default=8.0)
+    parser.add_argument("--json", default="benchmarks/results/jvp_attention.json")
+    parser.add_argument("--_worker", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._worker:  # child process: one measurement
+        backend, length, device = args._worker
+        length = int(length)
+        result = measure(backend, length, device, repeats=3 if length <= 2048 else 1)
+        print(json.dumps(result))
+        return
+
+    import torch
+
+    from diffusers_scm.jvp import available_backends
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backends = ["sdpa"] + available_backends(device)
+    rows = []
+    for length in args.lengths:
+        for backend in backends:
+            nn_bytes = BATCH * HEADS * length * length * 4
+            if backend == "math" and 4 * nn_bytes > args.math_limit_gb * 2**30:
+                rows.append(
+                    dict(
+                        length=length,
+                        backend=backend,
+                        seconds=None,
+                        peak_mb=None,
+                        note=f"skipped: ~{4 * nn_bytes / 2**30:.0f} GiB of N x N matrices",
+                    )
+                )
+                continue
+            cmd = [sys.executable, __file__, "--_worker", backend, str(length), device]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                rows.append(
+                    dict(
+                        length=length,
+                        backend=backend,
+                        seconds=None,
+                        peak_mb=None,
+                        note="failed: " + res.stderr.strip().splitlines()[-1][:80],
+                    )
+                )
+                continue
+            result = json.loads(res.stdout.strip().splitlines()[-1])
+            peak = result["peak_bytes"] if device == "cuda" else measure_cpu_peak(backend, length)
+            rows.append(dict(length=length, backend=backend, seconds=result["seconds"], peak_mb=peak / 2**20, note=""))
+            print(
+                f"  measured {backend:8} N={length:5}: {result['seconds']:.4f} s, {peak / 2**20:.1f} MiB", flush=True
+            )
+
+    def get(length, backend, key):
+        return next((r[key] for r in rows if r["length"] == length and r["backend"] == backend), None)
+
+    print(f"\nJVP attention, {device}: batch {BATCH}, {HEADS} heads, head dim {HEAD_DIM}, float32")
+    print(f"{'N':>6} {'backend':8} {'seconds':>9} {'peak MiB':>9} {'time/math':>9} {'mem/math':>9}  note")
+    for r in rows:
+        t_m, m_m = get(r["length"], "math", "seconds"), get(r["length"], "math", "peak_mb")
+        r["time_vs_math"] = r["seconds"] / t_m if r["seconds"] and t_m else None
+        r["memory_vs_math"] = r["peak_mb"] / m_m if r["peak_mb"] and m_m else None
+        fmt = lambda x, f: format(x, f) if x is not None else "-".rjust(int(f.split(".")[0]))  # noqa: E731
+        print(
+            f"{r['length']:>6} {r['backend']:8} {fmt(r['seconds'], '9.4f')} {fmt(r['peak_mb'], '9.1f')} "
+            f"{fmt(r['time_vs_math'], '9.2f')} {fmt(r['memory_vs_math'], '9.3f')}  {r['note']}"
+        )
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(
+            dict(device=device, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM, torch=torch.__version__, rows=rows),
+            f,
+            indent=2,
+        )
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
