@@ -104,31 +104,39 @@ def main():
             nn_bytes = BATCH * HEADS * length * length * 4
             if backend == "math" and 4 * nn_bytes > args.math_limit_gb * 2**30:
                 rows.append(
-                    dict(
-                        length=length,
-                        backend=backend,
-                        seconds=None,
-                        peak_mb=None,
-                        note=f"skipped: ~{4 * nn_bytes / 2**30:.0f} GiB of N x N matrices",
-                    )
+                    {
+                        "length": length,
+                        "backend": backend,
+                        "seconds": None,
+                        "peak_mb": None,
+                        "note": f"skipped: ~{4 * nn_bytes / 2**30:.0f} GiB of N x N matrices",
+                    }
                 )
                 continue
             cmd = [sys.executable, __file__, "--_worker", backend, str(length), device]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 rows.append(
-                    dict(
-                        length=length,
-                        backend=backend,
-                        seconds=None,
-                        peak_mb=None,
-                        note="failed: " + res.stderr.strip().splitlines()[-1][:80],
-                    )
+                    {
+                        "length": length,
+                        "backend": backend,
+                        "seconds": None,
+                        "peak_mb": None,
+                        "note": "failed: " + res.stderr.strip().splitlines()[-1][:80],
+                    }
                 )
                 continue
             result = json.loads(res.stdout.strip().splitlines()[-1])
             peak = result["peak_bytes"] if device == "cuda" else measure_cpu_peak(backend, length)
-            rows.append(dict(length=length, backend=backend, seconds=result["seconds"], peak_mb=peak / 2**20, note=""))
+            rows.append(
+                {
+                    "length": length,
+                    "backend": backend,
+                    "seconds": result["seconds"],
+                    "peak_mb": peak / 2**20,
+                    "note": "",
+                }
+            )
             print(
                 f"  measured {backend:8} N={length:5}: {result['seconds']:.4f} s, {peak / 2**20:.1f} MiB", flush=True
             )
@@ -150,7 +158,14 @@ def main():
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(
-            dict(device=device, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM, torch=torch.__version__, rows=rows),
+            {
+                "device": device,
+                "batch": BATCH,
+                "heads": HEADS,
+                "head_dim": HEAD_DIM,
+                "torch": torch.__version__,
+                "rows": rows,
+            },
             f,
             indent=2,
         )

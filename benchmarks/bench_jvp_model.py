@@ -21,23 +21,23 @@ from diffusers_scm.jvp import available_backends, jvp
 
 def unet(size):
     if size == "tiny":
-        cfg = dict(
-            sample_size=16,
-            block_out_channels=(32, 64),
-            attention_head_dim=32,
-            norm_num_groups=8,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        )
+        cfg = {
+            "sample_size": 16,
+            "block_out_channels": (32, 64),
+            "attention_head_dim": 32,
+            "norm_num_groups": 8,
+            "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+            "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        }
     else:
-        cfg = dict(
-            sample_size=32,
-            block_out_channels=(64, 128, 256),
-            attention_head_dim=64,
-            norm_num_groups=32,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        )
+        cfg = {
+            "sample_size": 32,
+            "block_out_channels": (64, 128, 256),
+            "attention_head_dim": 64,
+            "norm_num_groups": 32,
+            "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+            "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        }
     return UNet2DModel(in_channels=3, out_channels=3, layers_per_block=1, **cfg), (3, cfg["sample_size"]), {}
 
 
@@ -101,14 +101,14 @@ def main():
                     lambda: jvp(f, (x, t), (x, torch.ones_like(t)), module=den, backend=backend), args.repeats
                 )
                 rows.append(
-                    dict(
-                        model=f"{family} {size}",
-                        params=params,
-                        backend=backend,
-                        forward_s=base,
-                        jvp_s=seconds,
-                        ratio=seconds / base,
-                    )
+                    {
+                        "model": f"{family} {size}",
+                        "params": params,
+                        "backend": backend,
+                        "forward_s": base,
+                        "jvp_s": seconds,
+                        "ratio": seconds / base,
+                    }
                 )
                 print(f"  {family} {size} {backend}: {seconds / base:.2f}x", flush=True)
 
@@ -122,7 +122,9 @@ def main():
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(
-            dict(device=args.device, batch_size=args.batch_size, torch=torch.__version__, rows=rows), fh, indent=2
+            {"device": args.device, "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows},
+            fh,
+            indent=2,
         )
     print(f"wrote {args.json}")
 
