@@ -50,3 +50,42 @@ def unet():
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+class TimeConditionedNet(torch.nn.Module):
+    """A small convolutional network with a sinusoidal time embedding that stays in the input's precision (float64
+    where the test needs it), called as diffusers networks are."""
+
+    def __init__(self, channels=1, width=8, dropout=0.0, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = torch.nn.Conv2d(channels, width, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(width, channels, 3, padding=1)
+        self.emb = torch.nn.Linear(8, width)
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, sample, timestep, return_dict=True):
+        freqs = torch.exp(torch.linspace(-4, 0, 4, dtype=sample.dtype))
+        arg = timestep[:, None].to(sample.dtype) * freqs
+        emb = self.emb(torch.cat([torch.sin(arg), torch.cos(arg)], dim=1))
+        h = torch.nn.functional.silu(self.conv1(sample) * (1 + emb[:, :, None, None]))
+        out = self.conv2(self.dropout(h))
+        return (out,) if not return_dict else type("Out", (), {"sample": out})()
+
+
+class ToyMLP(torch.nn.Module):
+    """An MLP for 2-D data with a positional embedding of the time input."""
+
+    def __init__(self, dim=2, width=64, depth=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        layers, d = [], dim + 16
+        for _ in range(depth):
+            layers += [torch.nn.Linear(d, width), torch.nn.SiLU()]
+            d = width
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(d, dim))
+        self.register_buffer("freqs", torch.exp(torch.linspace(-4, 0, 8)))
+
+    def forward(self, sample, timestep):
+        arg = timestep[:, None].to(sample.dtype) * self.freqs.to(sample.dtype)
+        return self.net(torch.cat([sample, torch.sin(arg), torch.cos(arg)], dim=1))

@@ -1,0 +1,96 @@
+"""Exponential moving averages of the student's weights: EDM2's power-function EMA and a constant-decay EMA."""
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+
+__all__ = ["PowerFunctionEMA", "ConstantDecayEMA", "sigma_rel_to_gamma", "make_ema"]
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """EDM2: the exponent gamma of the power-function EMA whose relative standard deviation is sigma_rel."""
+    t = sigma_rel**-2
+    roots = np.roots([1, 7, 16 - t, 12 - t])
+    return float(roots[np.isreal(roots)].real.max())
+
+
+class _ShadowEMA:
+    """Shadow copy of a module's floating parameters and buffers, kept in float32."""
+
+    def __init__(self, model: nn.Module):
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.num_updates = 0
+
+    def beta(self) -> float:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, model: nn.Module):
+        """Fold the current weights of `model` into the average."""
+        self.num_updates += 1
+        beta = self.beta()
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - beta)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module):
+        """Write the averaged weights into `model` (in its own dtypes)."""
+        state = model.state_dict()
+        for k, v in self.shadow.items():
+            state[k].copy_(v.to(state[k].dtype))
+
+    def averaged_model(self, model: nn.Module) -> nn.Module:
+        """A copy of `model` holding the averaged weights."""
+        out = copy.deepcopy(model)
+        self.copy_to(out)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict):
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state lacks {len(missing)} tensors (e.g. {sorted(missing)[:3]}): wrong checkpoint?")
+        self.shadow = {k: v.float().clone() for k, v in state["shadow"].items()}
+        self.num_updates = int(state["num_updates"])
+
+
+class PowerFunctionEMA(_ShadowEMA):
+    """EDM2's power-function EMA: beta_n = (1 - 1/n)^(gamma + 1) after n updates, gamma from `sigma_rel`."""
+
+    def __init__(self, model: nn.Module, sigma_rel: float = 0.05):
+        super().__init__(model)
+        if not 0 < sigma_rel < 0.28:
+            raise ValueError(f"sigma_rel must lie in (0, 0.28), got {sigma_rel}.")
+        self.sigma_rel = sigma_rel
+        self.gamma = sigma_rel_to_gamma(sigma_rel)
+
+    def beta(self) -> float:
+        return (1.0 - 1.0 / self.num_updates) ** (self.gamma + 1)
+
+
+class ConstantDecayEMA(_ShadowEMA):
+    """EMA with a constant decay (the first update copies the weights)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999):
+        super().__init__(model)
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must lie in [0, 1), got {decay}.")
+        self.decay = decay
+
+    def beta(self) -> float:
+        return 0.0 if self.num_updates == 1 else self.decay
+
+
+def make_ema(model: nn.Module, sigma_rel: float | None = None, decay: float | None = None):
+    """The EMA the training scripts use: power-function when `sigma_rel` is given, else constant `decay`."""
+    if sigma_rel is not None and decay is not None:
+        raise ValueError("Give either sigma_rel (power-function EMA) or decay (constant EMA), not both.")
+    if decay is not None:
+        return ConstantDecayEMA(model, decay)
+    return PowerFunctionEMA(model, 0.05 if sigma_rel is None else sigma_rel)

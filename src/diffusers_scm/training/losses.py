@@ -1,0 +1,227 @@
+"""Losses: continuous-time consistency distillation and training (sCD, sCT; SPEC.md section 3) and the TrigFlow
+diffusion loss used to train teachers (SPEC.md section 1)."""
+
+import math
+
+import torch
+
+from ..jvp import jvp, unwrap_model
+from .time_proposals import clamp_times, lognormal_times
+
+
+__all__ = ["SCMLoss", "TrigFlowDiffusionLoss", "null_class_conditioning"]
+
+
+def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _per_sample_sq(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).pow(2).sum(1)
+
+
+def null_class_conditioning(denoiser, conditioning: dict) -> dict:
+    """The unconditional counterpart of `conditioning` for classifier-free guidance: class labels replaced by the
+    network's null class (DiT's label `num_classes`, or `num_class_embeds - 1` for a UNet trained with one)."""
+    if "class_labels" not in conditioning:
+        raise ValueError(
+            "Guidance needs `class_labels` in the conditioning, or pass `uncond_conditioning` explicitly."
+        )
+    config = getattr(unwrap_model(denoiser).inner_model, "config", {})
+    null = config.get("num_embeds_ada_norm") or config.get("num_classes")
+    if null is None:
+        raise ValueError(
+            "Cannot tell the null class of this network: pass `uncond_conditioning` (e.g. {'class_labels': ...})."
+        )
+    labels = conditioning["class_labels"]
+    return {**conditioning, "class_labels": torch.full_like(labels, int(null))}
+
+
+class SCMLoss:
+    """
+    The sCD / sCT loss of SPEC.md section 3, every choice a named argument.
+
+    Args:
+        sigma_data (`float`, defaults to 0.5): standard deviation of the data.
+        P_mean (`float`, defaults to -1.0), P_std (`float`, defaults to 1.4): log-normal time proposal.
+        tangent_warmup_steps (`int`, defaults to 10000): H in r = min(1, step / H); 0 disables the warmup.
+        tangent_norm_c (`float` or `None`, defaults to 0.1): c in g / (||g|| + c); `None` turns normalization off.
+        tangent_norm (`str`, defaults to "l2"): "l2" (plain L2 over the sample) or "rms" (L2 / sqrt(D)).
+        prior_weighting (`str`, defaults to "none"): "none" (w = 1) or "inverse_sigma" (w = 1 / (sigma_data tan t)).
+        adaptive_weighting (`bool`, defaults to `True`): use the learned logvar head (pass `logvar_head`).
+        guidance_scale (`float`, defaults to 1.0): classifier-free guidance of the teacher's velocity (sCD).
+        jvp_method (`str`, defaults to "forward_ad"): see `diffusers_scm.jvp.jvp`.
+        jvp_dtype (`torch.dtype` or `str`, *optional*): run the JVP pass in this dtype (e.g. float32 in a bf16 step).
+        jvp_backend (`str`, defaults to "auto"): JVP attention backend.
+    """
+
+    def __init__(
+        self,
+        sigma_data: float = 0.5,
+        P_mean: float = -1.0,
+        P_std: float = 1.4,
+        tangent_warmup_steps: int = 10000,
+        tangent_norm_c: float | None = 0.1,
+        tangent_norm: str = "l2",
+        prior_weighting: str = "none",
+        adaptive_weighting: bool = True,
+        guidance_scale: float = 1.0,
+        jvp_method: str = "forward_ad",
+        jvp_dtype=None,
+        jvp_backend: str = "auto",
+    ):
+        if tangent_norm not in ("l2", "rms"):
+            raise ValueError(f"Unknown tangent_norm {tangent_norm!r}: use 'l2' or 'rms'.")
+        if prior_weighting not in ("none", "inverse_sigma"):
+            raise ValueError(f"Unknown prior_weighting {prior_weighting!r}: use 'none' or 'inverse_sigma'.")
+        self.sigma_data = float(sigma_data)
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
+        self.tangent_warmup_steps = int(tangent_warmup_steps)
+        self.tangent_norm_c = tangent_norm_c
+        self.tangent_norm = tangent_norm
+        self.prior_weighting = prior_weighting
+        self.adaptive_weighting = adaptive_weighting
+        self.guidance_scale = float(guidance_scale)
+        self.jvp_method = jvp_method
+        self.jvp_dtype = getattr(torch, jvp_dtype) if isinstance(jvp_dtype, str) else jvp_dtype
+        self.jvp_backend = jvp_backend
+
+    def warmup_ratio(self, step: int) -> float:
+        """r = min(1, step / H) (SPEC.md section 3)."""
+        return 1.0 if self.tangent_warmup_steps <= 0 else min(1.0, step / self.tangent_warmup_steps)
+
+    def teacher_velocity(self, teacher, x_t, t, x0, z, conditioning, uncond_conditioning=None):
+        """dx_t/dt: sd F_teacher (with guidance F_c + (w - 1)(F_c - F_u)) for sCD; cos t z - sin t x0 for sCT."""
+        if teacher is None:
+            tb = _bcast(t, x0)
+            return torch.cos(tb) * z - torch.sin(tb) * x0
+        with torch.no_grad():
+            F_c = teacher(x_t, t, **conditioning).to(x_t.dtype)
+            if self.guidance_scale != 1.0:
+                uncond = uncond_conditioning or null_class_conditioning(teacher, conditioning)
+                F_u = teacher(x_t, t, **uncond).to(x_t.dtype)
+                F_c = F_c + (self.guidance_scale - 1.0) * (F_c - F_u)
+        return self.sigma_data * F_c
+
+    def __call__(
+        self,
+        student,
+        x0: torch.Tensor,
+        teacher=None,
+        step: int = 0,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        logvar_head=None,
+        uncond_conditioning: dict | None = None,
+        generator: torch.Generator | None = None,
+        **conditioning,
+    ):
+        """
+        Loss for one batch. Returns `(loss, logs)`: the mean over the batch, and per-sample values for logging.
+
+        Args:
+            student (`TrigFlowDenoiser`, possibly DDP-wrapped): the network being trained.
+            x0 (`torch.Tensor`): a batch of data.
+            teacher (`TrigFlowDenoiser`, *optional*): the teacher (sCD); `None` means sCT.
+            step (`int`): training step, for the tangent warmup.
+            t, noise (`torch.Tensor`, *optional*): times (batch,) and unit Gaussian noise n (z = sigma_data n); drawn
+                when not given.
+            logvar_head (`LogVarHead`, *optional*): the adaptive-weighting head (required when adaptive_weighting).
+            uncond_conditioning (`dict`, *optional*): the teacher's unconditional inputs for guidance.
+            generator (`torch.Generator`, *optional*): for drawing t and noise.
+            conditioning: passed to student and teacher (class_labels, encoder_hidden_states, ...).
+        """
+        work = torch.promote_types(x0.dtype, torch.float32)  # float32 at least (SPEC.md pitfall 6)
+        sd, x0 = self.sigma_data, x0.to(work)
+        batch = x0.shape[0]
+        if t is None:
+            t = lognormal_times(batch, self.P_mean, self.P_std, sd, device=x0.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None else None)
+            noise = noise.to(x0.device)
+        t = clamp_times(t.to(x0.device, work))  # fp32 (or wider) times (pitfalls 6 and 8)
+        tb = _bcast(t, x0)
+        cos, sin = torch.cos(tb), torch.sin(tb)
+        z = sd * noise.to(work)
+        x_t = cos * x0 + sin * z
+        dxdt = self.teacher_velocity(teacher, x_t, t, x0, z, conditioning, uncond_conditioning)
+
+        # JVP pass on the unwrapped student, no gradients: F_minus and cos t sin t dF/dt (SPEC.md section 3)
+        inner = unwrap_model(student)
+        F_minus, jvp_out = jvp(
+            lambda x, s: inner(x, s, **conditioning),
+            (x_t, t),
+            (cos * sin * dxdt, (cos * sin).flatten()),
+            method=self.jvp_method,
+            backend=self.jvp_backend,
+            module=inner,
+            dtype=self.jvp_dtype,
+        )
+        F_minus, jvp_out = F_minus.to(work).detach(), jvp_out.to(work).detach()
+
+        # g = -cos^2 t (sd F_minus - dxdt) - r (cos t sin t x_t + sd cos t sin t dF/dt)
+        r = self.warmup_ratio(step)
+        g = -(cos**2) * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * jvp_out)
+        g_norm = _per_sample_sq(g).sqrt()
+        if self.tangent_norm == "rms":
+            g_norm = g_norm / math.sqrt(g[0].numel())
+        if self.tangent_norm_c is not None:
+            g = g / (_bcast(g_norm, g) + self.tangent_norm_c)
+
+        # Gradient pass through the (possibly DDP-wrapped) student: same dropout masks as the JVP pass.
+        F_theta = student(x_t, t, **conditioning).to(work)
+        target_ok = torch.isfinite(g.flatten(1)).all(1) & torch.isfinite(F_minus.flatten(1)).all(1)
+        diff = F_theta - torch.where(_bcast(target_ok, g), F_minus + g, F_theta.detach())
+        per_sample = _per_sample_sq(diff) / diff[0].numel()  # ||F_theta - F_minus - g||^2 / D
+        weight = 1.0 / (sd * torch.tan(t)) if self.prior_weighting == "inverse_sigma" else torch.ones_like(t)
+        if self.adaptive_weighting:
+            if logvar_head is None:
+                raise ValueError("adaptive_weighting=True needs `logvar_head` (a LogVarHead), or turn it off.")
+            logvar = logvar_head(t).to(work)
+            per_sample_loss = weight / torch.exp(logvar) * per_sample + logvar
+        else:
+            logvar = torch.zeros_like(t)
+            per_sample_loss = weight * per_sample
+        # samples whose target is not finite are masked out and counted (pitfall 9)
+        per_sample_loss = torch.where(target_ok, per_sample_loss, torch.zeros_like(per_sample_loss))
+        loss = per_sample_loss.sum() / target_ok.sum().clamp_min(1)
+        logs = {
+            "t": t.detach(),
+            "loss": per_sample.detach(),
+            "tangent_norm": g_norm.detach(),
+            "logvar": logvar.detach(),
+            "weight": weight.detach(),
+            "nonfinite": (~target_ok).sum().detach(),
+            "warmup_ratio": r,
+        }
+        return loss, logs
+
+
+class TrigFlowDiffusionLoss:
+    """TrigFlow diffusion loss E || sd F_theta(x_t, t) - v_t ||^2 (SPEC.md section 1), for training teachers.
+
+    With `logvar_head`, EDM2-style uncertainty weighting: ||.||^2 / (sd^2 D exp(logvar)) + logvar.
+    """
+
+    def __init__(self, sigma_data: float = 0.5, P_mean: float = -0.8, P_std: float = 1.6):
+        self.sigma_data, self.P_mean, self.P_std = float(sigma_data), float(P_mean), float(P_std)
+
+    def __call__(self, model, x0, t=None, noise=None, logvar_head=None, generator=None, **conditioning):
+        work = torch.promote_types(x0.dtype, torch.float32)
+        sd, x0 = self.sigma_data, x0.to(work)
+        if t is None:
+            t = lognormal_times(x0.shape[0], self.P_mean, self.P_std, sd, device=x0.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None else None)
+            noise = noise.to(x0.device)
+        t = clamp_times(t.to(x0.device, work))
+        tb = _bcast(t, x0)
+        z = sd * noise.to(work)
+        x_t = torch.cos(tb) * x0 + torch.sin(tb) * z
+        v_t = torch.cos(tb) * z - torch.sin(tb) * x0
+        per_sample = _per_sample_sq(sd * model(x_t, t, **conditioning).to(work) - v_t) / (sd**2 * x0[0].numel())
+        if logvar_head is None:
+            return per_sample.mean(), {"t": t.detach(), "loss": per_sample.detach()}
+        logvar = logvar_head(t)
+        loss = (per_sample / torch.exp(logvar) + logvar).mean()
+        return loss, {"t": t.detach(), "loss": per_sample.detach(), "logvar": logvar.detach()}

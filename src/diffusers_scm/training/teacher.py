@@ -1,0 +1,171 @@
+"""Load a pretrained diffusion model as a TrigFlow teacher, inferring its parameterization from its scheduler."""
+
+import json
+import os
+
+import torch
+
+from ..denoiser import TrigFlowDenoiser
+from ..parameterizations import PARAMETERIZATIONS, get_parameterization, parameterization_from_config
+
+
+__all__ = ["load_teacher", "infer_parameterization", "NETWORK_COMPONENTS"]
+
+NETWORK_COMPONENTS = ("unet", "transformer")
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+TRIGFLOW_SCHEDULERS = ("TrigFlowScheduler", "TrigFlowODEScheduler", "SCMScheduler")
+VP_SCHEDULERS = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "KDPM2DiscreteScheduler",
+    "DDIMInverseScheduler",
+)
+_VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+
+def infer_parameterization(scheduler_config: dict, sigma_data: float | None = None):
+    """`(name, params)` for `get_parameterization` from a diffusers scheduler config."""
+    cls = scheduler_config.get("_class_name", "")
+    if cls in TRIGFLOW_SCHEDULERS:
+        if cls == "SCMScheduler":
+            return "trigflow", {"sigma_data": scheduler_config.get("sigma_data", 0.5), "prediction_type": "velocity"}
+        p = parameterization_from_config({"parameterization": "trigflow", **scheduler_config})
+        return p.name, p.config()
+    if cls in EDM_SCHEDULERS:
+        return "edm", {
+            "sigma_data": scheduler_config.get("sigma_data", 0.5),
+            "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
+        }
+    if cls in FLOW_SCHEDULERS:
+        return "flow_matching", {
+            "sigma_data": 0.5 if sigma_data is None else sigma_data,
+            "timestep_scale": float(scheduler_config.get("num_train_timesteps", 1000)),
+        }
+    if cls in VP_SCHEDULERS:
+        prediction = scheduler_config.get("prediction_type", "epsilon")
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"{cls} with prediction_type={prediction!r} is not supported: use epsilon or v_prediction."
+            )
+        params = {k: scheduler_config[k] for k in _VP_KEYS if scheduler_config.get(k) is not None}
+        params["sigma_data"] = 0.5 if sigma_data is None else sigma_data
+        return ("vp_epsilon" if prediction == "epsilon" else "vp_v"), params
+    raise ValueError(
+        f"Cannot infer the parameterization from a scheduler of class {cls!r}. Known: EDM ({', '.join(EDM_SCHEDULERS)}), "
+        f"flow matching ({', '.join(FLOW_SCHEDULERS)}), TrigFlow ({', '.join(TRIGFLOW_SCHEDULERS)}) and DDPM-family "
+        f"schedulers. Pass `parameterization=` (one of {', '.join(PARAMETERIZATIONS)}) to override."
+    )
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_network(folder: str, torch_dtype=None):
+    config = _read_json(os.path.join(folder, "config.json"))
+    cls_name = config.get("_class_name")
+    import diffusers
+
+    import diffusers_scm
+
+    cls = getattr(diffusers, cls_name, None) or getattr(diffusers_scm, cls_name, None)
+    if cls is None:
+        raise ValueError(
+            f"The network in {folder} is a {cls_name!r}, which neither diffusers nor diffusers_scm provides; "
+            "install the package that defines it."
+        )
+    return cls.from_pretrained(folder, torch_dtype=torch_dtype)
+
+
+def load_teacher(
+    path_or_id: str,
+    parameterization: str | None = None,
+    sigma_data: float | None = None,
+    torch_dtype: torch.dtype | None = None,
+    **hub_kwargs,
+) -> TrigFlowDenoiser:
+    """
+    Load a diffusers network or pipeline folder (or Hub id) as a frozen `TrigFlowDenoiser`.
+
+    The parameterization is inferred from the pipeline's scheduler config: `EDMEulerScheduler` /
+    `EDMDPMSolverMultistepScheduler` -> "edm"; `FlowMatchEulerDiscreteScheduler` -> "flow_matching";
+    DDPM/DDIM-family -> "vp_epsilon" or "vp_v" by prediction type; `TrigFlowScheduler`/`SCMScheduler` -> "trigflow".
+
+    Args:
+        path_or_id (`str`): a pipeline folder (with `model_index.json`), a network folder (with `config.json`,
+            optionally a `scheduler/` or `scheduler_config.json` beside it), or a Hub repository id.
+        parameterization (`str`, *optional*): overrides the inferred parameterization.
+        sigma_data (`float`, *optional*): the data's standard deviation (read from EDM/TrigFlow configs otherwise,
+            0.5 by default).
+        torch_dtype (`torch.dtype`, *optional*): dtype to load the network in.
+        hub_kwargs: `revision`, `cache_dir`, `token`, `local_files_only` for Hub ids.
+    """
+    folder = path_or_id
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(path_or_id, **hub_kwargs)
+    found = sorted(os.listdir(folder))
+    scheduler_config = None
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        index = _read_json(os.path.join(folder, "model_index.json"))
+        names = [n for n in NETWORK_COMPONENTS if isinstance(index.get(n), list) and index[n][0] is not None]
+        if not names:
+            raise ValueError(
+                f"{path_or_id} is a {index.get('_class_name')} pipeline without a network component "
+                f"({' or '.join(NETWORK_COMPONENTS)}); found components {[k for k in index if not k.startswith('_')]}."
+            )
+        network_folder = os.path.join(folder, names[0])
+        sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    elif os.path.isfile(os.path.join(folder, "config.json")):
+        network_folder = folder
+        sched_path = next(
+            (
+                p
+                for p in (
+                    os.path.join(folder, "scheduler_config.json"),
+                    os.path.join(os.path.dirname(folder.rstrip("/")), "scheduler", "scheduler_config.json"),
+                )
+                if os.path.isfile(p)
+            ),
+            "",
+        )
+    else:
+        raise ValueError(
+            f"{path_or_id} is neither a diffusers pipeline folder (model_index.json) nor a network folder "
+            f"(config.json); it contains {found}."
+        )
+    if os.path.isfile(sched_path):
+        scheduler_config = _read_json(sched_path)
+
+    if parameterization is None and scheduler_config is None:
+        raise ValueError(
+            f"No scheduler config found for {path_or_id} (looked for {sched_path or 'scheduler_config.json'}; the "
+            f"folder contains {found}). Pass `parameterization=` (one of {', '.join(PARAMETERIZATIONS)})."
+        )
+    name, params = (parameterization, {}) if parameterization is not None else (None, {})
+    if scheduler_config is not None:
+        try:
+            inferred, inferred_params = infer_parameterization(scheduler_config, sigma_data)
+        except ValueError:
+            if parameterization is None:
+                raise
+        else:
+            if parameterization is None or inferred == parameterization:  # keep the config's settings
+                name, params = inferred, inferred_params
+    if sigma_data is not None:
+        params["sigma_data"] = sigma_data
+    p = get_parameterization(name, **params)
+    network = _load_network(network_folder, torch_dtype=torch_dtype).eval().requires_grad_(False)
+    return TrigFlowDenoiser(network, p, sigma_data=p.sigma_data)
