@@ -1,0 +1,139 @@
+"""Training checkpoints without pickle: safetensors for weights, EMA and RNG states, JSON for counters, and the
+optimizer state loaded with `torch.load(weights_only=True)`. Folders are written atomically (a temporary folder,
+then a rename), so an interrupted save never damages an existing checkpoint."""
+
+import json
+import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "rotate_checkpoints", "CHECKPOINT_PATTERN"]
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(output_dir):
+        return []
+    found = [
+        (int(m.group(1)), os.path.join(output_dir, d))
+        for d in os.listdir(output_dir)
+        if (m := CHECKPOINT_PATTERN.match(d))
+    ]
+    return sorted(found)
+
+
+def find_checkpoint(output_dir: str, resume_from: str) -> tuple[str, int] | None:
+    """`(folder, step)` for `resume_from` ("latest" or a folder); None when "latest" finds none."""
+    if resume_from == "latest":
+        found = _checkpoints(output_dir)
+        return (found[-1][1], found[-1][0]) if found else None
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(resume_from)))
+    if not os.path.isdir(resume_from) or match is None:
+        raise ValueError(f"{resume_from!r} is not a checkpoint-<step> folder; use 'latest' or such a folder.")
+    return resume_from, int(match.group(1))
+
+
+def rotate_checkpoints(output_dir: str, total_limit: int | None):
+    """Delete the oldest checkpoints so that at most `total_limit` remain."""
+    if total_limit is None:
+        return
+    found = _checkpoints(output_dir)
+    for _, path in found[: max(0, len(found) - total_limit)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: str,
+    step: int,
+    modules: dict,
+    optimizer,
+    ema=None,
+    generators: dict | None = None,
+    total_limit: int | None = None,
+) -> str:
+    """
+    Save `checkpoint-<step>`: each module's weights (unwrapped) and the EMA as safetensors, the optimizer state,
+    and per process the torch RNG state and the named generators (for exact resumption).
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name, module in modules.items():
+            save_file(
+                _contiguous(accelerator.unwrap_model(module).state_dict()), os.path.join(tmp, f"{name}.safetensors")
+            )
+        if ema is not None:
+            save_file(_contiguous(ema.state_dict()["shadow"]), os.path.join(tmp, "ema.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        meta = {"step": step, "ema_num_updates": None if ema is None else ema.num_updates}
+        if accelerator.scaler is not None:
+            meta["grad_scaler"] = dict(accelerator.scaler.state_dict().items())
+        with open(os.path.join(tmp, "training_state.json"), "w") as f:
+            json.dump(meta, f, indent=2, default=float)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    for name, generator in (generators or {}).items():
+        rng[f"generator.{name}"] = generator.get_state()
+    save_file(rng, os.path.join(tmp, f"rng_state_{rank}.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        rotate_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    accelerator, folder: str, modules: dict, optimizer, ema=None, generators: dict | None = None
+) -> int:
+    """Restore what `save_checkpoint` wrote; returns the step. Fails with a clear error on a damaged folder."""
+    needed = [f"{name}.safetensors" for name in modules] + ["optimizer.pt", "training_state.json"]
+    missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise ValueError(f"Checkpoint {folder} is incomplete or corrupted: missing {missing}.")
+    try:
+        for name, module in modules.items():
+            accelerator.unwrap_model(module).load_state_dict(load_file(os.path.join(folder, f"{name}.safetensors")))
+        optimizer.load_state_dict(
+            torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True)
+        )
+        with open(os.path.join(folder, "training_state.json")) as f:
+            meta = json.load(f)
+        if ema is not None:
+            ema.load_state_dict(
+                {"shadow": load_file(os.path.join(folder, "ema.safetensors")), "num_updates": meta["ema_num_updates"]}
+            )
+        if accelerator.scaler is not None and "grad_scaler" in meta:
+            accelerator.scaler.load_state_dict(meta["grad_scaler"])
+        rng_path = os.path.join(folder, f"rng_state_{accelerator.process_index}.safetensors")
+        if os.path.isfile(rng_path):
+            rng = load_file(rng_path)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+            for name, generator in (generators or {}).items():
+                if f"generator.{name}" in rng:
+                    generator.set_state(rng[f"generator.{name}"])
+    except Exception as e:  # safetensors, torch.load and JSON errors alike
+        raise ValueError(
+            f"Checkpoint {folder} could not be loaded ({type(e).__name__}: {e}); it may be corrupted."
+        ) from e
+    return int(meta["step"])

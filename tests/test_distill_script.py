@@ -1,0 +1,139 @@
+"""End to end: `accelerate launch examples/distill.py` on CPU (two processes, gloo) with a tiny random teacher."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+
+from diffusers_scm import SCMPipeline
+from diffusers_scm.training import load_teacher
+
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "distill.py")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from conftest import tiny_unet
+
+    path = tmp_path_factory.mktemp("teacher") / "ddpm"
+    DDPMPipeline(unet=tiny_unet(sample_size=16), scheduler=DDPMScheduler()).save_pretrained(path)
+    return str(path)
+
+
+def _launch(args, processes=2):
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [accelerate, "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd + [SCRIPT, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res
+
+
+def _losses(folder):
+    with open(os.path.join(folder, "loss_log.jsonl")) as f:
+        return {row["step"]: row["loss"] for row in map(json.loads, f)}
+
+
+def test_two_process_distillation_resume_and_loading(teacher_dir, tmp_path):
+    out = str(tmp_path / "student")
+    common = [
+        "--teacher",
+        teacher_dir,
+        "--dataset_name",
+        "digits",
+        "--resolution",
+        "16",
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--validation_steps",
+        "2",
+        "--num_validation_images",
+        "4",
+        "--tangent_warmup_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+    ]
+    _launch(common + ["--output_dir", out])
+
+    summary = json.load(open(os.path.join(out, "training_summary.json")))
+    assert summary["num_processes"] == 2 and summary["steps"] == 4
+    assert summary["replicas_in_sync"] and summary["replica_checksums"][0] == summary["replica_checksums"][1]
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    assert os.path.isfile(os.path.join(out, "samples", "step-0000002-2step.png"))
+
+    # the student moved away from the teacher
+    teacher = load_teacher(teacher_dir)
+    pipe = SCMPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.parameterization == "vp_epsilon"
+    diff = max((a - b).abs().max().item() for a, b in zip(pipe.unet.parameters(), teacher.inner_model.parameters()))
+    assert diff > 1e-5
+    pipe.set_progress_bar_config(disable=True)
+    for steps in (1, 2):
+        images = pipe(
+            batch_size=2, num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0)
+        ).images
+        assert images.shape == (2, 16, 16, 1) and images.min() >= 0 and images.max() <= 1
+
+    # resuming from checkpoint-2 reproduces the uninterrupted losses of steps 3 and 4
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    _launch(common + ["--output_dir", resumed, "--resume_from_checkpoint", "latest"])
+    full, again = _losses(out), _losses(resumed)
+    assert sorted(again) == [3, 4]
+    for step in (3, 4):
+        assert abs(again[step] - full[step]) <= 1e-6 * max(1.0, abs(full[step])), (step, again[step], full[step])
+
+
+def test_sct_single_process_and_clear_errors(teacher_dir, tmp_path):
+    out = str(tmp_path / "sct")
+    _launch(
+        [
+            "--method",
+            "sct",
+            "--student",
+            teacher_dir,
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "4",
+            "--checkpointing_steps",
+            "100",
+            "--validation_steps",
+            "100",
+            "--report_to",
+            "none",
+            "--tangent_norm_c",
+            "none",
+            "--no_adaptive_weighting",
+            "--output_dir",
+            out,
+        ],
+        processes=1,
+    )
+    assert json.load(open(os.path.join(out, "training_summary.json")))["steps"] == 2
+    res = subprocess.run([sys.executable, SCRIPT, "--method", "scd"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "--method scd needs --teacher" in res.stderr
+    bad = tmp_path / "not_a_model"
+    bad.mkdir()
+    (bad / "notes.txt").write_text("hello")
+    res = subprocess.run(
+        [sys.executable, SCRIPT, "--teacher", str(bad), "--output_dir", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode != 0 and "neither a diffusers pipeline folder" in res.stderr
