@@ -14,16 +14,15 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+import torch
+from _timing import best_time, peak_memory_baseline, peak_memory_since
 
 
 HEADS, HEAD_DIM, BATCH = 8, 64, 2
 
 
 def measure(backend: str, length: int, device: str, repeats: int) -> dict:
-    import resource
-
-    import torch
     import torch.nn.functional as F
 
     from diffusers_scm.jvp import jvp_attention
@@ -38,26 +37,11 @@ def measure(backend: str, length: int, device: str, repeats: int) -> dict:
                 return F.scaled_dot_product_attention(q, k, v)
             return jvp_attention(q, k, v, dq, dk, dv, backend=backend)
 
-    run()  # warm-up (kernels, allocator)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-        del out
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:  # the warm-up already reached this run's peak; measure one more run in a fresh process for CPU
-        peak = None
-    return {"seconds": best, "peak_bytes": peak}
+    baseline = peak_memory_baseline(device)
+    seconds = best_time(run, repeats, device)
+    # on CPU the warm-up already set the process's peak: CPU memory is measured in a fresh process instead
+    peak = peak_memory_since(device, baseline) if device == "cuda" else None
+    return {"seconds": seconds, "peak_bytes": peak}
 
 
 def measure_cpu_peak(backend: str, length: int) -> int:
@@ -91,8 +75,6 @@ def main():
         result = measure(backend, length, device, repeats=3 if length <= 2048 else 1)
         print(json.dumps(result))
         return
-
-    import torch
 
     from diffusers_scm.jvp import available_backends
 

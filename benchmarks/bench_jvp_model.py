@@ -10,9 +10,9 @@ as the sCD/sCT step does (`diffusers_scm.jvp.jvp`, forward-mode AD). Prints a ta
 import argparse
 import json
 import os
-import time
 
 import torch
+from _timing import best_time
 from diffusers import DiTTransformer2DModel, UNet2DModel
 
 from diffusers_scm import TrigFlowDenoiser
@@ -54,18 +54,6 @@ def dit(size):
         num_embeds_ada_norm=10,
     )
     return model, (4, sample), {"class_labels": "labels"}
-
-
-def best_time(fn, repeats):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main():

@@ -9,9 +9,9 @@ size, not on its weights.
 import argparse
 import json
 import os
-import time
 
 import torch
+from _timing import best_time
 from diffusers import UNet2DModel
 
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler, TrigFlowScheduler
@@ -37,18 +37,6 @@ def build(size):
     ).eval()
 
 
-def time_call(fn, repeats):
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,8 +58,10 @@ def main():
         for name, scheduler, steps in configs:
             pipe = SCMPipeline(unet=net, scheduler=scheduler).to(args.device)
             pipe.set_progress_bar_config(disable=True)
-            seconds = time_call(
-                lambda: pipe(batch_size=args.batch_size, num_inference_steps=steps, output_type="latent"), args.repeats
+            seconds = best_time(
+                lambda: pipe(batch_size=args.batch_size, num_inference_steps=steps, output_type="latent"),
+                args.repeats,
+                args.device,
             )
             nfe = len(pipe.scheduler.timesteps)
             rows.append(

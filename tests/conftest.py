@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 
 def tiny_unet(in_channels=1, out_channels=None, sample_size=8, attention=True, num_class_embeds=None, seed=0):
@@ -40,6 +40,23 @@ def tiny_dit(num_classes=10, learn_sigma=True, seed=0):
         num_embeds_ada_norm=num_classes,
     )
     return model.eval()
+
+
+def tiny_cond_unet():
+    """A random UNet2DConditionModel with cross-attention to 12-dimensional encoder states."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
 
 
 @pytest.fixture

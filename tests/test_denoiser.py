@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_dit, tiny_unet
-from diffusers import UNet2DConditionModel
+from conftest import tiny_cond_unet, tiny_dit, tiny_unet
 
 from diffusers_scm import TrigFlowDenoiser, get_parameterization
 
@@ -42,19 +41,7 @@ def test_dit_learned_variance_channels_are_stripped_and_labels_passed():
 
 
 def test_unet2d_condition_model_with_encoder_states():
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).eval()
+    net = tiny_cond_unet()
     den = TrigFlowDenoiser(net, "edm", sigma_data=0.5)
     x, t, ctx = torch.randn(2, 2, 8, 8), torch.tensor([0.4, 1.4]), torch.randn(2, 3, 12)
     with torch.no_grad():

@@ -3,28 +3,11 @@ and the RNG, checkpointing, DDP and precision discipline of `jvp`."""
 
 import pytest
 import torch
-from conftest import tiny_dit, tiny_unet
-from diffusers import UNet2DConditionModel
+from conftest import tiny_cond_unet, tiny_dit, tiny_unet
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from diffusers_scm import TrigFlowDenoiser
 from diffusers_scm.jvp import JVPAttnProcessor, jvp, jvp_mode
-
-
-def tiny_cond_unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).eval()
 
 
 def _case(kind):
