@@ -99,8 +99,4 @@ class TrigFlowDenoiser(nn.Module):
 
     def denoise(self, x_t: torch.Tensor, t, **conditioning) -> torch.Tensor:
         """Consistency function / data estimate f(x_t, t) = cos(t) x_t - sin(t) sigma_data F (SPEC.md section 1)."""
-        F = self(x_t, t, **conditioning)
-        tt = torch.as_tensor(t, device=x_t.device, dtype=F.dtype)
-        if tt.ndim == 1:
-            tt = tt.reshape(-1, *([1] * (x_t.ndim - 1)))
-        return torch.cos(tt) * x_t - torch.sin(tt) * self.sigma_data * F
+        return self.parameterization.predict_x0(self.raw_output(x_t, t, **conditioning), x_t, t)
