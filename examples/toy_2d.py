@@ -120,6 +120,8 @@ def run(
     teacher_lr=1e-3,
     distill_lr=1e-3,
     tangent_norm_c=0.1,
+    P_mean=-1.0,
+    P_std=1.4,
 ):
     torch.manual_seed(seed)
     start = time.time()
@@ -136,7 +138,7 @@ def run(
     teacher.requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     loss_fn = SCMLoss(
-        SIGMA_DATA, P_mean=-1.0, P_std=1.4, tangent_warmup_steps=distill_steps // 4, tangent_norm_c=tangent_norm_c
+        SIGMA_DATA, P_mean=P_mean, P_std=P_std, tangent_warmup_steps=distill_steps // 4, tangent_norm_c=tangent_norm_c
     )
     student = train(student, loss_fn, distill_steps, distill_lr, batch, "sCD", teacher=teacher, seed=seed + 1)
 
@@ -185,6 +187,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distill_lr", type=float, default=1e-3)
     parser.add_argument("--tangent_norm_c", type=str, default="0.1", help="a number, or 'none'")
+    parser.add_argument("--P_mean", type=float, default=-1.0)
+    parser.add_argument("--P_std", type=float, default=1.4)
     parser.add_argument("--json", default="toy_2d.json")
     args = parser.parse_args()
     c = None if args.tangent_norm_c.lower() == "none" else float(args.tangent_norm_c)

@@ -140,9 +140,6 @@ class TrigFlowODEScheduler(TrigFlowSchedulerMixin, SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._reset_state()
 
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        return super().index_for_timestep(timestep, schedule_timesteps)
-
     def _grid_step(self, i: int) -> tuple[int, bool]:
         """For call number i: the grid step it belongs to and whether it is a Heun correction."""
         if self.config.solver != "heun":

@@ -154,7 +154,7 @@ def load_teacher(
             f"No scheduler config found for {path_or_id} (looked for {sched_path or 'scheduler_config.json'}; the "
             f"folder contains {found}). Pass `parameterization=` (one of {', '.join(PARAMETERIZATIONS)})."
         )
-    name, params = (parameterization, {}) if parameterization is not None else (None, {})
+    name, params = parameterization, {}
     if scheduler_config is not None:
         try:
             inferred, inferred_params = infer_parameterization(scheduler_config, sigma_data)
