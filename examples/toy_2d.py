@@ -199,6 +199,8 @@ def main():
         seed=args.seed,
         distill_lr=args.distill_lr,
         tangent_norm_c=c,
+        P_mean=args.P_mean,
+        P_std=args.P_std,
     )
     print(
         f"\n{'sampler':24} {'NFE':>4} {'MMD to data':>12} {'x teacher':>10} {'SWD':>8} {'off-mode':>9} "
