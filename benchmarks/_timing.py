@@ -38,3 +38,14 @@ def peak_memory_since(device: str, baseline: int) -> int:
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() - baseline
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+
+
+def write_results(path: str, payload: dict):
+    """Write a benchmark's results as JSON (with the torch version) and say where."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**payload, "torch": torch.__version__}, f, indent=2)
+    print(f"wrote {path}")

@@ -11,12 +11,11 @@ Targets (CPU, one run): "blocked" peak memory at 4096 tokens at most 25% of "mat
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 
 import torch
-from _timing import best_time, peak_memory_baseline, peak_memory_since
+from _timing import best_time, peak_memory_baseline, peak_memory_since, write_results
 
 
 HEADS, HEAD_DIM, BATCH = 8, 64, 2
@@ -137,21 +136,16 @@ def main():
             f"{r['length']:>6} {r['backend']:8} {fmt(r['seconds'], '9.4f')} {fmt(r['peak_mb'], '9.1f')} "
             f"{fmt(r['time_vs_math'], '9.2f')} {fmt(r['memory_vs_math'], '9.3f')}  {r['note']}"
         )
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(
-            {
-                "device": device,
-                "batch": BATCH,
-                "heads": HEADS,
-                "head_dim": HEAD_DIM,
-                "torch": torch.__version__,
-                "rows": rows,
-            },
-            f,
-            indent=2,
-        )
-    print(f"wrote {args.json}")
+    write_results(
+        args.json,
+        {
+            "device": device,
+            "batch": BATCH,
+            "heads": HEADS,
+            "head_dim": HEAD_DIM,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -8,11 +8,9 @@ as the sCD/sCT step does (`diffusers_scm.jvp.jvp`, forward-mode AD). Prints a ta
 """
 
 import argparse
-import json
-import os
 
 import torch
-from _timing import best_time
+from _timing import best_time, write_results
 from diffusers import DiTTransformer2DModel, UNet2DModel
 
 from diffusers_scm import TrigFlowDenoiser
@@ -107,14 +105,7 @@ def main():
             f"{r['model']:20} {r['params']:>10} {r['backend']:8} {r['forward_s']:>10.4f} {r['jvp_s']:>10.4f} "
             f"{r['ratio']:>7.2f}"
         )
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump(
-            {"device": args.device, "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows},
-            fh,
-            indent=2,
-        )
-    print(f"wrote {args.json}")
+    write_results(args.json, {"device": args.device, "batch_size": args.batch_size, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -7,11 +7,9 @@ size, not on its weights.
 """
 
 import argparse
-import json
-import os
 
 import torch
-from _timing import best_time
+from _timing import best_time, write_results
 from diffusers import UNet2DModel
 
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler, TrigFlowScheduler
@@ -83,14 +81,7 @@ def main():
             f"{r['model']:8} {r['params']:>9} {r['sampler']:16} {r['steps']:>5} {r['nfe']:>4} "
             f"{r['seconds_per_image']:>10.5f} {r['ratio_to_one_step']:>9.2f}"
         )
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(
-            {"device": args.device, "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows},
-            f,
-            indent=2,
-        )
-    print(f"wrote {args.json}")
+    write_results(args.json, {"device": args.device, "batch_size": args.batch_size, "rows": rows})
 
 
 if __name__ == "__main__":

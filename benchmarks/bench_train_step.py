@@ -11,12 +11,11 @@ CPU the growth of the peak resident set, measured in a fresh process per configu
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 
 import torch
-from _timing import best_time, peak_memory_baseline, peak_memory_since
+from _timing import best_time, peak_memory_baseline, peak_memory_since, write_results
 
 
 def build(name):
@@ -141,14 +140,7 @@ def main():
             f"{r['model']:12} {r['diffusion_s']:>12.4f} {r['scd_s']:>9.4f} {r['time_ratio']:>7.2f} "
             f"{r['diffusion_peak_mb']:>10.1f} {r['scd_peak_mb']:>9.1f} {r['memory_ratio']:>6.2f}"
         )
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(
-            {"device": args.device, "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows},
-            f,
-            indent=2,
-        )
-    print(f"wrote {args.json}")
+    write_results(args.json, {"device": args.device, "batch_size": args.batch_size, "rows": rows})
 
 
 if __name__ == "__main__":
