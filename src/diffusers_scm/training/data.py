@@ -23,7 +23,9 @@ class DigitsDataset(Dataset):
 
     Args:
         resolution (`int`, defaults to 16): output size.
-        split (`str`, defaults to "train"): "train" (the first 1,500 images), "test" (the rest) or "all".
+        split (`str`, defaults to "train"): "train" (1,500 images), "test" (the other 297) or "all"; the split is a
+            fixed random permutation (seed 0), so both halves mix all writers (the file's last images come from
+            writers absent from its first ones).
     """
 
     def __init__(self, resolution: int = 16, split: str = "train"):
@@ -34,7 +36,8 @@ class DigitsDataset(Dataset):
         digits = load_digits()
         images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0 * 2 - 1  # (N, 1, 8, 8) in [-1, 1]
         labels = torch.tensor(digits.target, dtype=torch.long)
-        pick = {"train": slice(0, 1500), "test": slice(1500, None), "all": slice(None)}
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        pick = {"train": order[:1500], "test": order[1500:], "all": torch.arange(len(images))}
         if split not in pick:
             raise ValueError(f"Unknown split {split!r}: use 'train', 'test' or 'all'.")
         self.images = _resize(images[pick[split]], resolution).clamp(-1, 1)

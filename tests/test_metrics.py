@@ -1,0 +1,59 @@
+"""Metrics against closed forms, and the digits classifier's accuracy."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_scm.metrics import (
+    feature_statistics,
+    frechet_distance,
+    load_digits_classifier,
+    paired_rmse,
+    train_digits_classifier,
+)
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    # diagonal covariances: FD = ||mu1 - mu2||^2 + sum (s1 - s2)^2
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.5, 2, size=5), rng.uniform(0.5, 2, size=5)
+    expected = ((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum()
+    assert abs(frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2)) - expected) < 1e-10
+    # commuting full covariances (same eigenvectors): FD = ||dmu||^2 + sum (sqrt(l1) - sqrt(l2))^2
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    l1, l2 = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    fd = frechet_distance(np.zeros(6), q @ np.diag(l1) @ q.T, np.ones(6), q @ np.diag(l2) @ q.T)
+    assert abs(fd - (6 + ((np.sqrt(l1) - np.sqrt(l2)) ** 2).sum())) < 1e-9
+    # identical distributions, and a singular covariance stays finite and >= 0
+    a = rng.normal(size=(4, 4))
+    sing = a @ np.diag([1, 1, 0, 0]) @ a.T
+    # (square roots of eigenvalues at rounding level, ~1e-15, contribute ~1e-8 each)
+    assert abs(frechet_distance(np.zeros(4), sing, np.zeros(4), sing)) < 1e-6
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_frechet_distance_from_samples_converges_to_the_gaussian_value():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200000, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(200000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + 1.0
+    fd = frechet_distance(*feature_statistics(x), *feature_statistics(y))
+    assert abs(fd - (3.0 + 0 + 1.0 + 0.25)) < 0.05
+
+
+def test_paired_rmse():
+    a = torch.zeros(4, 2, 3, 3)
+    b = torch.full((4, 2, 3, 3), 2.0)
+    assert abs(paired_rmse(a, b) - 2.0) < 1e-12
+
+
+def test_digits_classifier_accuracy_and_cache(tmp_path):
+    model, accuracy = train_digits_classifier()
+    assert accuracy >= 0.95, accuracy
+    cached, cached_acc = load_digits_classifier(str(tmp_path))
+    again, again_acc = load_digits_classifier(str(tmp_path))  # from the cache file
+    assert cached_acc == again_acc and abs(cached_acc - accuracy) < 1e-6
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(cached.embed(x), again.embed(x))
+    torch.testing.assert_close(cached.embed(x), model.embed(x))  # deterministic training
