@@ -7,6 +7,7 @@ __version__ = "0.1.0.dev0"
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401
 
 from .denoiser import TrigFlowDenoiser, call_network
+from .models import SCMUNet2DModel
 from .parameterizations import (
     EDMParameterization,
     FlowMatchingParameterization,
@@ -25,6 +26,7 @@ __all__ = [
     "TrigFlowODEScheduler",
     "TrigFlowSchedulerOutput",
     "SCMPipeline",
+    "SCMUNet2DModel",
     "TrigFlowDenoiser",
     "call_network",
     "get_parameterization",
