@@ -16,15 +16,15 @@ import math
 import os
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from diffusers_scm import SCMPipeline, TrigFlowDenoiser, TrigFlowScheduler
+from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
 from diffusers_scm.training import LogVarHead, SCMLoss, load_teacher, lognormal_times, make_ema
 from diffusers_scm.training.checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
 from diffusers_scm.training.data import load_image_dataset, to_model_channels
+from diffusers_scm.training.script_utils import finish_training, log_validation, make_accelerator, time_bucket_logs
 
 
 logger = get_logger(__name__)
@@ -92,8 +92,10 @@ def parse_args(argv=None):
     return args
 
 
-def network_component(network) -> str:
-    return "transformer" if "Transformer" in type(network).__name__ else "unet"
+def student_scheduler(student) -> TrigFlowScheduler:
+    """The consistency sampler of the student's parameterization."""
+    p = student.parameterization
+    return TrigFlowScheduler(parameterization=p.name, **p.config())
 
 
 def build_models(args):
@@ -111,72 +113,11 @@ def build_models(args):
     return teacher, student
 
 
-def time_bucket_logs(logs) -> dict:
-    """Mean unweighted loss per log-sigma bucket of t."""
-    log_sigma = torch.log(torch.tan(logs["t"].float()))
-    edges = [-math.inf, -1.0, 0.0, 1.0, math.inf]
-    out = {}
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        mask = (log_sigma >= lo) & (log_sigma < hi)
-        if mask.any():
-            out[f"loss_by_time/log_tan_t_{lo:+.0f}_{hi:+.0f}"] = logs["loss"][mask].mean().item()
-    return out
-
-
-@torch.no_grad()
-def log_validation(args, accelerator, ema, student, step, conditional):
-    network = ema.averaged_model(accelerator.unwrap_model(student).inner_model).eval()
-    p = accelerator.unwrap_model(student).parameterization
-    scheduler = TrigFlowScheduler(parameterization=p.name, **dict(p.config().items()))
-    pipe = SCMPipeline(scheduler=scheduler, **{network_component(network): network})
-    pipe.set_progress_bar_config(disable=True)
-    n = args.num_validation_images
-    labels = [i % 10 for i in range(n)] if conditional else None
-    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-    grids = {}
-    for steps in (1, 2):
-        images = pipe(
-            batch_size=n,
-            num_inference_steps=steps,
-            class_labels=labels,
-            output_type="np",
-            generator=[torch.Generator().manual_seed(i) for i in range(n)],
-        ).images
-        from diffusers.utils import make_image_grid, numpy_to_pil
-
-        cols = int(math.ceil(math.sqrt(n)))
-        pil = numpy_to_pil(images)
-        pil += [pil[0].point(lambda _: 0)] * (cols * math.ceil(n / cols) - n)
-        grid = make_image_grid(pil, rows=math.ceil(n / cols), cols=cols)
-        grid.save(os.path.join(args.output_dir, "samples", f"step-{step:07d}-{steps}step.png"))
-        grids[steps] = images
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            for steps, images in grids.items():
-                tracker.writer.add_images(f"validation/{steps}-step", images, step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({f"validation/{s}-step": [wandb.Image(i) for i in im] for s, im in grids.items()}, step=step)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    # Without CUDA, several launched processes train on CPU with gloo (accelerate needs `cpu=True` to see that).
-    on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(
-        cpu=on_cpu,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = make_accelerator(args, "scm-distill")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
 
     teacher, student = build_models(args)
     sd = student.sigma_data
@@ -232,11 +173,6 @@ def main(argv=None):
         jvp_dtype=torch.float32 if args.jvp_dtype == "float32" else None,
         jvp_backend=args.jvp_backend,
     )
-    if accelerator.is_main_process:
-        accelerator.init_trackers("scm-distill", config={k: v for k, v in vars(args).items() if v is not None})
-        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-
     global_step, skipped = 0, 0
     if args.resume_from_checkpoint:
         found = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -318,37 +254,29 @@ def main(argv=None):
                     )
                     logger.info("Saved %s", path)
                 if accelerator.is_main_process and global_step % args.validation_steps == 0:
-                    log_validation(args, accelerator, ema, student, global_step, conditional)
+                    unwrapped = accelerator.unwrap_model(student)
+                    log_validation(
+                        accelerator,
+                        args.output_dir,
+                        ema.averaged_model(unwrapped.inner_model).eval(),
+                        student_scheduler(unwrapped),
+                        global_step,
+                        (1, 2),
+                        args.num_validation_images,
+                        conditional,
+                    )
                 if global_step >= args.max_train_steps:
                     break
 
-    # every replica must hold the same weights after training (a DDP sanity check, recorded for the user)
-    params = torch.cat([p.detach().double().flatten() for p in accelerator.unwrap_model(student).parameters()])
-    checksums = accelerator.gather(torch.stack([params.sum(), params.abs().sum(), (params * params).sum()])[None])
-    in_sync = bool((checksums - checksums[:1]).abs().max() == 0)
-    if not in_sync:
-        logger.warning("Replica weights differ after training: %s", checksums.tolist())
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as f:
-            json.dump(
-                {
-                    "steps": global_step,
-                    "skipped_steps": skipped,
-                    "num_processes": accelerator.num_processes,
-                    "replicas_in_sync": in_sync,
-                    "replica_checksums": checksums.tolist(),
-                },
-                f,
-                indent=2,
-            )
-        unwrapped = accelerator.unwrap_model(student)
-        network = ema.averaged_model(unwrapped.inner_model).eval()
-        p = unwrapped.parameterization
-        scheduler = TrigFlowScheduler(parameterization=p.name, **p.config())
-        SCMPipeline(scheduler=scheduler, **{network_component(network): network}).save_pretrained(args.output_dir)
-        logger.info("Saved the EMA student to %s", args.output_dir)
-    accelerator.end_training()
+    finish_training(
+        accelerator,
+        args.output_dir,
+        student,
+        ema,
+        student_scheduler(accelerator.unwrap_model(student)),
+        global_step,
+        skipped,
+    )
 
 
 if __name__ == "__main__":
