@@ -10,21 +10,16 @@ with `SCMLoss`, and its EMA is saved as an `SCMPipeline` folder with a `TrigFlow
 
 import argparse
 import copy
-import json
 import logging
-import math
-import os
 
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
 from diffusers_scm.training import LogVarHead, SCMLoss, load_teacher, lognormal_times, make_ema
-from diffusers_scm.training.checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
 from diffusers_scm.training.data import load_image_dataset, to_model_channels
-from diffusers_scm.training.script_utils import finish_training, log_validation, make_accelerator, time_bucket_logs
+from diffusers_scm.training.script_utils import finish_training, log_validation, make_accelerator, train_loop
 
 
 logger = get_logger(__name__)
@@ -173,101 +168,43 @@ def main(argv=None):
         jvp_dtype=torch.float32 if args.jvp_dtype == "float32" else None,
         jvp_backend=args.jvp_backend,
     )
-    global_step, skipped = 0, 0
-    if args.resume_from_checkpoint:
-        found = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        if found is None:
-            logger.info("No checkpoint in %s: starting a new run.", args.output_dir)
-        else:
-            global_step = load_checkpoint(accelerator, found[0], **state)
-            logger.info("Resumed from %s (step %d).", found[0], global_step)
-    steps_per_epoch = len(loader) // args.gradient_accumulation_steps
-    first_epoch = global_step // steps_per_epoch
-    progress = tqdm(
-        range(args.max_train_steps),
-        initial=global_step,
+
+    def compute_loss(batch, step):
+        x0 = to_model_channels(batch["pixel_values"], channels)
+        cond = {"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}
+        g = noise_generator
+        t = lognormal_times(x0.shape[0], args.P_mean, args.P_std, sd, device=g.device, generator=g)
+        noise = torch.randn(x0.shape, generator=g, device=g.device)
+        head = logvar_head if not args.no_adaptive_weighting else None
+        return loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, logvar_head=head, **cond)
+
+    def validate(step):
+        unwrapped = accelerator.unwrap_model(student)
+        network = ema.averaged_model(unwrapped.inner_model).eval()
+        log_validation(
+            accelerator,
+            args.output_dir,
+            network,
+            student_scheduler(unwrapped),
+            step,
+            (1, 2),
+            args.num_validation_images,
+            conditional,
+        )
+
+    global_step, skipped = train_loop(
+        args,
+        accelerator,
+        student,
+        optimizer,
+        loader,
+        ema,
+        state,
+        compute_loss,
+        validate,
         desc="sCD" if teacher else "sCT",
-        disable=not accelerator.is_local_main_process,
+        accumulate=(student, logvar_head),
     )
-
-    for epoch in range(first_epoch, math.ceil(args.max_train_steps / steps_per_epoch) + 1):
-        if global_step >= args.max_train_steps:
-            break
-        loader.set_epoch(epoch)
-        done_in_epoch = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch > 0 else loader
-        for batch in batches:
-            with accelerator.accumulate(student, logvar_head):
-                x0 = to_model_channels(batch["pixel_values"], channels)
-                cond = {"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}
-                g = noise_generator
-                t = lognormal_times(x0.shape[0], args.P_mean, args.P_std, sd, device=g.device, generator=g)
-                noise = torch.randn(x0.shape, generator=g, device=g.device)
-                with accelerator.autocast():
-                    loss, logs = loss_fn(
-                        student,
-                        x0,
-                        teacher=teacher,
-                        step=global_step,
-                        t=t,
-                        noise=noise,
-                        logvar_head=logvar_head if not args.no_adaptive_weighting else None,
-                        **cond,
-                    )
-                finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
-                if finite:
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                else:  # a non-finite loss skips the step on every process (SPEC.md pitfall 9)
-                    skipped += 1
-                    logger.warning("Non-finite loss at step %d: step skipped (%d so far).", global_step, skipped)
-                optimizer.zero_grad(set_to_none=True)
-
-            if accelerator.sync_gradients:
-                ema.step(accelerator.unwrap_model(student).inner_model)
-                global_step += 1
-                progress.update(1)
-                mean_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
-                log = {
-                    "loss": mean_loss,
-                    "tangent_norm": logs["tangent_norm"].mean().item(),
-                    "logvar": logs["logvar"].mean().item(),
-                    "nonfinite_samples": int(logs["nonfinite"]),
-                    "skipped_steps": skipped,
-                    "warmup_ratio": logs["warmup_ratio"],
-                    "lr": optimizer.param_groups[0]["lr"],
-                    **time_bucket_logs(logs),
-                }
-                if finite and grad_norm is not None:
-                    log["grad_norm"] = float(grad_norm)
-                progress.set_postfix(loss=f"{mean_loss:.4f}")
-                accelerator.log(log, step=global_step)
-                if accelerator.is_main_process:
-                    with open(os.path.join(args.output_dir, "loss_log.jsonl"), "a") as f:
-                        f.write(json.dumps({"step": global_step, "loss": mean_loss}) + "\n")
-                if global_step % args.checkpointing_steps == 0:
-                    path = save_checkpoint(
-                        accelerator, args.output_dir, global_step, **state, total_limit=args.checkpoints_total_limit
-                    )
-                    logger.info("Saved %s", path)
-                if accelerator.is_main_process and global_step % args.validation_steps == 0:
-                    unwrapped = accelerator.unwrap_model(student)
-                    log_validation(
-                        accelerator,
-                        args.output_dir,
-                        ema.averaged_model(unwrapped.inner_model).eval(),
-                        student_scheduler(unwrapped),
-                        global_step,
-                        (1, 2),
-                        args.num_validation_images,
-                        conditional,
-                    )
-                if global_step >= args.max_train_steps:
-                    break
-
     finish_training(
         accelerator,
         args.output_dir,

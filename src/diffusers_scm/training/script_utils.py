@@ -121,3 +121,86 @@ def finish_training(accelerator, output_dir, model, ema, scheduler, steps, skipp
         SCMPipeline(scheduler=scheduler, **{network_component(network): network}).save_pretrained(output_dir)
         logger.info("Saved the EMA model to %s", output_dir)
     accelerator.end_training()
+
+
+def train_loop(args, accelerator, model, optimizer, loader, ema, state, compute_loss, validate, desc, accumulate):
+    """
+    The scripts' training loop: resume, gradient accumulation, mixed precision, clipping, EMA, logging, checkpoints,
+    validation. `compute_loss(batch, step) -> (loss, logs)`; `validate(step)` runs on the main process.
+    Non-finite losses skip the step on every process and are counted (SPEC.md pitfall 9). Returns (steps, skipped).
+    """
+    from tqdm.auto import tqdm
+
+    from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
+
+    global_step, skipped = 0, 0
+    if args.resume_from_checkpoint:
+        found = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if found is None:
+            logger.info("No checkpoint in %s: starting a new run.", args.output_dir)
+        else:
+            global_step = load_checkpoint(accelerator, found[0], **state)
+            logger.info("Resumed from %s (step %d).", found[0], global_step)
+    steps_per_epoch = len(loader) // args.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError("The data set is smaller than one batch: lower --train_batch_size.")
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc=desc, disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(global_step // steps_per_epoch, math.ceil(args.max_train_steps / steps_per_epoch) + 1):
+        if global_step >= args.max_train_steps:
+            break
+        loader.set_epoch(epoch)
+        done_in_epoch = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
+        batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch > 0 else loader
+        for batch in batches:
+            grad_norm = None
+            with accelerator.accumulate(*accumulate):
+                with accelerator.autocast():
+                    loss, logs = compute_loss(batch, global_step)
+                finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+                if finite:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                else:
+                    skipped += 1
+                    logger.warning("Non-finite loss at step %d: step skipped (%d so far).", global_step, skipped)
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            ema.step(accelerator.unwrap_model(model).inner_model)
+            global_step += 1
+            progress.update(1)
+            mean_loss = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+            log = {
+                "loss": mean_loss,
+                "skipped_steps": skipped,
+                "lr": optimizer.param_groups[0]["lr"],
+                **time_bucket_logs(logs),
+            }
+            for key in ("tangent_norm", "logvar"):
+                if key in logs:
+                    log[key] = logs[key].float().mean().item()
+            if "nonfinite" in logs:
+                log["nonfinite_samples"] = int(logs["nonfinite"])
+            if "warmup_ratio" in logs:
+                log["warmup_ratio"] = logs["warmup_ratio"]
+            if grad_norm is not None:
+                log["grad_norm"] = float(grad_norm)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            accelerator.log(log, step=global_step)
+            if accelerator.is_main_process:
+                with open(os.path.join(args.output_dir, "loss_log.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": global_step, "loss": mean_loss}) + "\n")
+            if global_step % args.checkpointing_steps == 0:
+                path = save_checkpoint(
+                    accelerator, args.output_dir, global_step, **state, total_limit=args.checkpoints_total_limit
+                )
+                logger.info("Saved %s", path)
+            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+                validate(global_step)
+            if global_step >= args.max_train_steps:
+                break
+    return global_step, skipped
