@@ -19,7 +19,13 @@ from accelerate.utils import set_seed
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
 from diffusers_scm.training import LogVarHead, SCMLoss, load_teacher, lognormal_times, make_ema
 from diffusers_scm.training.data import load_image_dataset, to_model_channels
-from diffusers_scm.training.script_utils import finish_training, log_validation, make_accelerator, train_loop
+from diffusers_scm.training.script_utils import (
+    add_common_args,
+    finish_training,
+    log_validation,
+    make_accelerator,
+    train_loop,
+)
 
 
 logger = get_logger(__name__)
@@ -33,26 +39,6 @@ def parse_args(argv=None):
     p.add_argument("--student", type=str, default=None, help="initial student (default: a copy of the teacher)")
     p.add_argument("--method", choices=["scd", "sct"], default="scd")
     p.add_argument("--sigma_data", type=float, default=None, help="data std (default: the teacher's, else 0.5)")
-    # data
-    p.add_argument("--dataset_name", type=str, default="digits", help="'digits', an image folder or a datasets name")
-    p.add_argument("--resolution", type=int, default=16)
-    p.add_argument("--image_column", type=str, default="image")
-    p.add_argument("--label_column", type=str, default=None, help="class labels for class-conditional networks")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
-    # optimization
-    p.add_argument("--train_batch_size", type=int, default=32, help="per device")
-    p.add_argument("--max_train_steps", type=int, default=1000)
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.99)
-    p.add_argument("--adam_weight_decay", type=float, default=0.0)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument(
-        "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config"
-    )
-    p.add_argument("--gradient_checkpointing", action="store_true")
     # SCMLoss (SPEC.md section 3)
     p.add_argument("--P_mean", type=float, default=-1.0)
     p.add_argument("--P_std", type=float, default=1.4)
@@ -65,19 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--jvp_method", choices=["forward_ad", "func", "finite_difference"], default="forward_ad")
     p.add_argument("--jvp_dtype", choices=["float32", "auto"], default="float32", help="'auto': the step's dtype")
     p.add_argument("--jvp_backend", choices=["auto", "math", "blocked", "triton"], default="auto")
-    # EMA
-    p.add_argument("--ema_sigma_rel", type=float, default=None, help="EDM2 power EMA (default 0.05)")
-    p.add_argument("--ema_decay", type=float, default=None, help="constant-decay EMA instead")
-    # checkpoints, validation, logging
-    p.add_argument("--output_dir", type=str, default="scm-student")
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
-    p.add_argument("--validation_steps", type=int, default=500)
-    p.add_argument("--num_validation_images", type=int, default=16)
-    p.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none")
-    p.add_argument("--logging_dir", type=str, default="logs")
-    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p, output_dir="scm-student")
     args = p.parse_args(argv)
     if args.method == "scd" and args.teacher is None:
         p.error("--method scd needs --teacher")
@@ -121,7 +95,8 @@ def main(argv=None):
     config = student.inner_model.config
     channels = config.get("in_channels", 1)
     conditional = args.label_column is not None or (
-        args.dataset_name == "digits" and (config.get("num_class_embeds") or config.get("num_embeds_ada_norm"))
+        args.dataset_name == "digits"
+        and (config.get("num_class_embeds") or config.get("num_embeds_ada_norm") or config.get("num_classes"))
     )
     dataset = load_image_dataset(args.dataset_name, args.resolution, channels, args.image_column, args.label_column)
     loader = torch.utils.data.DataLoader(

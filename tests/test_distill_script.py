@@ -137,3 +137,59 @@ def test_sct_single_process_and_clear_errors(teacher_dir, tmp_path):
         timeout=120,
     )
     assert res.returncode != 0 and "neither a diffusers pipeline folder" in res.stderr
+
+
+def test_train_teacher_then_distill_it(tmp_path):
+    teacher_script = os.path.join(os.path.dirname(__file__), "..", "examples", "train_teacher.py")
+    teacher = str(tmp_path / "teacher")
+    common = [
+        "--train_batch_size",
+        "8",
+        "--checkpointing_steps",
+        "2",
+        "--validation_steps",
+        "2",
+        "--num_validation_images",
+        "4",
+        "--report_to",
+        "none",
+    ]
+    res = subprocess.run(
+        [
+            sys.executable,
+            teacher_script,
+            "--preset",
+            "tiny",
+            "--class_conditional",
+            "--max_train_steps",
+            "4",
+            "--output_dir",
+            teacher,
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    loaded = load_teacher(teacher)
+    assert loaded.parameterization.name == "trigflow" and type(loaded.inner_model).__name__ == "SCMUNet2DModel"
+    assert os.path.isfile(os.path.join(teacher, "samples", "step-0000004-8step.png"))
+    student = str(tmp_path / "student")
+    res = subprocess.run(
+        [sys.executable, SCRIPT, "--teacher", teacher, "--max_train_steps", "2", "--output_dir", student, *common],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    pipe = SCMPipeline.from_pretrained(student)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        batch_size=2,
+        num_inference_steps=2,
+        class_labels=[3, 7],
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert images.shape == (2, 16, 16, 1)

@@ -8,9 +8,55 @@ import os
 import torch
 
 
-__all__ = ["make_accelerator", "network_component", "time_bucket_logs", "log_validation", "finish_training"]
+__all__ = [
+    "add_common_args",
+    "train_loop",
+    "make_accelerator",
+    "network_component",
+    "time_bucket_logs",
+    "log_validation",
+    "finish_training",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def add_common_args(p, output_dir: str):
+    """Flags shared by the training scripts: data, optimization, EMA, checkpoints, validation and logging."""
+    # data
+    p.add_argument("--dataset_name", type=str, default="digits", help="'digits', an image folder or a datasets name")
+    p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--image_column", type=str, default="image")
+    p.add_argument("--label_column", type=str, default=None, help="class labels for class-conditional networks")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    # optimization
+    p.add_argument("--train_batch_size", type=int, default=32, help="per device")
+    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.99)
+    p.add_argument("--adam_weight_decay", type=float, default=0.0)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument(
+        "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config"
+    )
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    # EMA
+    p.add_argument("--ema_sigma_rel", type=float, default=None, help="EDM2 power EMA (default 0.05)")
+    p.add_argument("--ema_decay", type=float, default=None, help="constant-decay EMA instead")
+    # checkpoints, validation, logging
+    p.add_argument("--output_dir", type=str, default=output_dir)
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--validation_steps", type=int, default=500)
+    p.add_argument("--num_validation_images", type=int, default=16)
+    p.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none")
+    p.add_argument("--logging_dir", type=str, default="logs")
+    p.add_argument("--seed", type=int, default=0)
+    return p
 
 
 def make_accelerator(args, project_name: str):
