@@ -17,13 +17,14 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
-from diffusers_scm.training import LogVarHead, SCMLoss, load_teacher, lognormal_times, make_ema
+from diffusers_scm.training import SCMLoss, load_teacher, lognormal_times
 from diffusers_scm.training.data import load_image_dataset, to_model_channels
 from diffusers_scm.training.script_utils import (
     add_common_args,
     finish_training,
     log_validation,
     make_accelerator,
+    prepare_training,
     train_loop,
 )
 
@@ -99,36 +100,11 @@ def main(argv=None):
         and (config.get("num_class_embeds") or config.get("num_embeds_ada_norm") or config.get("num_classes"))
     )
     dataset = load_image_dataset(args.dataset_name, args.resolution, channels, args.image_column, args.label_column)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
+    student, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
+        args, accelerator, student, dataset, "student"
     )
-    logvar_head = LogVarHead()
-    optimizer = torch.optim.Adam(
-        list(student.parameters()) + list(logvar_head.parameters()),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    student, logvar_head, optimizer, loader = accelerator.prepare(student, logvar_head, optimizer, loader)
     if teacher is not None:
         teacher.to(accelerator.device)
-    ema = make_ema(accelerator.unwrap_model(student).inner_model, args.ema_sigma_rel, args.ema_decay)
-    # times and noise come from a generator of their own, saved in checkpoints: a resumed run draws what the
-    # uninterrupted run would have drawn
-    noise_generator = torch.Generator(device=accelerator.device).manual_seed(
-        args.seed * 1000 + accelerator.process_index
-    )
-    state = {
-        "modules": {"student": student, "logvar_head": logvar_head},
-        "optimizer": optimizer,
-        "ema": ema,
-        "generators": {"noise": noise_generator},
-    }
     loss_fn = SCMLoss(
         sigma_data=sd,
         P_mean=args.P_mean,

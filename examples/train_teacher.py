@@ -18,13 +18,14 @@ from accelerate.utils import set_seed
 
 from diffusers_scm import SCMUNet2DModel, TrigFlowDenoiser, TrigFlowODEScheduler
 from diffusers_scm.models import PRESETS
-from diffusers_scm.training import LogVarHead, TrigFlowDiffusionLoss, load_teacher, lognormal_times, make_ema
+from diffusers_scm.training import TrigFlowDiffusionLoss, load_teacher, lognormal_times
 from diffusers_scm.training.data import load_image_dataset, to_model_channels
 from diffusers_scm.training.script_utils import (
     add_common_args,
     finish_training,
     log_validation,
     make_accelerator,
+    prepare_training,
     train_loop,
 )
 
@@ -77,32 +78,9 @@ def main(argv=None):
     conditional = args.class_conditional or args.label_column is not None
     label_column = args.label_column or ("label" if conditional and args.dataset_name != "digits" else None)
     dataset = load_image_dataset(args.dataset_name, args.resolution, channels, args.image_column, label_column)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
+    model, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
+        args, accelerator, model, dataset, "model"
     )
-    logvar_head = LogVarHead()
-    optimizer = torch.optim.Adam(
-        list(model.parameters()) + list(logvar_head.parameters()),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    model, logvar_head, optimizer, loader = accelerator.prepare(model, logvar_head, optimizer, loader)
-    ema = make_ema(accelerator.unwrap_model(model).inner_model, args.ema_sigma_rel, args.ema_decay)
-    noise_generator = torch.Generator(device=accelerator.device).manual_seed(
-        args.seed * 1000 + accelerator.process_index
-    )
-    state = {
-        "modules": {"model": model, "logvar_head": logvar_head},
-        "optimizer": optimizer,
-        "ema": ema,
-        "generators": {"noise": noise_generator},
-    }
     loss_fn = TrigFlowDiffusionLoss(args.sigma_data, args.P_mean, args.P_std)
     scheduler = TrigFlowODEScheduler(sigma_data=args.sigma_data, parameterization="trigflow", solver="dpmsolver++")
 

@@ -10,6 +10,7 @@ import torch
 
 __all__ = [
     "add_common_args",
+    "prepare_training",
     "train_loop",
     "make_accelerator",
     "network_component",
@@ -81,6 +82,43 @@ def make_accelerator(args, project_name: str):
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     return accelerator
+
+
+def prepare_training(args, accelerator, model, dataset, module_name: str):
+    """Data loader, adaptive-weighting head, Adam, EMA and the time/noise generator, prepared by `accelerator`.
+
+    Returns `(model, logvar_head, optimizer, loader, ema, generator, state)`, where `state` is what checkpoints hold.
+    The generator for times and noise is saved in checkpoints, so a resumed run draws what the uninterrupted run
+    would have drawn.
+    """
+    from .ema import make_ema
+    from .logvar import LogVarHead
+
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+    )
+    logvar_head = LogVarHead()
+    optimizer = torch.optim.Adam(
+        list(model.parameters()) + list(logvar_head.parameters()),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    model, logvar_head, optimizer, loader = accelerator.prepare(model, logvar_head, optimizer, loader)
+    ema = make_ema(accelerator.unwrap_model(model).inner_model, args.ema_sigma_rel, args.ema_decay)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+    state = {
+        "modules": {module_name: model, "logvar_head": logvar_head},
+        "optimizer": optimizer,
+        "ema": ema,
+        "generators": {"noise": generator},
+    }
+    return model, logvar_head, optimizer, loader, ema, generator, state
 
 
 def network_component(network) -> str:
