@@ -119,7 +119,7 @@ def run(
     seed=0,
     teacher_lr=1e-3,
     distill_lr=1e-3,
-    tangent_norm_c=0.01,  # with D = 2, ||g|| is small: c = 0.1 (the image setting) damps the tangent (measured)
+    tangent_norm_c=0.003,  # with D = 2, ||g|| is small: c = 0.1 (the image setting) damps the tangent (measured)
     P_mean=-1.0,
     P_std=1.4,
 ):
@@ -186,7 +186,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distill_lr", type=float, default=1e-3)
-    parser.add_argument("--tangent_norm_c", type=str, default="0.01", help="a number, or 'none'")
+    parser.add_argument("--tangent_norm_c", type=str, default="0.003", help="a number, or 'none'")
     parser.add_argument("--P_mean", type=float, default=-1.0)
     parser.add_argument("--P_std", type=float, default=1.4)
     parser.add_argument("--json", default="toy_2d.json")
