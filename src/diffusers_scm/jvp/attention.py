@@ -41,7 +41,7 @@ def available_backends(device="cpu") -> list[str]:
     return ["math", "blocked"] + (["triton"] if _triton_available(device) else [])
 
 
-def resolve_backend(backend: str, q: torch.Tensor, attn_mask=None) -> str:
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """Pick the concrete backend: "auto" is "triton" on CUDA when installed (and the inputs suit it), else "blocked"."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown JVP attention backend {backend!r}: choose one of {BACKENDS}.")
@@ -154,7 +154,7 @@ def jvp_attention(q, k, v, dq, dk, dv, attn_mask=None, scale=None, backend="auto
     dq = torch.zeros_like(q) if dq is None else dq
     dk = torch.zeros_like(k) if dk is None else dk
     dv = torch.zeros_like(v) if dv is None else dv
-    backend = resolve_backend(backend, q, attn_mask)
+    backend = resolve_backend(backend, q)
     if backend == "triton":
         return _triton(q, k, v, dq, dk, dv, attn_mask, scale)
     bias = _mask_to_bias(attn_mask, q, k, q.dtype)

@@ -20,9 +20,24 @@ def _per_sample_sq(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).pow(2).sum(1)
 
 
+def noised_batch(x0, t, noise, sigma_data, P_mean, P_std, generator=None):
+    """`(x0, t, z, x_t)` in float32 or wider (SPEC.md pitfall 6): t from the log-normal proposal and n ~ N(0, I) when
+    not given, t clamped (pitfall 8), z = sigma_data n, x_t = cos(t) x0 + sin(t) z (SPEC.md section 1)."""
+    work = torch.promote_types(x0.dtype, torch.float32)
+    x0 = x0.to(work)
+    if t is None:
+        t = lognormal_times(x0.shape[0], P_mean, P_std, sigma_data, device=x0.device, generator=generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None else generator.device)
+    t = clamp_times(t.to(x0.device, work))
+    z = sigma_data * noise.to(x0.device, work)
+    tb = _bcast(t, x0)
+    return x0, t, z, torch.cos(tb) * x0 + torch.sin(tb) * z
+
+
 def null_class_conditioning(denoiser, conditioning: dict) -> dict:
     """The unconditional counterpart of `conditioning` for classifier-free guidance: class labels replaced by the
-    network's null class (DiT's label `num_classes`, or `num_class_embeds - 1` for a UNet trained with one)."""
+    network's null class (DiT's label `num_embeds_ada_norm`, SCMUNet2DModel's `num_classes`)."""
     if "class_labels" not in conditioning:
         raise ValueError(
             "Guidance needs `class_labels` in the conditioning, or pass `uncond_conditioning` explicitly."
@@ -131,19 +146,11 @@ class SCMLoss:
             generator (`torch.Generator`, *optional*): for drawing t and noise.
             conditioning: passed to student and teacher (class_labels, encoder_hidden_states, ...).
         """
-        work = torch.promote_types(x0.dtype, torch.float32)  # float32 at least (SPEC.md pitfall 6)
-        sd, x0 = self.sigma_data, x0.to(work)
-        batch = x0.shape[0]
-        if t is None:
-            t = lognormal_times(batch, self.P_mean, self.P_std, sd, device=x0.device, generator=generator)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None else None)
-            noise = noise.to(x0.device)
-        t = clamp_times(t.to(x0.device, work))  # fp32 (or wider) times (pitfalls 6 and 8)
+        sd = self.sigma_data
+        x0, t, z, x_t = noised_batch(x0, t, noise, sd, self.P_mean, self.P_std, generator)
+        work = x0.dtype
         tb = _bcast(t, x0)
         cos, sin = torch.cos(tb), torch.sin(tb)
-        z = sd * noise.to(work)
-        x_t = cos * x0 + sin * z
         dxdt = self.teacher_velocity(teacher, x_t, t, x0, z, conditioning, uncond_conditioning)
 
         # JVP pass on the unwrapped student, no gradients: F_minus and cos t sin t dF/dt (SPEC.md section 3)
@@ -207,17 +214,10 @@ class TrigFlowDiffusionLoss:
         self.sigma_data, self.P_mean, self.P_std = float(sigma_data), float(P_mean), float(P_std)
 
     def __call__(self, model, x0, t=None, noise=None, logvar_head=None, generator=None, **conditioning):
-        work = torch.promote_types(x0.dtype, torch.float32)
-        sd, x0 = self.sigma_data, x0.to(work)
-        if t is None:
-            t = lognormal_times(x0.shape[0], self.P_mean, self.P_std, sd, device=x0.device, generator=generator)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None else None)
-            noise = noise.to(x0.device)
-        t = clamp_times(t.to(x0.device, work))
+        sd = self.sigma_data
+        x0, t, z, x_t = noised_batch(x0, t, noise, sd, self.P_mean, self.P_std, generator)
+        work = x0.dtype
         tb = _bcast(t, x0)
-        z = sd * noise.to(work)
-        x_t = torch.cos(tb) * x0 + torch.sin(tb) * z
         v_t = torch.cos(tb) * z - torch.sin(tb) * x0
         per_sample = _per_sample_sq(sd * model(x_t, t, **conditioning).to(work) - v_t) / (sd**2 * x0[0].numel())
         if logvar_head is None:
