@@ -26,12 +26,23 @@ def teacher_dir(tmp_path_factory):
     return str(path)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _launch(args, processes=2):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [accelerate, "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    if processes > 1:  # a free rendezvous port, so a busy default port cannot stall the launch
+        cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
+    else:
+        cmd += ["--num_processes", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd + [SCRIPT, *args], capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run(cmd + [SCRIPT, *args], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return res
 
