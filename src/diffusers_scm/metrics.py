@@ -15,6 +15,9 @@ __all__ = [
     "train_digits_classifier",
     "load_digits_classifier",
     "fd_digits",
+    "InceptionFeatures",
+    "fid",
+    "to_uint8",
 ]
 
 
@@ -130,3 +133,95 @@ def fd_digits(images: torch.Tensor, reference: torch.Tensor, classifier: "Digits
     return frechet_distance(
         *feature_statistics(classifier.embed(images)), *feature_statistics(classifier.embed(reference))
     )
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 in [0, 255], 3 channels (grayscale repeated), the input of the Inception network."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+
+
+class InceptionFeatures:
+    """
+    The standard 2048-d pool features of FID's InceptionV3 (TensorFlow's 2015-12-05 weights), through an installed
+    package. Nothing is downloaded here: the weights must already be on disk.
+
+    Args:
+        backend (`str`, defaults to "auto"): "torch-fidelity" (`pip install torch-fidelity`; weights from
+            `weights_path` or torch's hub cache, where `torch_fidelity` itself stores them), "clean-fid"
+            (`pip install clean-fid`; its TorchScript file `inception-2015-12-05.pt` from `weights_path` or `/tmp`,
+            where clean-fid stores it), or "auto" (the first that is installed and has its weights).
+        weights_path (`str`, *optional*): a local weights file for the chosen backend.
+        device: where the network runs.
+
+    The torch-fidelity state dict is read with `torch.load(weights_only=True)` (tensors only, no code).
+    """
+
+    TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
+    CLEAN_FID_FILE = "inception-2015-12-05.pt"
+
+    def __init__(self, backend: str = "auto", weights_path: str | None = None, device="cpu"):
+        self.device = torch.device(device)
+        errors = []
+        for name in ("torch-fidelity", "clean-fid") if backend == "auto" else (backend,):
+            if name not in ("torch-fidelity", "clean-fid"):
+                raise ValueError(f"Unknown Inception backend {name!r}: use 'torch-fidelity', 'clean-fid' or 'auto'.")
+            try:
+                self._fn = getattr(self, "_build_" + name.replace("-", "_"))(weights_path)
+                self.backend = name
+                return
+            except (ImportError, FileNotFoundError) as e:
+                errors.append(f"{name}: {e}")
+        raise RuntimeError(
+            "FID needs the Inception network, and none could be loaded without downloading:\n  "
+            + "\n  ".join(errors)
+            + "\nInstall the `metrics` extra (`pip install -e '.[metrics]'`), fetch the weights once with the backend's "
+            "own tools on a machine with network access, or pass a local file (`--inception_weights PATH`)."
+        )
+
+    def _build_torch_fidelity(self, weights_path):
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as e:
+            raise ImportError("torch-fidelity is not installed (`pip install torch-fidelity`)") from e
+        path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", self.TORCH_FIDELITY_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no weights file at {path}")
+        import tempfile
+
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only
+        with tempfile.TemporaryDirectory() as tmp:  # torch-fidelity reads a path; give it the tensors-only copy
+            safe_copy = os.path.join(tmp, "inception.pth")
+            torch.save(state, safe_copy)
+            model = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"], feature_extractor_weights_path=safe_copy
+            )
+        model = model.to(self.device)
+        return lambda images: model(images)[0]
+
+    def _build_clean_fid(self, weights_path):
+        try:
+            from cleanfid.inception_torchscript import InceptionV3W
+        except ImportError as e:
+            raise ImportError("clean-fid is not installed (`pip install clean-fid`)") from e
+        path = weights_path or os.path.join("/tmp", self.CLEAN_FID_FILE)
+        if os.path.basename(path) != self.CLEAN_FID_FILE or not os.path.isfile(path):
+            raise FileNotFoundError(f"no weights file at {path} (clean-fid needs it named {self.CLEAN_FID_FILE})")
+        # A TorchScript archive (no Python code is unpickled); it resizes to 299 inside, from values in [0, 255].
+        model = InceptionV3W(os.path.dirname(path), download=False, resize_inside=True).to(self.device).eval()
+        return lambda images: model(images.float())
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+        """Features (n, 2048) of images in [-1, 1] (1 or 3 channels, any size)."""
+        out = [
+            self._fn(to_uint8(images[i : i + batch_size]).to(self.device)).double().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(out)
+
+
+def fid(images: torch.Tensor, reference: torch.Tensor, extractor: "InceptionFeatures | None" = None) -> float:
+    """FID: the Frechet distance of Inception features (`InceptionFeatures`) of two image sets in [-1, 1]."""
+    extractor = extractor or InceptionFeatures()
+    return frechet_distance(*feature_statistics(extractor(images)), *feature_statistics(extractor(reference)))

@@ -1,0 +1,230 @@
+"""The whole path on a laptop CPU: train a digits teacher, distill it with sCD, evaluate both, write a report.
+
+    python examples/demo.py --output_dir demo-report          # or: make demo
+
+Phases (each with its own progress bar), all through the scripts a user runs:
+1. `train_teacher.py`: a tiny TrigFlow `SCMUNet2DModel` on the 8x8 digits (cached under
+   `~/.cache/diffusers_scm/demo/`, keyed by its settings, and reused by later runs);
+2. `distill.py --method scd`: the one/two-step student, from a copy of the teacher;
+3. `evaluate.py`: the teacher by its ODE (DPM-Solver++ at several NFE) and the student in 1 and 2 steps, from the same
+   noise, with FD-digits and the paired RMSE to the teacher's accurate ODE solution;
+4. the report: `results.json`, `results.md` (the table and the targets), `samples.png` (teacher and student side by
+   side, same noise), `fd_vs_nfe.png` (FD-digits against NFE), and the sample grids under `grids/`.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+EXAMPLES = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="demo-report")
+    p.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "diffusers_scm", "demo"))
+    p.add_argument("--retrain_teacher", action="store_true", help="ignore a cached teacher")
+    p.add_argument("--resolution", type=int, default=8)
+    p.add_argument("--teacher_steps", type=int, default=4000)
+    p.add_argument("--teacher_batch_size", type=int, default=64)
+    p.add_argument("--teacher_learning_rate", type=float, default=1e-3)
+    p.add_argument("--distill_steps", type=int, default=1000)
+    p.add_argument("--distill_batch_size", type=int, default=64)
+    p.add_argument("--distill_learning_rate", type=float, default=1e-4)
+    p.add_argument("--tangent_warmup_steps", type=int, default=500)
+    p.add_argument("--tangent_norm_c", default="0.1")
+    p.add_argument("--teacher_nfe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    p.add_argument("--num_samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def run(script: str, args: list) -> None:
+    """Run an example script in a fresh process, exactly as a user would (stdout/stderr stream through)."""
+    command = [sys.executable, str(EXAMPLES / script), *map(str, args)]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def teacher_settings(args) -> dict:
+    return {
+        "resolution": args.resolution,
+        "max_train_steps": args.teacher_steps,
+        "train_batch_size": args.teacher_batch_size,
+        "learning_rate": args.teacher_learning_rate,
+        "seed": args.seed,
+    }
+
+
+def train_teacher(args) -> tuple[str, bool]:
+    """The cached teacher for these settings, trained first if needed; returns (folder, reused)."""
+    settings = teacher_settings(args)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = os.path.join(args.cache_dir, f"teacher-{key}")
+    if os.path.isfile(os.path.join(folder, "model_index.json")) and not args.retrain_teacher:
+        print(f"Reusing the cached teacher {folder}")
+        return folder, True
+    partial = folder + ".partial"  # an interrupted run resumes from its last checkpoint
+    run(
+        "train_teacher.py",
+        ["--preset", "tiny", "--dataset_name", "digits", "--report_to", "none", "--output_dir", partial]
+        + [f"--{k}={v}" for k, v in settings.items()]
+        + ["--checkpointing_steps", 1000, "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest"]
+        + ["--validation_steps", args.teacher_steps, "--num_validation_images", 16],
+    )
+    for name in os.listdir(partial):  # the pipeline is what is cached, not the training state
+        if name.startswith("checkpoint-"):
+            shutil.rmtree(os.path.join(partial, name))
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    return folder, False
+
+
+def side_by_side(output_dir: str, panels: list[tuple[str, str]], path: str):
+    """One PNG with the given sample grids side by side, each titled."""
+    from PIL import Image, ImageDraw
+
+    images = [(title, Image.open(os.path.join(output_dir, "grids", file)).convert("RGB")) for title, file in panels]
+    pad, head = 8, 18
+    width = sum(im.width for _, im in images) + pad * (len(images) + 1)
+    height = max(im.height for _, im in images) + head + 2 * pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = pad
+    for title, im in images:
+        draw.text((x, pad // 2), title, fill="black")
+        canvas.paste(im, (x, head + pad))
+        x += im.width + pad
+    canvas.save(path)
+
+
+def plot_fd_vs_nfe(rows: list[dict], path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for model, style in (("teacher", "o-"), ("student", "s")):
+        points = sorted((r["nfe"], r["fd_digits"]) for r in rows if r["model"] == model)
+        if points:
+            nfe, fd = zip(*points)
+            ax.plot(nfe, fd, style, label=model if model == "teacher" else "student (sCD)", markersize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("network evaluations per image (NFE)")
+    ax.set_ylabel("FD-digits (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarize(results: dict) -> dict:
+    """The demo's targets: student 2-step FD-digits <= 1.25x the teacher's best, 1-step <= 2x, at >= 16x fewer NFE."""
+    teacher = [r for r in results["rows"] if r["model"] == "teacher"]
+    student = {r["steps"]: r for r in results["rows"] if r["model"] == "student"}
+    best = min(teacher, key=lambda r: r["fd_digits"])
+    summary = {"teacher_best_fd_digits": best["fd_digits"], "teacher_best_nfe": best["nfe"], "targets": {}}
+    for steps, limit in ((1, 2.0), (2, 1.25)):
+        if steps in student:
+            ratio = student[steps]["fd_digits"] / best["fd_digits"]
+            nfe_ratio = best["nfe"] / student[steps]["nfe"]
+            summary["targets"][f"{steps}-step"] = {
+                "fd_ratio_to_teacher_best": ratio,
+                "limit": limit,
+                "nfe_reduction": nfe_ratio,
+                "met": bool(ratio <= limit and nfe_ratio >= 16),
+            }
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = os.path.abspath(args.output_dir)
+    os.makedirs(out, exist_ok=True)
+    times = {}
+
+    print("== 1/4 teacher (train_teacher.py)", flush=True)
+    start = time.perf_counter()
+    teacher, reused = train_teacher(args)
+    times["teacher"] = time.perf_counter() - start
+
+    print("== 2/4 sCD distillation (distill.py)", flush=True)
+    start = time.perf_counter()
+    student = os.path.join(out, "student")
+    run(
+        "distill.py",
+        ["--teacher", teacher, "--method", "scd", "--dataset_name", "digits", "--resolution", args.resolution]
+        + ["--train_batch_size", args.distill_batch_size, "--max_train_steps", args.distill_steps]
+        + ["--learning_rate", args.distill_learning_rate, "--tangent_warmup_steps", args.tangent_warmup_steps]
+        + ["--tangent_norm_c", args.tangent_norm_c, "--report_to", "none", "--seed", args.seed]
+        + ["--checkpointing_steps", args.distill_steps, "--checkpoints_total_limit", 1]
+        + ["--validation_steps", args.distill_steps, "--num_validation_images", 16, "--output_dir", student],
+    )
+    times["distill"] = time.perf_counter() - start
+
+    print("== 3/4 evaluation (evaluate.py)", flush=True)
+    start = time.perf_counter()
+    results_json = os.path.join(out, "results.json")
+    if os.path.exists(results_json):
+        os.remove(results_json)  # a fresh table for this run
+    common = ["--num_samples", args.num_samples, "--seed", args.seed, "--output_dir", out]
+    run("evaluate.py", ["--pipeline", teacher, "--name", "teacher", "--steps", *args.teacher_nfe] + common)
+    run(
+        "evaluate.py",
+        ["--pipeline", student, "--name", "student", "--steps", 1, 2, "--paired_teacher", teacher] + common,
+    )
+    times["evaluate"] = time.perf_counter() - start
+
+    print("== 4/4 report", flush=True)
+    with open(results_json) as f:
+        results = json.load(f)
+    summary = summarize(results)
+    best_nfe = summary["teacher_best_nfe"]
+    side_by_side(
+        out,
+        [
+            (f"teacher, ODE {best_nfe:g} NFE", f"teacher-{results_best_steps(results)}step.png"),
+            ("student, 1 step", "student-1step.png"),
+            ("student, 2 steps", "student-2step.png"),
+        ],
+        os.path.join(out, "samples.png"),
+    )
+    plot_fd_vs_nfe(results["rows"], os.path.join(out, "fd_vs_nfe.png"))
+    times["total"] = sum(times.values())
+    results["demo"] = {**summary, "seconds": times, "teacher": teacher, "teacher_reused": reused, "args": vars(args)}
+    with open(results_json, "w") as f:
+        json.dump(results, f, indent=2)
+    lines = [
+        f"- {name}: FD-digits {t['fd_ratio_to_teacher_best']:.2f}x the teacher's best "
+        f"(target <= {t['limit']}x), {t['nfe_reduction']:g}x fewer NFE: {'met' if t['met'] else 'NOT met'}"
+        for name, t in summary["targets"].items()
+    ]
+    lines.append(
+        "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + (" (cached teacher)" if reused else "")
+    )
+    with open(os.path.join(out, "results.md"), "a") as f:
+        f.write(
+            "\n## Demo targets\n\n" + "\n".join(lines) + "\n\n![samples](samples.png)\n\n![FD-digits](fd_vs_nfe.png)\n"
+        )
+    print("\n".join(lines))
+    print(f"Report: {out}/results.md")
+    return results
+
+
+def results_best_steps(results: dict) -> int:
+    teacher = [r for r in results["rows"] if r["model"] == "teacher"]
+    return min(teacher, key=lambda r: r["fd_digits"])["steps"]
+
+
+if __name__ == "__main__":
+    main()

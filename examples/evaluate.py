@@ -1,0 +1,267 @@
+"""Evaluate a saved pipeline at a list of step counts: FD-digits, FID, paired RMSE to a teacher, seconds per image.
+
+    python examples/evaluate.py --pipeline digits-teacher --name teacher --steps 4 8 16 32 --output_dir report
+    python examples/evaluate.py --pipeline digits-student --name student --steps 1 2 \
+        --paired_teacher digits-teacher --output_dir report
+
+Every call adds its rows to `OUTPUT_DIR/results.json` (rows with the same model, sampler and steps are replaced) and
+rewrites the table `OUTPUT_DIR/results.md`, so a teacher and its student evaluated by two calls share one table. The
+noise comes from `--seed`, so two calls with the same seed start every model from the same noise (image i, noise i),
+and the sample grids under `OUTPUT_DIR/grids/` can be compared image by image.
+
+Samplers: a pipeline saved with a `TrigFlowScheduler` is sampled as a consistency model, one saved with a
+`TrigFlowODEScheduler` by its probability-flow ODE; `--sampler` and `--solver` override. NFE (network evaluations per
+image) are counted on the network itself.
+
+Metrics (`--metrics`): `fd_digits` (Frechet distance in the features of the digits classifier of
+`diffusers_scm.metrics`, against the digits training split), `fid` (Inception features through torch-fidelity or
+clean-fid, weights already on disk or `--inception_weights`; against `--reference`), `paired_rmse` (RMSE to the
+`--paired_teacher`'s ODE solution from the same noise).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_scm import SCMPipeline, TrigFlowODEScheduler, TrigFlowScheduler
+from diffusers_scm.metrics import InceptionFeatures, feature_statistics, frechet_distance, load_digits_classifier
+from diffusers_scm.metrics import paired_rmse as rmse
+
+
+METRICS = ("fd_digits", "fid", "paired_rmse")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pipeline", required=True, help="an SCMPipeline folder (or Hub id)")
+    p.add_argument("--name", default=None, help="the model's name in the table (default: teacher or student)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="step counts to evaluate")
+    p.add_argument("--sampler", choices=["auto", "consistency", "ode"], default="auto")
+    p.add_argument("--solver", choices=["ddim", "heun", "dpmsolver++"], default=None, help="ODE solver")
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=None, help="default: fd_digits (+ paired_rmse)")
+    p.add_argument("--num_samples", type=int, default=1000)
+    p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", default="digits", help="reference images for FID: 'digits', a folder or dataset")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--paired_teacher", default=None, help="teacher pipeline for paired_rmse")
+    p.add_argument("--paired_teacher_steps", type=int, default=64)
+    p.add_argument("--paired_teacher_solver", choices=["ddim", "heun", "dpmsolver++"], default="heun")
+    p.add_argument("--inception_backend", choices=["auto", "torch-fidelity", "clean-fid"], default="auto")
+    p.add_argument("--inception_weights", default=None, help="a local Inception weights file for FID")
+    p.add_argument("--num_grid_images", type=int, default=64, help="images in each saved sample grid (0: none)")
+    p.add_argument("--output_dir", default="evaluation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.metrics is None:
+        args.metrics = ["fd_digits"] + (["paired_rmse"] if args.paired_teacher else [])
+    if "paired_rmse" in args.metrics and args.paired_teacher is None:
+        p.error("--metrics paired_rmse needs --paired_teacher")
+    return args
+
+
+def with_sampler(pipe: SCMPipeline, sampler: str, solver: str | None) -> tuple[SCMPipeline, str]:
+    """The pipeline with the requested scheduler, and the sampler's name for the table."""
+    is_ode = isinstance(pipe.scheduler, TrigFlowODEScheduler)
+    if sampler == "auto":
+        sampler = "ode" if is_ode else "consistency"
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    if sampler == "ode":
+        solver = solver or (pipe.scheduler.config.solver if is_ode else "dpmsolver++")
+        if not is_ode or solver != pipe.scheduler.config.solver:
+            pipe.scheduler = TrigFlowODEScheduler.from_config({**config, "solver": solver})
+        return pipe, f"ode-{solver}"
+    if is_ode:
+        pipe.scheduler = TrigFlowScheduler.from_config(config)
+    return pipe, "consistency"
+
+
+def is_conditional(network) -> bool:
+    config = network.config
+    return bool(config.get("num_class_embeds") or config.get("num_classes") or config.get("class_embed_type"))
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index`'s generator."""
+    return seed * 1_000_003 + index + 1
+
+
+class NFECounter:
+    """Counts calls of a network (forward pre-hook)."""
+
+    def __init__(self, network):
+        self.calls = 0
+        self._handle = network.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, inputs):
+        self.calls += 1
+
+    def remove(self):
+        self._handle.remove()
+
+
+@torch.no_grad()
+def generate(pipe: SCMPipeline, noise: torch.Tensor, steps: int, batch_size: int, desc: str, seed: int = 0):
+    """Images in [-1, 1] from `noise` (unit Gaussian), network evaluations per image, seconds per image.
+
+    Image i draws any further noise (multi-step consistency sampling) from its own generator, seeded
+    `image_seed(seed, i)`, so the images do not depend on the batch size."""
+    network = pipe.network
+    conditional = is_conditional(network)
+    counter = NFECounter(network)
+    images, seconds, batches = [], 0.0, 0
+    try:
+        for i in tqdm(range(0, len(noise), batch_size), desc=desc, leave=False):
+            chunk = noise[i : i + batch_size]
+            labels = [(i + j) % 10 for j in range(len(chunk))] if conditional else None
+            start = time.perf_counter()
+            generators = [
+                torch.Generator(noise.device).manual_seed(image_seed(seed, i + j)) for j in range(len(chunk))
+            ]
+            out = pipe(
+                batch_size=len(chunk),
+                num_inference_steps=steps,
+                latents=chunk,
+                class_labels=labels,
+                generator=generators,
+                output_type="pt",
+            ).images
+            seconds += time.perf_counter() - start
+            images.append(out.float().cpu() * 2 - 1)
+            batches += 1
+    finally:
+        counter.remove()
+    return torch.cat(images), counter.calls / batches, seconds / len(noise)
+
+
+def reference_images(name: str, resolution: int, channels: int, image_column: str) -> torch.Tensor:
+    from diffusers_scm.training.data import DigitsDataset, load_image_dataset
+
+    if name == "digits":
+        return DigitsDataset(resolution, "train").images
+    dataset = load_image_dataset(name, resolution, channels, image_column)
+    return torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+
+
+def save_grid(images: torch.Tensor, path: str, scale: int = 4):
+    """A square grid of images in [-1, 1], each upscaled `scale` times (nearest) so small images stay visible."""
+    from diffusers.utils import make_image_grid, numpy_to_pil
+
+    images = ((images.clamp(-1, 1) + 1) / 2).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    pil = numpy_to_pil(images.permute(0, 2, 3, 1).numpy())
+    pil += [pil[0].point(lambda _: 0)] * (rows * cols - len(images))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_image_grid(pil, rows=rows, cols=cols).save(path)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: model, sampler, steps, NFE, each metric present, seconds per image."""
+    metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
+    header = ["model", "sampler", "steps", "NFE", *metrics, "s/image"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rows:
+        values = [r["model"], r["sampler"], str(r["steps"]), f"{r['nfe']:g}"]
+        values += ["-" if r.get(m) is None else f"{r[m]:.4g}" for m in metrics]
+        values.append(f"{r['sec_per_image']:.2e}")
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def write_results(output_dir: str, new_rows: list[dict], extra: dict):
+    """Merge `new_rows` into `results.json` (same model, sampler and steps replaced) and rewrite `results.md`."""
+    path = os.path.join(output_dir, "results.json")
+    results = {"rows": []}
+    if os.path.isfile(path):
+        with open(path) as f:
+            results = json.load(f)
+    keys = {(r["model"], r["sampler"], r["steps"]) for r in new_rows}
+    rows = [r for r in results["rows"] if (r["model"], r["sampler"], r["steps"]) not in keys] + new_rows
+    results.update(extra, rows=rows)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+    lines = ["# Evaluation", "", format_table(rows), ""]
+    if results.get("classifier_accuracy") is not None:
+        lines.append(
+            f"FD-digits: Frechet distance in the digits classifier's features (held-out accuracy "
+            f"{results['classifier_accuracy']:.1%}) to the {results.get('fd_reference_size', '?')} digits of the "
+            f"training split, from {results.get('num_samples', '?')} samples."
+        )
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    pipe = SCMPipeline.from_pretrained(args.pipeline).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe, sampler = with_sampler(pipe, args.sampler, args.solver)
+    name = args.name or ("teacher" if sampler.startswith("ode") else "student")
+    shape = pipe._sample_shape(args.num_samples)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    extra = {"num_samples": args.num_samples, "seed": args.seed}
+
+    classifier = digits_stats = None
+    if "fd_digits" in args.metrics:
+        from diffusers_scm.training.data import DigitsDataset
+
+        classifier, accuracy = load_digits_classifier()
+        reference = DigitsDataset(8, "train").images
+        with torch.no_grad():
+            digits_stats = feature_statistics(classifier.embed(reference))
+        extra.update(classifier_accuracy=accuracy, fd_reference_size=len(reference))
+    inception = fid_stats = None
+    if "fid" in args.metrics:
+        inception = InceptionFeatures(args.inception_backend, args.inception_weights, device=args.device)
+        size = shape[-1]
+        fid_stats = feature_statistics(inception(reference_images(args.reference, size, shape[1], args.image_column)))
+        extra.update(fid_backend=inception.backend, fid_reference=args.reference)
+    paired = None
+    if "paired_rmse" in args.metrics:
+        teacher = SCMPipeline.from_pretrained(args.paired_teacher).to(args.device)
+        teacher.set_progress_bar_config(disable=True)
+        teacher, _ = with_sampler(teacher, "ode", args.paired_teacher_solver)
+        paired, _, _ = generate(
+            teacher, noise, args.paired_teacher_steps, args.batch_size, "teacher ODE (paired)", args.seed
+        )
+        extra["paired_reference"] = {
+            "pipeline": args.paired_teacher,
+            "solver": args.paired_teacher_solver,
+            "steps": args.paired_teacher_steps,
+        }
+
+    rows = []
+    for steps in tqdm(args.steps, desc=f"evaluate {name}"):
+        images, nfe, sec = generate(pipe, noise, steps, args.batch_size, f"{name} {steps} steps", args.seed)
+        row = {"model": name, "pipeline": args.pipeline, "sampler": sampler, "steps": steps, "nfe": nfe}
+        if classifier is not None:
+            with torch.no_grad():
+                row["fd_digits"] = frechet_distance(*feature_statistics(classifier.embed(images)), *digits_stats)
+        if inception is not None:
+            row["fid"] = frechet_distance(*feature_statistics(inception(images)), *fid_stats)
+        if paired is not None:
+            row["paired_rmse"] = rmse(images, paired)
+        row["sec_per_image"] = sec
+        rows.append(row)
+        if args.num_grid_images:
+            save_grid(
+                images[: args.num_grid_images], os.path.join(args.output_dir, "grids", f"{name}-{steps}step.png")
+            )
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    results = write_results(args.output_dir, rows, extra)
+    print(format_table(results["rows"]))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""examples/evaluate.py and the FID wrapper: counted NFE, metrics against independent computations, merged tables."""
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from diffusers_scm import SCMPipeline, SCMUNet2DModel, TrigFlowODEScheduler, TrigFlowScheduler
+from diffusers_scm.metrics import InceptionFeatures, fid, load_digits_classifier, to_uint8
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_fd(a: np.ndarray, b: np.ndarray) -> float:
+    """FID's textbook formula with scipy's general matrix square root (independent of metrics.frechet_distance)."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    torch.manual_seed(0)
+    net = SCMUNet2DModel.from_preset("tiny", sample_size=8, in_channels=1).eval()
+    teacher = SCMPipeline(unet=net, scheduler=TrigFlowODEScheduler(sigma_data=0.5, solver="dpmsolver++"))
+    student = SCMPipeline(unet=net, scheduler=TrigFlowScheduler(sigma_data=0.5))
+    teacher.save_pretrained(root / "teacher")
+    student.save_pretrained(root / "student")
+    return root
+
+
+def test_evaluate_counts_nfe_and_matches_independent_metrics(pipelines, tmp_path):
+    evaluate = load_example("evaluate")
+    out = tmp_path / "report"
+    common = ["--num_samples", "120", "--batch_size", "48", "--output_dir", str(out), "--num_grid_images", "9"]
+    evaluate.main(["--pipeline", str(pipelines / "teacher"), "--steps", "3", "5", *common])
+    evaluate.main(
+        ["--pipeline", str(pipelines / "teacher"), "--name", "teacher", "--solver", "heun", "--steps", "3"] + common
+    )
+    results = evaluate.main(
+        ["--pipeline", str(pipelines / "student"), "--steps", "1", "2", "--paired_teacher", str(pipelines / "teacher")]
+        + ["--paired_teacher_steps", "4", *common]
+    )
+    rows = {(r["model"], r["sampler"], r["steps"]): r for r in results["rows"]}
+    # NFE counted on the network: consistency k steps -> k; DPM-Solver++ k -> k; Heun k -> 2k - 1 (Euler last step)
+    assert rows["teacher", "ode-dpmsolver++", 3]["nfe"] == 3 and rows["teacher", "ode-dpmsolver++", 5]["nfe"] == 5
+    assert rows["teacher", "ode-heun", 3]["nfe"] == 5
+    assert rows["student", "consistency", 1]["nfe"] == 1 and rows["student", "consistency", 2]["nfe"] == 2
+    assert all(r["sec_per_image"] > 0 for r in rows.values())
+
+    # recompute the 2-step student's images and metrics independently
+    noise = torch.randn(120, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    student = SCMPipeline.from_pretrained(pipelines / "student")
+    generators = [torch.Generator().manual_seed(i + 1) for i in range(120)]  # evaluate.image_seed(0, i)
+    images = (
+        student(batch_size=120, num_inference_steps=2, latents=noise, generator=generators, output_type="pt").images
+        * 2
+        - 1
+    )
+    classifier, accuracy = load_digits_classifier()
+    from diffusers_scm.training.data import DigitsDataset
+
+    with torch.no_grad():
+        fa = classifier.embed(images).double().numpy()
+        fb = classifier.embed(DigitsDataset(8, "train").images).double().numpy()
+    assert rows["student", "consistency", 2]["fd_digits"] == pytest.approx(reference_fd(fa, fb), rel=1e-5)
+    teacher = SCMPipeline.from_pretrained(pipelines / "teacher")
+    teacher.scheduler = TrigFlowODEScheduler.from_config({**teacher.scheduler.config, "solver": "heun"})
+    paired = teacher(batch_size=120, num_inference_steps=4, latents=noise, output_type="pt").images * 2 - 1
+    expected_rmse = (images - paired).double().flatten(1).pow(2).mean(1).mean().sqrt().item()
+    assert rows["student", "consistency", 2]["paired_rmse"] == pytest.approx(expected_rmse, rel=1e-5)
+    assert results["classifier_accuracy"] == pytest.approx(accuracy)
+
+    # the table holds every row once; re-running a configuration replaces its row
+    evaluate.main(["--pipeline", str(pipelines / "student"), "--steps", "1", *common])
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["rows"]) == 5
+    (one_step,) = [r for r in saved["rows"] if r["model"] == "student" and r["steps"] == 1]
+    assert "paired_rmse" not in one_step
+    table = (out / "results.md").read_text()
+    assert table.count("| student | consistency |") == 2 and table.count("| teacher | ode-") == 3
+    assert (out / "grids" / "student-2step.png").is_file() and (out / "grids" / "teacher-5step.png").is_file()
+
+
+def test_fid_without_weights_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # not installed
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    monkeypatch.setitem(sys.modules, "cleanfid", None)
+    monkeypatch.setitem(sys.modules, "cleanfid.inception_torchscript", None)
+    with pytest.raises(RuntimeError, match="inception_weights") as info:
+        InceptionFeatures()
+    assert "torch-fidelity is not installed" in str(info.value) and "clean-fid is not installed" in str(info.value)
+    with pytest.raises(ValueError, match="Unknown Inception backend"):
+        InceptionFeatures(backend="tf")
+
+
+def test_fid_through_torch_fidelity_reads_weights_without_pickle(monkeypatch, tmp_path):
+    """torch-fidelity's extractor is replaced at the import boundary by a linear map whose weights come from the file:
+    the wrapper must hand it the weights (read tensors-only) and uint8 RGB images, and FID is the FD of its features."""
+    weight = torch.randn(2048, 3, generator=torch.Generator().manual_seed(1))
+
+    class FakeExtractor(torch.nn.Module):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None):
+            super().__init__()
+            assert name == "inception-v3-compat" and features_list == ["2048"]
+            self.weight = torch.load(feature_extractor_weights_path, weights_only=True)["weight"]
+
+        def forward(self, x):
+            assert x.dtype == torch.uint8 and x.shape[1] == 3
+            return (x.float().mean((2, 3)) @ self.weight.T,)
+
+    module = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    module.FeatureExtractorInceptionV3 = FakeExtractor
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
+    with pytest.raises(RuntimeError, match="no weights file"):
+        InceptionFeatures(backend="torch-fidelity", weights_path=str(tmp_path / "missing.pth"))
+    path = tmp_path / "inception.pth"
+    torch.save({"weight": weight}, path)
+    extractor = InceptionFeatures(backend="torch-fidelity", weights_path=str(path))
+    a = torch.rand(50, 1, 8, 8) * 2 - 1
+    b = torch.rand(60, 3, 8, 8) * 1.5 - 0.7
+    fa = (to_uint8(a).float().mean((2, 3)) @ weight.T).double().numpy()
+    fb = (to_uint8(b).float().mean((2, 3)) @ weight.T).double().numpy()
+    # 2048 features of rank 3: compare the closed form for rank-deficient covariances through the means and a
+    # 3-d projection (the FD is invariant to an orthonormal change of basis of the feature space)
+    q, _ = np.linalg.qr(weight.double().numpy())
+    expected = reference_fd(fa @ q, fb @ q)
+    assert fid(a, b, extractor) == pytest.approx(expected, rel=1e-5)
+    assert to_uint8(torch.tensor([[[[-1.0, 0.0, 1.0]]]])).tolist() == [[[[0, 128, 255]]] * 3]
