@@ -136,6 +136,9 @@ class TrigFlowScheduler(TrigFlowSchedulerMixin, SchedulerMixin, ConfigMixin):
         max_timesteps (`float`, *optional*): first time t_max; defaults to arctan(80 / sigma_data).
         intermediate_timesteps (`float` or `list[float]`, defaults to 1.1): the middle time for two steps, or a
             list of k - 1 times for k steps; any other step count splits [0, t_max] evenly in angle.
+        dividing_timestep (`float`, *optional*): for a truncated consistency model (TCM Stage 2, SPEC.md section 5),
+            the dividing time t' below which the network was not trained. Every sampling time must then be at least
+            t' (the intermediate times included), and other step counts split [t', t_max] evenly in angle.
     """
 
     order = 1
@@ -155,8 +158,16 @@ class TrigFlowScheduler(TrigFlowSchedulerMixin, SchedulerMixin, ConfigMixin):
         trained_betas: list[float] | None = None,
         max_timesteps: float | None = None,
         intermediate_timesteps: float | list[float] | None = 1.1,
+        dividing_timestep: float | None = None,
     ):
         self._parameterization = parameterization_from_config(self.config)  # validates the config early
+        if dividing_timestep is not None and intermediate_timesteps is not None:
+            mids = (
+                intermediate_timesteps
+                if isinstance(intermediate_timesteps, (list, tuple))
+                else [intermediate_timesteps]
+            )
+            self._check_dividing(torch.tensor([float(m) for m in mids]), "intermediate_timesteps")
         self.num_inference_steps = None
         self.timesteps = torch.tensor([self._default_max_timesteps()], dtype=torch.float32)
         self._step_index = None
@@ -180,6 +191,15 @@ class TrigFlowScheduler(TrigFlowSchedulerMixin, SchedulerMixin, ConfigMixin):
             config.setdefault("max_timesteps", 1.57080)
             config.setdefault("intermediate_timesteps", 1.3)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def _check_dividing(self, timesteps: torch.Tensor, what: str = "timesteps"):
+        t_div = self.config.dividing_timestep
+        if t_div is not None and (timesteps < t_div - 1e-6).any():
+            raise ValueError(
+                f"This truncated consistency model was trained on t >= dividing_timestep = {t_div:.6f} only, but "
+                f"`{what}` has {timesteps.tolist()}. Sample below t' with the Stage-1 model (saved in `stage1/` "
+                "next to it)."
+            )
 
     def set_timesteps(
         self,
@@ -212,8 +232,11 @@ class TrigFlowScheduler(TrigFlowSchedulerMixin, SchedulerMixin, ConfigMixin):
                 ts = torch.tensor([t_max, float(mid)], dtype=torch.float32)
             elif isinstance(mid, (list, tuple)) and len(mid) == k - 1:
                 ts = torch.tensor([t_max, *mid], dtype=torch.float32)
+            elif self.config.dividing_timestep is not None and k > 1:  # truncated model: [t', t_max] evenly
+                ts = torch.linspace(t_max, self.config.dividing_timestep, k, dtype=torch.float64).float()
             else:
                 ts = torch.linspace(t_max, 0, k + 1, dtype=torch.float64)[:-1].float()
+        self._check_dividing(ts)
         self.timesteps = self._check_timesteps(ts).to(device)
         self.num_inference_steps = len(self.timesteps)
         self._step_index = None

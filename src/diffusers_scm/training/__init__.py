@@ -1,14 +1,26 @@
-"""Training: sCD/sCT losses, time proposals, EMA, the adaptive-weighting head, teacher loading (SPEC.md section 3)."""
+"""Training: sCD/sCT losses, discrete CD/CT and TCM losses, time proposals, EMA, the adaptive-weighting head, teacher
+loading (SPEC.md sections 3 and 5)."""
 
 from .ema import ConstantDecayEMA, PowerFunctionEMA, make_ema, sigma_rel_to_gamma
 from .logvar import LogVarHead
 from .losses import SCMLoss, TrigFlowDiffusionLoss, null_class_conditioning
+from .tcm import ConsistencyLoss, TCMLoss, consistency_function
 from .teacher import infer_parameterization, load_teacher
-from .time_proposals import clamp_times, lognormal_times
+from .time_proposals import (
+    clamp_times,
+    lognormal_times,
+    student_t_cdf,
+    student_t_times,
+    truncated_lognormal_times,
+    truncated_student_t,
+)
 
 
 __all__ = [
     "SCMLoss",
+    "ConsistencyLoss",
+    "TCMLoss",
+    "consistency_function",
     "TrigFlowDiffusionLoss",
     "LogVarHead",
     "PowerFunctionEMA",
@@ -17,6 +29,10 @@ __all__ = [
     "sigma_rel_to_gamma",
     "lognormal_times",
     "clamp_times",
+    "student_t_times",
+    "truncated_lognormal_times",
+    "truncated_student_t",
+    "student_t_cdf",
     "load_teacher",
     "infer_parameterization",
     "null_class_conditioning",

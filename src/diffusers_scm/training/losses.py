@@ -9,7 +9,7 @@ from ..jvp import jvp, unwrap_model
 from .time_proposals import clamp_times, lognormal_times
 
 
-__all__ = ["SCMLoss", "TrigFlowDiffusionLoss", "null_class_conditioning"]
+__all__ = ["SCMLoss", "TrigFlowDiffusionLoss", "null_class_conditioning", "noised_batch", "teacher_velocity"]
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,24 @@ def noised_batch(x0, t, noise, sigma_data, P_mean, P_std, generator=None):
     z = sigma_data * noise.to(x0.device, work)
     tb = _bcast(t, x0)
     return x0, t, z, torch.cos(tb) * x0 + torch.sin(tb) * z
+
+
+def teacher_velocity(
+    teacher, x_t, t, x0, z, sigma_data, guidance_scale=1.0, conditioning=None, uncond_conditioning=None
+) -> torch.Tensor:
+    """dx_t/dt along the teacher's PF-ODE, sd F_teacher(x_t, t) with guidance F_c + (w - 1)(F_c - F_u), or, without a
+    teacher, the conditional velocity cos(t) z - sin(t) x0 of the noised sample (SPEC.md section 3)."""
+    conditioning = conditioning or {}
+    if teacher is None:
+        tb = _bcast(t, x0)
+        return torch.cos(tb) * z - torch.sin(tb) * x0
+    with torch.no_grad():
+        F_c = teacher(x_t, t, **conditioning).to(x_t.dtype)
+        if guidance_scale != 1.0:
+            uncond = uncond_conditioning or null_class_conditioning(teacher, conditioning)
+            F_u = teacher(x_t, t, **uncond).to(x_t.dtype)
+            F_c = F_c + (guidance_scale - 1.0) * (F_c - F_u)
+    return sigma_data * F_c
 
 
 def null_class_conditioning(denoiser, conditioning: dict) -> dict:
@@ -107,18 +125,11 @@ class SCMLoss:
 
     def teacher_velocity(self, teacher, x_t, t, x0, z, conditioning, uncond_conditioning=None):
         """dx_t/dt: sd F_teacher (with guidance F_c + (w - 1)(F_c - F_u)) for sCD; cos t z - sin t x0 for sCT."""
-        if teacher is None:
-            tb = _bcast(t, x0)
-            return torch.cos(tb) * z - torch.sin(tb) * x0
-        with torch.no_grad():
-            F_c = teacher(x_t, t, **conditioning).to(x_t.dtype)
-            if self.guidance_scale != 1.0:
-                uncond = uncond_conditioning or null_class_conditioning(teacher, conditioning)
-                F_u = teacher(x_t, t, **uncond).to(x_t.dtype)
-                F_c = F_c + (self.guidance_scale - 1.0) * (F_c - F_u)
-        return self.sigma_data * F_c
+        return teacher_velocity(
+            teacher, x_t, t, x0, z, self.sigma_data, self.guidance_scale, conditioning, uncond_conditioning
+        )
 
-    def __call__(
+    def tangent_targets(
         self,
         student,
         x0: torch.Tensor,
@@ -126,25 +137,15 @@ class SCMLoss:
         step: int = 0,
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
-        logvar_head=None,
         uncond_conditioning: dict | None = None,
         generator: torch.Generator | None = None,
         **conditioning,
-    ):
+    ) -> dict:
         """
-        Loss for one batch. Returns `(loss, logs)`: the mean over the batch, and per-sample values for logging.
-
-        Args:
-            student (`TrigFlowDenoiser`, possibly DDP-wrapped): the network being trained.
-            x0 (`torch.Tensor`): a batch of data.
-            teacher (`TrigFlowDenoiser`, *optional*): the teacher (sCD); `None` means sCT.
-            step (`int`): training step, for the tangent warmup.
-            t, noise (`torch.Tensor`, *optional*): times (batch,) and unit Gaussian noise n (z = sigma_data n); drawn
-                when not given.
-            logvar_head (`LogVarHead`, *optional*): the adaptive-weighting head (required when adaptive_weighting).
-            uncond_conditioning (`dict`, *optional*): the teacher's unconditional inputs for guidance.
-            generator (`torch.Generator`, *optional*): for drawing t and noise.
-            conditioning: passed to student and teacher (class_labels, encoder_hidden_states, ...).
+        Everything of SPEC.md section 3 that comes before the gradient pass: the noised batch, F_minus and the
+        (normalized) tangent g from the JVP pass on the unwrapped student. Returns a dict with `x0`, `t`, `x_t`,
+        `F_minus`, `g`, `g_norm`, `warmup_ratio` and `target_ok` (samples whose target is finite). Arguments as in
+        `__call__`.
         """
         sd = self.sigma_data
         x0, t, z, x_t = noised_batch(x0, t, noise, sd, self.P_mean, self.P_std, generator)
@@ -174,32 +175,88 @@ class SCMLoss:
             g_norm = g_norm / math.sqrt(g[0].numel())
         if self.tangent_norm_c is not None:
             g = g / (_bcast(g_norm, g) + self.tangent_norm_c)
-
-        # Gradient pass through the (possibly DDP-wrapped) student: same dropout masks as the JVP pass.
-        F_theta = student(x_t, t, **conditioning).to(work)
         target_ok = torch.isfinite(g.flatten(1)).all(1) & torch.isfinite(F_minus.flatten(1)).all(1)
+        return {
+            "x0": x0,
+            "t": t,
+            "x_t": x_t,
+            "F_minus": F_minus,
+            "g": g,
+            "g_norm": g_norm,
+            "warmup_ratio": r,
+            "target_ok": target_ok,
+        }
+
+    def per_sample_loss(self, F_theta: torch.Tensor, targets: dict, logvar_head=None):
+        """
+        Per-sample sCM loss w(t) / (exp(logvar) D) ||F_theta - F_minus - g||^2 + logvar (SPEC.md section 3) from the
+        gradient pass output `F_theta` and `tangent_targets`. Samples whose target is not finite get a zero loss with
+        a zero gradient (pitfall 9). Returns `(per_sample_loss, per_sample, logvar, weight)`, where `per_sample` is
+        the unweighted ||F_theta - F_minus - g||^2 / D.
+        """
+        t, g, F_minus, target_ok = targets["t"], targets["g"], targets["F_minus"], targets["target_ok"]
+        F_theta = F_theta.to(g.dtype)
         diff = F_theta - torch.where(_bcast(target_ok, g), F_minus + g, F_theta.detach())
         per_sample = _per_sample_sq(diff) / diff[0].numel()  # ||F_theta - F_minus - g||^2 / D
-        weight = 1.0 / (sd * torch.tan(t)) if self.prior_weighting == "inverse_sigma" else torch.ones_like(t)
+        weight = (
+            1.0 / (self.sigma_data * torch.tan(t)) if self.prior_weighting == "inverse_sigma" else torch.ones_like(t)
+        )
         if self.adaptive_weighting:
             if logvar_head is None:
                 raise ValueError("adaptive_weighting=True needs `logvar_head` (a LogVarHead), or turn it off.")
-            logvar = logvar_head(t).to(work)
+            logvar = logvar_head(t).to(g.dtype)
             per_sample_loss = weight / torch.exp(logvar) * per_sample + logvar
         else:
             logvar = torch.zeros_like(t)
             per_sample_loss = weight * per_sample
-        # samples whose target is not finite are masked out and counted (pitfall 9)
         per_sample_loss = torch.where(target_ok, per_sample_loss, torch.zeros_like(per_sample_loss))
+        return per_sample_loss, per_sample, logvar, weight
+
+    def __call__(
+        self,
+        student,
+        x0: torch.Tensor,
+        teacher=None,
+        step: int = 0,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        logvar_head=None,
+        uncond_conditioning: dict | None = None,
+        generator: torch.Generator | None = None,
+        **conditioning,
+    ):
+        """
+        Loss for one batch. Returns `(loss, logs)`: the mean over the batch, and per-sample values for logging.
+
+        Args:
+            student (`TrigFlowDenoiser`, possibly DDP-wrapped): the network being trained.
+            x0 (`torch.Tensor`): a batch of data.
+            teacher (`TrigFlowDenoiser`, *optional*): the teacher (sCD); `None` means sCT.
+            step (`int`): training step, for the tangent warmup.
+            t, noise (`torch.Tensor`, *optional*): times (batch,) and unit Gaussian noise n (z = sigma_data n); drawn
+                when not given.
+            logvar_head (`LogVarHead`, *optional*): the adaptive-weighting head (required when adaptive_weighting).
+            uncond_conditioning (`dict`, *optional*): the teacher's unconditional inputs for guidance.
+            generator (`torch.Generator`, *optional*): for drawing t and noise.
+            conditioning: passed to student and teacher (class_labels, encoder_hidden_states, ...).
+        """
+        targets = self.tangent_targets(
+            student, x0, teacher, step, t, noise, uncond_conditioning, generator, **conditioning
+        )
+        # Gradient pass through the (possibly DDP-wrapped) student: same dropout masks as the JVP pass.
+        F_theta = student(targets["x_t"], targets["t"], **conditioning)
+        per_sample_loss, per_sample, logvar, weight = self.per_sample_loss(F_theta, targets, logvar_head)
+        target_ok = targets["target_ok"]
+        # samples whose target is not finite are masked out and counted (pitfall 9)
         loss = per_sample_loss.sum() / target_ok.sum().clamp_min(1)
         logs = {
-            "t": t.detach(),
+            "t": targets["t"].detach(),
             "loss": per_sample.detach(),
-            "tangent_norm": g_norm.detach(),
+            "tangent_norm": targets["g_norm"].detach(),
             "logvar": logvar.detach(),
             "weight": weight.detach(),
             "nonfinite": (~target_ok).sum().detach(),
-            "warmup_ratio": r,
+            "warmup_ratio": targets["warmup_ratio"],
         }
         return loss, logs
 

@@ -1,0 +1,489 @@
+"""Discrete-time consistency distillation and training (CD, CT; ECT-style) and truncated consistency models (TCM,
+SPEC.md section 5).
+
+`ConsistencyLoss` is the discrete-time baseline and a Stage-1 objective; `TCMLoss` is Stage 2: the student trains on
+t >= t' only, with the frozen Stage-1 model as the consistency function below t' and a boundary term at t'.
+"""
+
+import math
+
+import torch
+
+from ..jvp import unwrap_model
+from .losses import SCMLoss, _bcast, _per_sample_sq, noised_batch, teacher_velocity
+from .time_proposals import TRAIN_TIME_EPS, clamp_times, student_t_times, truncated_lognormal_times
+
+
+__all__ = ["ConsistencyLoss", "TCMLoss", "consistency_function"]
+
+DISTANCES = ("pseudo_huber", "squared_l2")
+WEIGHTINGS = ("inverse_dsigma", "inverse_dt", "inverse_c_out_sq", "none")
+OBJECTIVES = ("discrete", "continuous")
+PROPOSALS = ("student_t", "lognormal")
+
+
+def consistency_function(F: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """f(x_t, t) = cos(t) x_t - sin(t) sigma_data F (SPEC.md section 1)."""
+    tb = _bcast(t, x_t)
+    return torch.cos(tb) * x_t - torch.sin(tb) * sigma_data * F.to(x_t.dtype)
+
+
+def _cuda_devices(*tensors) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if torch.is_tensor(t) and t.device.type == "cuda"})
+
+
+class ConsistencyLoss:
+    """
+    Discrete-time consistency distillation (CD, with a teacher) and consistency training (CT, without), in TrigFlow
+    coordinates with ECT's shrinking step (the discrete loss of SPEC.md section 5):
+
+        t ~ log-normal proposal,  sigma_t = sigma_data tan t
+        sigma_r = max(0, sigma_t - sigma_t (1 - ratio) (1 + k sigmoid(-b sigma_t))),  r = arctan(sigma_r / sigma_data)
+        ratio = min(1 - q^-(stage + 1), ratio_limit),  stage = start_stage + step // stage_steps
+        x_r = cos(t - r) x_t - sin(t - r) dx_t/dt                     (exact DDIM step, SPEC.md section 1)
+              dx_t/dt = sigma_data F_teacher(x_t, t) (CD), or cos t z - sin t x0 (CT: then x_r = cos r x0 + sin r z)
+        loss = w(t, r) d(f_theta(x_t, t), stopgrad f_theta(x_r, r)),   f(x, 0) = x
+        d(a, b) = sqrt(||a - b||^2 + c^2) - c    (pseudo-Huber) or ||a - b||^2
+
+    The target pass runs on the unwrapped network without gradients and with the gradient pass's dropout masks.
+
+    Continuous limit (checked in tests/test_tcm.py): with x_r on the ODE through x_t, f_theta(x_t, t) - f^-(x_r, r) =
+    (t - r) df/dt + O((t - r)^2), where df/dt is the total derivative along the ODE, and the gradient of the
+    pseudo-Huber loss tends to w(t, r) (t - r) / c * df/dt . df_theta/dtheta as r -> t. `SCMLoss` (warmup over, no
+    tangent normalization, no adaptive or prior weighting) has the gradient (2 / D) (-g) . dF_theta/dtheta with
+    g = cos(t) df/dt and df_theta/dtheta = -sin(t) sigma_data dF_theta/dtheta, i.e. 2 / (D sigma_data tan t)
+    df/dt . df_theta/dtheta. So, per sample of D elements,
+
+        grad SCMLoss = 4 c / (D sin 2t) * lim grad ConsistencyLoss     with weighting "inverse_dsigma"
+                       (sigma_t - sigma_r = sigma_data (t - r) / cos^2 t + O((t - r)^2))
+        grad SCMLoss = 2 c / (D sigma_data tan t) * lim grad ConsistencyLoss     with weighting "inverse_dt"
+
+    Args:
+        sigma_data (`float`, defaults to 0.5): standard deviation of the data.
+        P_mean (`float`, defaults to -1.0), P_std (`float`, defaults to 1.4): log-normal time proposal.
+        distance (`str`, defaults to "pseudo_huber"): "pseudo_huber" or "squared_l2" (per-sample sums, not means).
+        huber_c (`float`, *optional*): c of the pseudo-Huber distance; defaults to 0.00054 sqrt(D) (iCT; 0.06 for
+            64x64x3, the TCM ImageNet setting).
+        weighting (`str`, defaults to "inverse_dsigma"): "inverse_dsigma" (1 / (sigma_t - sigma_r), the papers' 1/dt
+            with EDM's time sigma), "inverse_dt" (1 / (t - r) in TrigFlow time), "inverse_c_out_sq"
+            (1 / (sigma_data sin t)^2, EDM's 1 / c_out^2) or "none".
+        q (`float`, defaults to 2.0): the step shrinks by this factor every `stage_steps` steps.
+        stage_steps (`int`, defaults to 1000): steps per stage of the schedule.
+        start_stage (`int`, defaults to 0): stage at step 0 (to continue a schedule in Stage 2).
+        ratio_limit (`float`, defaults to 0.999): largest sigma_r / sigma_t ratio before the sigmoid adjustment.
+        schedule_k (`float`, defaults to 8.0), schedule_b (`float`, defaults to 1.0): the adjustment
+            1 + k sigmoid(-b sigma_t), which takes larger steps at low noise.
+        guidance_scale (`float`, defaults to 1.0): classifier-free guidance of the teacher's velocity (CD).
+    """
+
+    def __init__(
+        self,
+        sigma_data: float = 0.5,
+        P_mean: float = -1.0,
+        P_std: float = 1.4,
+        distance: str = "pseudo_huber",
+        huber_c: float | None = None,
+        weighting: str = "inverse_dsigma",
+        q: float = 2.0,
+        stage_steps: int = 1000,
+        start_stage: int = 0,
+        ratio_limit: float = 0.999,
+        schedule_k: float = 8.0,
+        schedule_b: float = 1.0,
+        guidance_scale: float = 1.0,
+    ):
+        if distance not in DISTANCES:
+            raise ValueError(f"Unknown distance {distance!r}: choose one of {DISTANCES}.")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"Unknown weighting {weighting!r}: choose one of {WEIGHTINGS}.")
+        if huber_c is not None and huber_c <= 0:
+            raise ValueError(
+                f"huber_c must be positive (use a tiny value such as 1e-8 for an L2 norm), got {huber_c}."
+            )
+        if q <= 1 or stage_steps < 1:
+            raise ValueError(f"Need q > 1 and stage_steps >= 1, got q={q}, stage_steps={stage_steps}.")
+        self.sigma_data = float(sigma_data)
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
+        self.distance = distance
+        self.huber_c = huber_c
+        self.weighting = weighting
+        self.q, self.stage_steps, self.start_stage = float(q), int(stage_steps), int(start_stage)
+        self.ratio_limit = float(ratio_limit)
+        self.schedule_k, self.schedule_b = float(schedule_k), float(schedule_b)
+        self.guidance_scale = float(guidance_scale)
+
+    # -- the step schedule (SPEC.md section 5: ECT's shrinking dt) --------------------------------------------------
+
+    def stage(self, step: int) -> int:
+        return self.start_stage + int(step) // self.stage_steps
+
+    def ratio(self, step: int) -> float:
+        """ratio = min(1 - q^-(stage + 1), ratio_limit)."""
+        return min(1.0 - self.q ** -(self.stage(step) + 1), self.ratio_limit)
+
+    def previous_times(self, t: torch.Tensor, step: int) -> torch.Tensor:
+        """r for each t: sigma_r = max(0, sigma_t - sigma_t (1 - ratio)(1 + k sigmoid(-b sigma_t)))."""
+        sigma_t = self.sigma_data * torch.tan(t)
+        dsigma = (
+            sigma_t * (1.0 - self.ratio(step)) * (1.0 + self.schedule_k * torch.sigmoid(-self.schedule_b * sigma_t))
+        )
+        return torch.atan((sigma_t - dsigma).clamp_min(0.0) / self.sigma_data)
+
+    def weight(self, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """w(t, r) of the chosen weighting."""
+        sd = self.sigma_data
+        if self.weighting == "inverse_dsigma":
+            return 1.0 / (sd * (torch.tan(t) - torch.tan(r)))
+        if self.weighting == "inverse_dt":
+            return 1.0 / (t - r)
+        if self.weighting == "inverse_c_out_sq":
+            return 1.0 / (sd * torch.sin(t)) ** 2
+        return torch.ones_like(t)
+
+    def distance_fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-sample d(a, b): sqrt(||a - b||^2 + c^2) - c or ||a - b||^2."""
+        sq = _per_sample_sq(a - b)
+        if self.distance == "squared_l2":
+            return sq
+        c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(a[0].numel())
+        return torch.sqrt(sq + c * c) - c
+
+    # -- the pair (x_t, t), (x_r, r) and the target ---------------------------------------------------------------
+
+    def step_to(self, x_t, t, r, dxdt) -> torch.Tensor:
+        """x_r = cos(t - r) x_t - sin(t - r) dx_t/dt (exact first-order ODE step, SPEC.md section 1)."""
+        h = _bcast(t - r, x_t)
+        return torch.cos(h) * x_t - torch.sin(h) * dxdt
+
+    def targets(self, model, x_r, r, conditioning, frozen=None, use_frozen=None) -> torch.Tensor:
+        """
+        Stop-gradient consistency targets f^-(x_r, r), with f(x, r) = x where r <= TRAIN_TIME_EPS (boundary
+        condition). `model` is the live network (unwrapped); where `use_frozen` is true the target comes from
+        `frozen` instead (TCM: the Stage-1 model below t'). Runs under a forked RNG, so the gradient pass that follows
+        draws the same dropout masks as the live target pass.
+        """
+        sd = self.sigma_data
+        r_in = clamp_times(r)
+        live = torch.ones_like(r, dtype=torch.bool) if use_frozen is None else ~use_frozen
+        out = x_r.clone()
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(x_r)):
+            if live.any():
+                F = unwrap_model(model)(x_r, r_in, **conditioning)
+                out = torch.where(_bcast(live, x_r), consistency_function(F, x_r, r_in, sd), out)
+        if use_frozen is not None and use_frozen.any():
+            if frozen is None:
+                raise ValueError("Targets below the dividing time need the frozen Stage-1 model.")
+            with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(x_r)):
+                F = frozen(x_r, r_in, **conditioning)
+                out = torch.where(_bcast(use_frozen, x_r), consistency_function(F, x_r, r_in, sd), out)
+        return torch.where(_bcast(r > TRAIN_TIME_EPS, x_r), out, x_r)
+
+    def pair_terms(
+        self,
+        student,
+        x0,
+        t,
+        r,
+        z,
+        x_t,
+        teacher=None,
+        conditioning=None,
+        uncond_conditioning=None,
+        frozen=None,
+        use_frozen=None,
+    ):
+        """
+        The gradient pass and the per-sample distance d(f_theta(x_t, t), f^-(x_r, r)) for given times. Samples whose
+        target is not finite get a zero distance with a zero gradient (pitfall 9). Returns `(distance, target_ok)`.
+        """
+        conditioning = conditioning or {}
+        dxdt = teacher_velocity(
+            teacher, x_t, t, x0, z, self.sigma_data, self.guidance_scale, conditioning, uncond_conditioning
+        )
+        x_r = self.step_to(x_t, t, r, dxdt)
+        target = self.targets(student, x_r, r, conditioning, frozen, use_frozen).to(x_t.dtype)
+        # gradient pass through the (possibly DDP-wrapped) student
+        f_theta = consistency_function(student(x_t, t, **conditioning), x_t, t, self.sigma_data)
+        target_ok = torch.isfinite(target.flatten(1)).all(1)
+        target = torch.where(_bcast(target_ok, target), target, f_theta.detach())
+        return self.distance_fn(f_theta, target), target_ok
+
+    def __call__(
+        self,
+        student,
+        x0: torch.Tensor,
+        teacher=None,
+        step: int = 0,
+        t: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        uncond_conditioning: dict | None = None,
+        generator: torch.Generator | None = None,
+        **conditioning,
+    ):
+        """
+        Loss for one batch. Returns `(loss, logs)`: the mean weighted distance, and per-sample values for logging.
+
+        Args:
+            student (`TrigFlowDenoiser`, possibly DDP-wrapped): the network being trained.
+            x0 (`torch.Tensor`): a batch of data.
+            teacher (`TrigFlowDenoiser`, *optional*): the teacher (CD); `None` means CT.
+            step (`int`): training step, for the step schedule.
+            t, r (`torch.Tensor`, *optional*): times and earlier times (batch,); r defaults to the schedule's.
+            noise (`torch.Tensor`, *optional*): unit Gaussian noise n (z = sigma_data n).
+            uncond_conditioning (`dict`, *optional*): the teacher's unconditional inputs for guidance.
+            generator (`torch.Generator`, *optional*): for drawing t and noise.
+            conditioning: passed to student and teacher (class_labels, encoder_hidden_states, ...).
+        """
+        x0, t, z, x_t = noised_batch(x0, t, noise, self.sigma_data, self.P_mean, self.P_std, generator)
+        r = self.previous_times(t, step) if r is None else r.to(t.device, t.dtype)
+        if (r >= t).any():
+            raise ValueError("Every r must be smaller than its t.")
+        distance, target_ok = self.pair_terms(student, x0, t, r, z, x_t, teacher, conditioning, uncond_conditioning)
+        weight = self.weight(t, r)
+        per_sample = torch.where(target_ok, weight * distance, torch.zeros_like(distance))
+        loss = per_sample.sum() / target_ok.sum().clamp_min(1)
+        logs = {
+            "t": t.detach(),
+            "loss": distance.detach(),
+            "weight": weight.detach(),
+            "nonfinite": (~target_ok).sum().detach(),
+            "discretization_ratio": self.ratio(step),
+        }
+        return loss, logs
+
+
+class TCMLoss:
+    """
+    Stage 2 of truncated consistency models (SPEC.md section 5). The student trains only on t in [t', t_max]; the
+    truncated consistency function is the frozen Stage-1 model below t' and the student at and above it:
+
+        f_trunc(x, t) = f_stage1(x, t) for t < t',   f_theta(x, t) for t >= t'
+
+    Every batch holds exactly floor(boundary_prob * batch) boundary samples at t = t'; the others come from the
+    Stage-2 proposal truncated to [t', t_max] (`student_t_times` or `truncated_lognormal_times`). The loss is
+
+        mean over non-boundary samples of the consistency loss + boundary_weight * mean over boundary samples of
+        the boundary loss  d(f_theta(x_t', t'), f_stage1(x_t', t'))
+
+    Objectives:
+        "discrete" (the paper's): `ConsistencyLoss` with r = t - dt from its schedule; the target f^-(x_r, r) comes
+            from the live student under stop-gradient when r >= t' and from the Stage-1 model when r < t'. The
+            boundary loss is w(t', r(t')) d(f_theta(x_t', t'), f_stage1(x_t', t')) with the same distance and
+            weighting.
+        "continuous": `SCMLoss` (sCD with a teacher, sCT without) on t > t'. The boundary loss is
+            ||F_theta - F_stage1||^2 / D = ||f_theta - f_stage1||^2 / (c_out(t')^2 D) at (x_t', t'), divided by
+            exp(logvar(t')) (detached) when the sCM loss uses adaptive weighting, so that both terms have the scale
+            of the normalized tangent.
+
+    The official implementation compares f_theta(x_t', t') with the Stage-1 model one discrete step below t'; the
+    form above (the same point, SPEC.md section 5) is its limit for a vanishing step and vanishes exactly when the
+    student equals the Stage-1 model at t'. The Stage-1 model only ever runs under `torch.no_grad`.
+
+    Args:
+        objective (`str`, defaults to "discrete"): "discrete" or "continuous".
+        consistency_loss (`ConsistencyLoss` or `SCMLoss`, *optional*): the configured consistency loss of the
+            objective; a default one is built when not given.
+        sigma_data (`float`, defaults to 0.5): standard deviation of the data.
+        dividing_timestep (`float`, *optional*): t'; defaults to arctan(1 / sigma_data) (sigma' = 1 in EDM units).
+        boundary_prob (`float`, defaults to 0.25): fraction of each batch placed at t'.
+        boundary_weight (`float`, defaults to 0.1): weight of the boundary loss.
+        time_proposal (`str`, defaults to "student_t"): "student_t" or "lognormal" on ln(sigma), truncated to
+            [ln(sigma_data tan t'), ln sigma_max].
+        proposal_loc (`float`, defaults to 0.0), proposal_scale (`float`, defaults to 0.2): location and scale of
+            ln(sigma) (the log-normal's P_mean and P_std).
+        proposal_df (`float`, defaults to 0.01): degrees of freedom of the Student-t.
+        sigma_max (`float`, defaults to 80.0): upper end of the proposal in EDM units.
+    """
+
+    def __init__(
+        self,
+        objective: str = "discrete",
+        consistency_loss=None,
+        sigma_data: float = 0.5,
+        dividing_timestep: float | None = None,
+        boundary_prob: float = 0.25,
+        boundary_weight: float = 0.1,
+        time_proposal: str = "student_t",
+        proposal_loc: float = 0.0,
+        proposal_scale: float = 0.2,
+        proposal_df: float = 0.01,
+        sigma_max: float = 80.0,
+    ):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"Unknown objective {objective!r}: choose one of {OBJECTIVES}.")
+        if time_proposal not in PROPOSALS:
+            raise ValueError(f"Unknown time_proposal {time_proposal!r}: choose one of {PROPOSALS}.")
+        expected = ConsistencyLoss if objective == "discrete" else SCMLoss
+        if consistency_loss is None:
+            consistency_loss = expected(sigma_data=sigma_data)
+        if not isinstance(consistency_loss, expected):
+            raise TypeError(
+                f"objective={objective!r} needs a {expected.__name__}, got {type(consistency_loss).__name__}."
+            )
+        if abs(consistency_loss.sigma_data - sigma_data) > 1e-12:
+            raise ValueError(
+                f"sigma_data={sigma_data} differs from the consistency loss's {consistency_loss.sigma_data}."
+            )
+        if not 0 <= boundary_prob < 1:
+            raise ValueError(f"boundary_prob must lie in [0, 1), got {boundary_prob}.")
+        self.objective = objective
+        self.consistency_loss = consistency_loss
+        self.sigma_data = float(sigma_data)
+        t_max = math.atan(sigma_max / sigma_data)
+        self.dividing_timestep = math.atan(1.0 / sigma_data) if dividing_timestep is None else float(dividing_timestep)
+        if not 0 < self.dividing_timestep < t_max:
+            raise ValueError(f"dividing_timestep must lie in (0, {t_max:.4f}), got {self.dividing_timestep}.")
+        self.max_timestep = t_max
+        self.boundary_prob, self.boundary_weight = float(boundary_prob), float(boundary_weight)
+        self.time_proposal = time_proposal
+        self.proposal_loc, self.proposal_scale, self.proposal_df = (
+            float(proposal_loc),
+            float(proposal_scale),
+            proposal_df,
+        )
+        self.sigma_max = float(sigma_max)
+
+    def num_boundary(self, batch_size: int) -> int:
+        """floor(boundary_prob * batch_size)."""
+        return int(math.floor(self.boundary_prob * batch_size + 1e-9))
+
+    def sample_times(self, batch_size: int, device=None, generator: torch.Generator | None = None):
+        """`(t, is_boundary)`: floor(boundary_prob * batch) samples at exactly t' (random positions), the others from
+        the proposal truncated to [t', t_max] (float32)."""
+        sigma_min = self.sigma_data * math.tan(self.dividing_timestep)
+        kwargs = {"sigma_min": sigma_min, "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
+        kwargs["generator"] = generator
+        if self.time_proposal == "student_t":
+            t = student_t_times(batch_size, self.proposal_df, self.proposal_loc, self.proposal_scale, **kwargs)
+        else:
+            t = truncated_lognormal_times(batch_size, self.proposal_loc, self.proposal_scale, **kwargs)
+        t_div = torch.tensor(self.dividing_timestep, dtype=torch.float32)
+        t = clamp_times(torch.maximum(t, t_div))
+        perm = torch.randperm(batch_size, generator=generator, device=None if generator is None else generator.device)
+        is_boundary = torch.zeros(batch_size, dtype=torch.bool)
+        is_boundary[perm[: self.num_boundary(batch_size)].cpu()] = True
+        t = torch.where(is_boundary, t_div, t)
+        return t.to(device), is_boundary.to(device)
+
+    def __call__(
+        self,
+        student,
+        stage1,
+        x0: torch.Tensor,
+        teacher=None,
+        step: int = 0,
+        t: torch.Tensor | None = None,
+        is_boundary: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        logvar_head=None,
+        uncond_conditioning: dict | None = None,
+        generator: torch.Generator | None = None,
+        **conditioning,
+    ):
+        """
+        Loss for one batch. Returns `(loss, logs)`.
+
+        Args:
+            student (`TrigFlowDenoiser`, possibly DDP-wrapped): the Stage-2 network being trained.
+            stage1 (`TrigFlowDenoiser`): the frozen Stage-1 model (never receives gradients).
+            x0 (`torch.Tensor`): a batch of data.
+            teacher (`TrigFlowDenoiser`, *optional*): the teacher (CD / sCD); `None` means CT / sCT.
+            step (`int`): Stage-2 training step (step schedule or tangent warmup).
+            t (`torch.Tensor`, *optional*): times (batch,) in [t', t_max]; drawn with `sample_times` when not given.
+            is_boundary (`torch.Tensor`, *optional*): boolean mask of the boundary samples; with `t` given it
+                defaults to the samples within 1e-6 of t'.
+            noise (`torch.Tensor`, *optional*): unit Gaussian noise n (z = sigma_data n).
+            logvar_head (`LogVarHead`, *optional*): adaptive weighting of the continuous objective.
+            uncond_conditioning (`dict`, *optional*): the teacher's unconditional inputs for guidance.
+            generator (`torch.Generator`, *optional*): for drawing t and noise.
+            conditioning: passed to student, Stage-1 model and teacher.
+        """
+        t_div = self.dividing_timestep
+        if t is None:
+            t, is_boundary = self.sample_times(x0.shape[0], device=x0.device, generator=generator)
+        elif is_boundary is None:
+            is_boundary = (t.double() - t_div).abs() < 1e-6
+        if (t.double() < t_div - 1e-6).any():
+            raise ValueError(
+                f"Stage-2 times must lie in [t', t_max] with t' = {t_div:.6f}: below t' the Stage-1 model "
+                "is the consistency function."
+            )
+        is_boundary = is_boundary.to(x0.device)
+        if self.objective == "discrete":
+            per_sample, boundary, logs = self._discrete(
+                student, stage1, x0, teacher, step, t, is_boundary, noise, uncond_conditioning, generator, conditioning
+            )
+        else:
+            per_sample, boundary, logs = self._continuous(
+                student,
+                stage1,
+                x0,
+                teacher,
+                step,
+                t,
+                is_boundary,
+                noise,
+                logvar_head,
+                uncond_conditioning,
+                generator,
+                conditioning,
+            )
+        inside = ~is_boundary & logs.pop("target_ok")
+        loss = torch.where(inside, per_sample, torch.zeros_like(per_sample)).sum() / inside.sum().clamp_min(1)
+        if is_boundary.any():
+            boundary_mean = torch.where(is_boundary, boundary, torch.zeros_like(boundary)).sum() / is_boundary.sum()
+            loss = loss + self.boundary_weight * boundary_mean
+        logs["boundary_loss"] = (
+            logs.pop("boundary_distance")[is_boundary].mean().detach()
+            if is_boundary.any()
+            else (torch.zeros((), device=x0.device))
+        )
+        logs["t"], logs["loss"] = logs["t"][~is_boundary], logs["loss"][~is_boundary]
+        logs["num_boundary"] = int(is_boundary.sum())
+        return loss, logs
+
+    def _discrete(self, student, stage1, x0, teacher, step, t, is_b, noise, uncond, generator, conditioning):
+        cl = self.consistency_loss
+        x0, t, z, x_t = noised_batch(x0, t, noise, self.sigma_data, cl.P_mean, cl.P_std, generator)
+        r_schedule = cl.previous_times(t, step)
+        r = torch.where(is_b, t, r_schedule)  # boundary: the Stage-1 model at the same point (x_t', t')
+        use_frozen = is_b | (r < self.dividing_timestep)
+        distance, target_ok = cl.pair_terms(
+            student, x0, t, r, z, x_t, teacher, conditioning, uncond, frozen=stage1, use_frozen=use_frozen
+        )
+        weight = cl.weight(t, r_schedule)
+        per_sample = weight * distance
+        logs = {
+            "t": t.detach(),
+            "loss": distance.detach(),
+            "boundary_distance": distance.detach(),
+            "weight": weight.detach(),
+            "stage1_targets": int((use_frozen & ~is_b).sum()),
+            "nonfinite": (~target_ok).sum().detach(),
+            "discretization_ratio": cl.ratio(step),
+            "target_ok": target_ok,
+        }
+        return per_sample, per_sample, logs
+
+    def _continuous(self, student, stage1, x0, teacher, step, t, is_b, noise, logvar_head, uncond, generator, cond):
+        scm = self.consistency_loss
+        targets = scm.tangent_targets(student, x0, teacher, step, t, noise, uncond, generator, **cond)
+        x_t, t = targets["x_t"], targets["t"]
+        F_theta = student(x_t, t, **cond).to(x_t.dtype)
+        per_sample, scm_distance, logvar, _ = scm.per_sample_loss(F_theta, targets, logvar_head)
+        with torch.no_grad():
+            F_stage1 = stage1(x_t, t, **cond).to(x_t.dtype)
+        boundary_distance = _per_sample_sq(F_theta - F_stage1) / x_t[0].numel()  # ||F_theta - F_stage1||^2 / D
+        boundary = boundary_distance / torch.exp(logvar.detach()) if scm.adaptive_weighting else boundary_distance
+        logs = {
+            "t": t.detach(),
+            "loss": scm_distance.detach(),
+            "boundary_distance": boundary_distance.detach(),
+            "tangent_norm": targets["g_norm"][~is_b].detach(),
+            "logvar": logvar[~is_b].detach(),
+            "nonfinite": (~targets["target_ok"]).sum().detach(),
+            "warmup_ratio": targets["warmup_ratio"],
+            "target_ok": targets["target_ok"],
+        }
+        return per_sample, boundary, logs
