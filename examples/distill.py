@@ -1,7 +1,12 @@
-"""Continuous-time consistency distillation (sCD) and training (sCT) with accelerate (SPEC.md section 3).
+"""Consistency distillation and training with accelerate: continuous-time sCD / sCT (SPEC.md section 3), discrete-time
+CD / CT (ECT-style) and truncated consistency models (TCM, SPEC.md section 5).
 
     accelerate launch examples/distill.py --teacher path/or/hub-id --method scd --dataset_name digits \
         --resolution 16 --train_batch_size 64 --max_train_steps 2000 --output_dir student
+
+`--method tcm` trains Stage 1 (`--tcm_stage1_method`, saved in `OUTPUT_DIR/stage1/`) and then Stage 2 from the Stage-1
+EMA weights on t >= t' (`--tcm_objective` discrete or continuous), or only Stage 2 with `--stage1_model PATH`. The
+Stage-2 student's scheduler config records t' and the two-step intermediate time.
 
 The teacher is any diffusers pipeline or network folder whose parameterization `load_teacher` infers (EDM, flow
 matching, DDPM eps/v, TrigFlow). The student starts as a copy of the teacher's network (or `--student`), is trained
@@ -10,14 +15,17 @@ with `SCMLoss`, and its EMA is saved as an `SCMPipeline` folder with a `TrigFlow
 
 import argparse
 import copy
+import json
 import logging
+import math
+import os
 
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
-from diffusers_scm.training import SCMLoss, load_teacher, lognormal_times
+from diffusers_scm.training import ConsistencyLoss, SCMLoss, TCMLoss, load_teacher, lognormal_times
 from diffusers_scm.training.data import load_image_dataset, to_model_channels
 from diffusers_scm.training.script_utils import (
     add_common_args,
@@ -38,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher", type=str, default=None, help="teacher pipeline/network folder or Hub id")
     p.add_argument("--teacher_parameterization", type=str, default=None, help="override the inferred one")
     p.add_argument("--student", type=str, default=None, help="initial student (default: a copy of the teacher)")
-    p.add_argument("--method", choices=["scd", "sct"], default="scd")
+    p.add_argument("--method", choices=["scd", "sct", "cd", "ct", "tcm"], default="scd")
     p.add_argument("--sigma_data", type=float, default=None, help="data std (default: the teacher's, else 0.5)")
     # SCMLoss (SPEC.md section 3)
     p.add_argument("--P_mean", type=float, default=-1.0)
@@ -52,20 +60,62 @@ def parse_args(argv=None):
     p.add_argument("--jvp_method", choices=["forward_ad", "func", "finite_difference"], default="forward_ad")
     p.add_argument("--jvp_dtype", choices=["float32", "auto"], default="float32", help="'auto': the step's dtype")
     p.add_argument("--jvp_backend", choices=["auto", "math", "blocked", "triton"], default="auto")
+    # ConsistencyLoss: --method cd / ct and discrete TCM stages (SPEC.md section 5)
+    p.add_argument("--consistency_distance", choices=["pseudo_huber", "squared_l2"], default="pseudo_huber")
+    p.add_argument("--huber_c", type=float, default=None, help="pseudo-Huber c (default 0.00054 sqrt(D))")
+    p.add_argument(
+        "--consistency_weighting",
+        choices=["inverse_dsigma", "inverse_dt", "inverse_c_out_sq", "none"],
+        default="inverse_dsigma",
+    )
+    p.add_argument("--dt_q", type=float, default=2.0, help="the step shrinks by this factor every stage")
+    p.add_argument("--dt_stage_steps", type=int, default=None, help="steps per stage (default: a stage's steps / 8)")
+    p.add_argument("--dt_ratio_limit", type=float, default=0.999)
+    # TCM (SPEC.md section 5)
+    p.add_argument("--tcm_stage1_method", choices=["scd", "sct", "cd", "ct"], default=None, help="default: scd/sct")
+    p.add_argument("--tcm_objective", choices=["discrete", "continuous"], default=None, help="default: Stage 1's")
+    p.add_argument("--stage1_model", type=str, default=None, help="a trained Stage-1 model: run only Stage 2")
+    p.add_argument("--tcm_dividing_timestep", type=float, default=None, help="t' (default arctan(1 / sigma_data))")
+    p.add_argument("--tcm_intermediate_timestep", type=float, default=None, help="two-step middle time (default t')")
+    p.add_argument("--tcm_boundary_prob", type=float, default=0.25)
+    p.add_argument("--tcm_boundary_weight", type=float, default=0.1)
+    p.add_argument("--tcm_time_proposal", choices=["student_t", "lognormal"], default="student_t")
+    p.add_argument("--tcm_proposal_loc", type=float, default=0.0, help="of ln(sigma)")
+    p.add_argument("--tcm_proposal_scale", type=float, default=0.2, help="of ln(sigma)")
+    p.add_argument("--tcm_proposal_df", type=float, default=0.01)
+    p.add_argument("--stage2_learning_rate", type=float, default=None, help="default: half of --learning_rate")
+    p.add_argument("--stage2_train_batch_size", type=int, default=None, help="default: --train_batch_size")
+    p.add_argument("--stage2_max_train_steps", type=int, default=None, help="default: --max_train_steps")
+    p.add_argument("--stage2_tangent_warmup_steps", type=int, default=0, help="continuous Stage 2")
+    p.add_argument("--stage2_start_stage", type=int, default=None, help="default: where a discrete Stage 1 ended")
     add_common_args(p, output_dir="scm-student")
     args = p.parse_args(argv)
-    if args.method == "scd" and args.teacher is None:
-        p.error("--method scd needs --teacher")
-    if args.teacher is None and args.student is None:
-        p.error("--method sct needs --student or --teacher to initialize the student")
+    if args.method in ("scd", "cd") and args.teacher is None:
+        p.error(f"--method {args.method} needs --teacher")
+    if args.stage1_model is not None and args.method != "tcm":
+        p.error("--stage1_model is for --method tcm")
+    if args.method == "tcm":
+        if args.tcm_stage1_method is None:
+            args.tcm_stage1_method = "scd" if args.teacher else "sct"
+        if args.tcm_objective is None:
+            args.tcm_objective = "continuous" if args.tcm_stage1_method in ("scd", "sct") else "discrete"
+        if args.stage1_model is None and args.tcm_stage1_method in ("scd", "cd") and args.teacher is None:
+            p.error(
+                f"--method tcm with --tcm_stage1_method {args.tcm_stage1_method} needs --teacher; or give "
+                "--stage1_model PATH to run only Stage 2 (consistency training without a teacher)"
+            )
+    if args.method == "tcm" and not (args.teacher or args.student or args.stage1_model):
+        p.error("--method tcm needs --teacher, --student (to start Stage 1) or --stage1_model (Stage 2 only)")
+    if args.teacher is None and args.student is None and args.method != "tcm":
+        p.error(f"--method {args.method} needs --student or --teacher to initialize the student")
     args.tangent_norm_c = None if args.tangent_norm_c.lower() == "none" else float(args.tangent_norm_c)
     return args
 
 
-def student_scheduler(student) -> TrigFlowScheduler:
-    """The consistency sampler of the student's parameterization."""
+def student_scheduler(student, **kwargs) -> TrigFlowScheduler:
+    """The consistency sampler of the student's parameterization (`kwargs`: e.g. TCM's dividing time)."""
     p = student.parameterization
-    return TrigFlowScheduler(parameterization=p.name, **p.config())
+    return TrigFlowScheduler(parameterization=p.name, **p.config(), **kwargs)
 
 
 def build_models(args):
@@ -83,30 +133,39 @@ def build_models(args):
     return teacher, student
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    accelerator = make_accelerator(args, "scm-distill")
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-
-    teacher, student = build_models(args)
-    sd = student.sigma_data
-    if args.gradient_checkpointing:
-        student.inner_model.enable_gradient_checkpointing()
-    config = student.inner_model.config
-    channels = config.get("in_channels", 1)
-    conditional = args.label_column is not None or (
-        args.dataset_name == "digits"
-        and (config.get("num_class_embeds") or config.get("num_embeds_ada_norm") or config.get("num_classes"))
-    )
-    dataset = load_image_dataset(args.dataset_name, args.resolution, channels, args.image_column, args.label_column)
-    student, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
-        args, accelerator, student, dataset, "student"
-    )
-    if teacher is not None:
-        teacher.to(accelerator.device)
-    loss_fn = SCMLoss(
-        sigma_data=sd,
+def build_loss(args, method: str, sigma_data: float, start_stage: int = 0):
+    """The loss of one stage: `SCMLoss` (scd, sct), `ConsistencyLoss` (cd, ct) or `TCMLoss` (tcm Stage 2)."""
+    if method == "tcm":
+        objective = args.tcm_objective
+        inner = build_loss(args, "scd" if objective == "continuous" else "cd", sigma_data, start_stage)
+        return TCMLoss(
+            objective,
+            inner,
+            sigma_data=sigma_data,
+            dividing_timestep=args.tcm_dividing_timestep,
+            boundary_prob=args.tcm_boundary_prob,
+            boundary_weight=args.tcm_boundary_weight,
+            time_proposal=args.tcm_time_proposal,
+            proposal_loc=args.tcm_proposal_loc,
+            proposal_scale=args.tcm_proposal_scale,
+            proposal_df=args.tcm_proposal_df,
+        )
+    if method in ("cd", "ct"):
+        return ConsistencyLoss(
+            sigma_data=sigma_data,
+            P_mean=args.P_mean,
+            P_std=args.P_std,
+            distance=args.consistency_distance,
+            huber_c=args.huber_c,
+            weighting=args.consistency_weighting,
+            q=args.dt_q,
+            stage_steps=dt_stage_steps(args),
+            start_stage=start_stage,
+            ratio_limit=args.dt_ratio_limit,
+            guidance_scale=args.guidance_scale,
+        )
+    return SCMLoss(
+        sigma_data=sigma_data,
         P_mean=args.P_mean,
         P_std=args.P_std,
         tangent_warmup_steps=args.tangent_warmup_steps,
@@ -120,27 +179,56 @@ def main(argv=None):
         jvp_backend=args.jvp_backend,
     )
 
+
+def dt_stage_steps(args) -> int:
+    """Steps per stage of the discrete step schedule: --dt_stage_steps, else an eighth of the stage's steps."""
+    return args.dt_stage_steps or max(1, args.max_train_steps // 8)
+
+
+def train_stage(args, accelerator, method: str, teacher, student, stage1=None, scheduler_kwargs=None, start_stage=0):
+    """Train `student` with the loss of `method` (data, optimizer, EMA, checkpoints and validation in
+    `args.output_dir`). Returns `(student, ema, global_step, skipped)`."""
+    sd = student.sigma_data
+    if args.gradient_checkpointing:
+        student.inner_model.enable_gradient_checkpointing()
+    config = student.inner_model.config
+    channels = config.get("in_channels", 1)
+    conditional = args.label_column is not None or (
+        args.dataset_name == "digits"
+        and (config.get("num_class_embeds") or config.get("num_embeds_ada_norm") or config.get("num_classes"))
+    )
+    dataset = load_image_dataset(args.dataset_name, args.resolution, channels, args.image_column, args.label_column)
+    student, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
+        args, accelerator, student, dataset, "student"
+    )
+    for frozen in (teacher, stage1):
+        if frozen is not None:
+            frozen.to(accelerator.device)
+    loss_fn = build_loss(args, method, sd, start_stage)
+    continuous = isinstance(loss_fn, SCMLoss) or getattr(loss_fn, "objective", None) == "continuous"
+    head = logvar_head if continuous and not args.no_adaptive_weighting else None
+
     def compute_loss(batch, step):
         x0 = to_model_channels(batch["pixel_values"], channels)
         cond = {"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}
         g = noise_generator
-        t = lognormal_times(x0.shape[0], args.P_mean, args.P_std, sd, device=g.device, generator=g)
+        if method == "tcm":
+            t, is_boundary = loss_fn.sample_times(x0.shape[0], device=x0.device, generator=g)
+        else:
+            t = lognormal_times(x0.shape[0], args.P_mean, args.P_std, sd, device=g.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=g.device)
-        head = logvar_head if not args.no_adaptive_weighting else None
+        if method == "tcm":
+            return loss_fn(student, stage1, x0, teacher, step, t, is_boundary, noise, logvar_head=head, **cond)
+        if method in ("cd", "ct"):
+            return loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, **cond)
         return loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, logvar_head=head, **cond)
 
     def validate(step):
         unwrapped = accelerator.unwrap_model(student)
         network = ema.averaged_model(unwrapped.inner_model).eval()
+        scheduler = student_scheduler(unwrapped, **(scheduler_kwargs or {}))
         log_validation(
-            accelerator,
-            args.output_dir,
-            network,
-            student_scheduler(unwrapped),
-            step,
-            (1, 2),
-            args.num_validation_images,
-            conditional,
+            accelerator, args.output_dir, network, scheduler, step, (1, 2), args.num_validation_images, conditional
         )
 
     global_step, skipped = train_loop(
@@ -153,18 +241,94 @@ def main(argv=None):
         state,
         compute_loss,
         validate,
-        desc="sCD" if teacher else "sCT",
+        desc=method.upper() if method != "tcm" else f"TCM stage 2 ({args.tcm_objective})",
         accumulate=(student, logvar_head),
     )
-    finish_training(
-        accelerator,
-        args.output_dir,
-        student,
-        ema,
-        student_scheduler(accelerator.unwrap_model(student)),
-        global_step,
-        skipped,
+    return student, ema, global_step, skipped
+
+
+def _stage1_finished(folder: str) -> bool:
+    return all(os.path.isfile(os.path.join(folder, f)) for f in ("model_index.json", "training_summary.json"))
+
+
+def _split_resume(resume_from, stage1_dir):
+    """--resume_from_checkpoint for (Stage 1, Stage 2): 'latest' for both, or an explicit checkpoint for its stage."""
+    if resume_from in (None, "latest"):
+        return resume_from, resume_from
+    in_stage1 = os.path.abspath(os.path.dirname(os.path.normpath(resume_from))) == os.path.abspath(stage1_dir)
+    return (resume_from, None) if in_stage1 else (None, resume_from)
+
+
+def run_tcm(args, accelerator):
+    """Stage 1 into `OUTPUT_DIR/stage1/` (unless --stage1_model, or a finished Stage 1 found on resume), then Stage 2
+    from the Stage-1 EMA weights. Returns `(student, ema, scheduler, global_step, skipped)` of Stage 2."""
+    stage1_dir = os.path.join(args.output_dir, "stage1")
+    resume1, resume2 = _split_resume(args.resume_from_checkpoint, stage1_dir)
+    teacher, init = build_models(args) if args.teacher or args.student else (None, None)
+    stage1_path, start_stage = args.stage1_model, args.stage2_start_stage
+    if stage1_path is None:
+        stage1_path = stage1_dir
+        stage1_args = argparse.Namespace(**{**vars(args), "output_dir": stage1_dir, "resume_from_checkpoint": resume1})
+        if args.resume_from_checkpoint and _stage1_finished(stage1_dir):
+            logger.info("Stage 1 is finished in %s: going on with Stage 2.", stage1_dir)
+        elif resume2 is not None and resume2 != "latest":
+            raise ValueError(
+                f"{resume2} is a Stage-2 checkpoint, but Stage 1 in {stage1_dir} is not finished: resume Stage 1 "
+                "first (--resume_from_checkpoint latest)."
+            )
+        else:
+            os.makedirs(stage1_dir, exist_ok=True)
+            method = args.tcm_stage1_method
+            student, ema, steps, skipped = train_stage(stage1_args, accelerator, method, teacher, init)
+            scheduler = student_scheduler(accelerator.unwrap_model(student))
+            finish_training(accelerator, stage1_dir, student, ema, scheduler, steps, skipped, end_training=False)
+            accelerator.free_memory()
+        accelerator.wait_for_everyone()  # the main process has written the Stage-1 pipeline
+        if start_stage is None and args.tcm_stage1_method in ("cd", "ct"):  # continue the discrete step schedule
+            with open(os.path.join(stage1_dir, "training_summary.json")) as f:
+                start_stage = json.load(f)["steps"] // dt_stage_steps(stage1_args)
+
+    stage1 = load_teacher(stage1_path, sigma_data=args.sigma_data)  # frozen: eval mode, no gradients
+    sd = stage1.sigma_data
+    network = copy.deepcopy(stage1.inner_model).requires_grad_(True).train()
+    student = TrigFlowDenoiser(network, stage1.parameterization, sigma_data=sd)
+    t_div = args.tcm_dividing_timestep if args.tcm_dividing_timestep is not None else math.atan(1.0 / sd)
+    mid = args.tcm_intermediate_timestep if args.tcm_intermediate_timestep is not None else t_div
+    if mid < t_div:
+        raise ValueError(f"--tcm_intermediate_timestep {mid} lies below the dividing time t' = {t_div:.6f}.")
+    stage2_args = argparse.Namespace(
+        **{
+            **vars(args),
+            "resume_from_checkpoint": resume2,
+            "learning_rate": args.stage2_learning_rate or args.learning_rate / 2,
+            "train_batch_size": args.stage2_train_batch_size or args.train_batch_size,
+            "max_train_steps": args.stage2_max_train_steps or args.max_train_steps,
+            "tangent_warmup_steps": args.stage2_tangent_warmup_steps,
+            "tcm_dividing_timestep": t_div,
+            "seed": args.seed + 1,
+        }
     )
+    scheduler_kwargs = {"dividing_timestep": t_div, "intermediate_timesteps": mid}
+    student, ema, steps, skipped = train_stage(
+        stage2_args, accelerator, "tcm", teacher, student, stage1, scheduler_kwargs, start_stage or 0
+    )
+    scheduler = student_scheduler(accelerator.unwrap_model(student), **scheduler_kwargs)
+    return student, ema, scheduler, steps, skipped
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = make_accelerator(args, "scm-distill")
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+
+    if args.method == "tcm":
+        student, ema, scheduler, global_step, skipped = run_tcm(args, accelerator)
+    else:
+        teacher, student = build_models(args)
+        student, ema, global_step, skipped = train_stage(args, accelerator, args.method, teacher, student)
+        scheduler = student_scheduler(accelerator.unwrap_model(student))
+    finish_training(accelerator, args.output_dir, student, ema, scheduler, global_step, skipped)
 
 
 if __name__ == "__main__":

@@ -176,9 +176,10 @@ def log_validation(accelerator, output_dir, network, scheduler, step, step_count
             tracker.log({f"validation/{s}-step": [wandb.Image(i) for i in im] for s, im in grids.items()}, step=step)
 
 
-def finish_training(accelerator, output_dir, model, ema, scheduler, steps, skipped):
+def finish_training(accelerator, output_dir, model, ema, scheduler, steps, skipped, end_training=True):
     """Check that every replica holds the same weights, write `training_summary.json`, and save the EMA network
-    with `scheduler` as an SCMPipeline folder."""
+    with `scheduler` as an SCMPipeline folder. `end_training=False` keeps the trackers and the process group for a
+    further stage (TCM)."""
     from ..pipelines import SCMPipeline
 
     unwrapped = accelerator.unwrap_model(model)
@@ -204,7 +205,8 @@ def finish_training(accelerator, output_dir, model, ema, scheduler, steps, skipp
         network = ema.averaged_model(unwrapped.inner_model).eval()
         SCMPipeline(scheduler=scheduler, **{network_component(network): network}).save_pretrained(output_dir)
         logger.info("Saved the EMA model to %s", output_dir)
-    accelerator.end_training()
+    if end_training:
+        accelerator.end_training()
 
 
 def train_loop(args, accelerator, model, optimizer, loader, ema, state, compute_loss, validate, desc, accumulate):
@@ -264,13 +266,14 @@ def train_loop(args, accelerator, model, optimizer, loader, ema, state, compute_
                 "lr": optimizer.param_groups[0]["lr"],
                 **time_bucket_logs(logs),
             }
-            for key in ("tangent_norm", "logvar"):
+            for key in ("tangent_norm", "logvar", "boundary_loss"):
                 if key in logs:
                     log[key] = logs[key].float().mean().item()
             if "nonfinite" in logs:
                 log["nonfinite_samples"] = int(logs["nonfinite"])
-            if "warmup_ratio" in logs:
-                log["warmup_ratio"] = logs["warmup_ratio"]
+            for key in ("warmup_ratio", "discretization_ratio"):
+                if key in logs:
+                    log[key] = logs[key]
             if grad_norm is not None:
                 log["grad_norm"] = float(grad_norm)
             progress.set_postfix(loss=f"{mean_loss:.4f}")
