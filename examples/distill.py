@@ -87,7 +87,13 @@ def parse_args(argv=None):
     p.add_argument("--stage2_train_batch_size", type=int, default=None, help="default: --train_batch_size")
     p.add_argument("--stage2_max_train_steps", type=int, default=None, help="default: --max_train_steps")
     p.add_argument("--stage2_tangent_warmup_steps", type=int, default=0, help="continuous Stage 2")
-    p.add_argument("--stage2_start_stage", type=int, default=None, help="default: where a discrete Stage 1 ended")
+    p.add_argument(
+        "--stage2_start_stage",
+        type=int,
+        default=None,
+        help="discrete Stage 2: first stage of the step schedule (default: where a discrete Stage 1 of this run "
+        "ended, else the first stage at --dt_ratio_limit)",
+    )
     add_common_args(p, output_dir="scm-student")
     args = p.parse_args(argv)
     if args.method in ("scd", "cd") and args.teacher is None:
@@ -288,6 +294,8 @@ def run_tcm(args, accelerator):
             with open(os.path.join(stage1_dir, "training_summary.json")) as f:
                 start_stage = json.load(f)["steps"] // dt_stage_steps(stage1_args)
 
+    if start_stage is None:  # a finished consistency model: start with the smallest step
+        start_stage = ConsistencyLoss(q=args.dt_q, ratio_limit=args.dt_ratio_limit).stage_at_limit()
     stage1 = load_teacher(stage1_path, sigma_data=args.sigma_data)  # frozen: eval mode, no gradients
     sd = stage1.sigma_data
     network = copy.deepcopy(stage1.inner_model).requires_grad_(True).train()
@@ -310,7 +318,7 @@ def run_tcm(args, accelerator):
     )
     scheduler_kwargs = {"dividing_timestep": t_div, "intermediate_timesteps": mid}
     student, ema, steps, skipped = train_stage(
-        stage2_args, accelerator, "tcm", teacher, student, stage1, scheduler_kwargs, start_stage or 0
+        stage2_args, accelerator, "tcm", teacher, student, stage1, scheduler_kwargs, start_stage
     )
     scheduler = student_scheduler(accelerator.unwrap_model(student), **scheduler_kwargs)
     return student, ema, scheduler, steps, skipped

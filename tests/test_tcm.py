@@ -148,6 +148,8 @@ def test_step_schedule_values():
     assert [loss.ratio(s) for s in (0, 9, 10, 25, 30)] == [0.5, 0.5, 0.75, 0.875, 0.9375]
     assert ConsistencyLoss(q=2.0, stage_steps=10, start_stage=20).ratio(0) == 0.999  # ratio_limit
     assert ConsistencyLoss(q=4.0, stage_steps=5).ratio(5) == 1 - 1 / 16
+    assert ConsistencyLoss(q=2.0, ratio_limit=0.999).stage_at_limit() == 9  # 1 - 2^-10 >= 0.999 > 1 - 2^-9
+    assert ConsistencyLoss(q=4.0, ratio_limit=0.9961).stage_at_limit() == 4  # 1 - 4^-4 = 0.99609 < 0.9961 (TCM)
 
     sigma = torch.tensor([0.01, 1.0, 80.0], dtype=torch.float64)
     t = torch.atan(sigma / SD)

@@ -121,6 +121,13 @@ class ConsistencyLoss:
         """ratio = min(1 - q^-(stage + 1), ratio_limit)."""
         return min(1.0 - self.q ** -(self.stage(step) + 1), self.ratio_limit)
 
+    def stage_at_limit(self) -> int:
+        """The first stage whose ratio reaches `ratio_limit` (where a Stage 2 after a finished Stage 1 can start)."""
+        stage = 0
+        while 1.0 - self.q ** -(stage + 1) < self.ratio_limit and stage < 200:
+            stage += 1
+        return stage
+
     def previous_times(self, t: torch.Tensor, step: int) -> torch.Tensor:
         """r for each t: sigma_r = max(0, sigma_t - sigma_t (1 - ratio)(1 + k sigmoid(-b sigma_t)))."""
         sigma_t = self.sigma_data * torch.tan(t)
