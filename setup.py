@@ -13,6 +13,7 @@ install_requires = [
     "torch>=2.1",
     "diffusers>=0.32",
     "huggingface_hub>=0.25",
+    "jinja2",  # model cards
     "safetensors>=0.4",
     "numpy",
     "Pillow",
@@ -35,6 +36,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    package_data={"diffusers_scm": ["model_cards/*.md"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,

@@ -33,6 +33,7 @@ from diffusers_scm.training.script_utils import (
     log_validation,
     make_accelerator,
     prepare_training,
+    publish_pipeline,
     train_loop,
 )
 
@@ -44,6 +45,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # models
     p.add_argument("--teacher", type=str, default=None, help="teacher pipeline/network folder or Hub id")
+    p.add_argument("--teacher_revision", type=str, default=None, help="branch, tag or commit of a Hub teacher")
     p.add_argument("--teacher_parameterization", type=str, default=None, help="override the inferred one")
     p.add_argument("--student", type=str, default=None, help="initial student (default: a copy of the teacher)")
     p.add_argument("--method", choices=["scd", "sct", "cd", "ct", "tcm"], default="scd")
@@ -125,7 +127,11 @@ def student_scheduler(student, **kwargs) -> TrigFlowScheduler:
 
 
 def build_models(args):
-    teacher = load_teacher(args.teacher, args.teacher_parameterization, args.sigma_data) if args.teacher else None
+    teacher = None
+    if args.teacher:
+        teacher = load_teacher(
+            args.teacher, args.teacher_parameterization, args.sigma_data, revision=args.teacher_revision
+        )
     if args.student is not None:
         init = load_teacher(args.student, args.teacher_parameterization, args.sigma_data)
     else:
@@ -337,6 +343,7 @@ def main(argv=None):
         student, ema, global_step, skipped = train_stage(args, accelerator, args.method, teacher, student)
         scheduler = student_scheduler(accelerator.unwrap_model(student))
     finish_training(accelerator, args.output_dir, student, ema, scheduler, global_step, skipped)
+    publish_pipeline(args, accelerator, sample_steps=(1, 2))
 
 
 if __name__ == "__main__":

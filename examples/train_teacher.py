@@ -26,6 +26,7 @@ from diffusers_scm.training.script_utils import (
     log_validation,
     make_accelerator,
     prepare_training,
+    publish_pipeline,
     train_loop,
 )
 
@@ -120,6 +121,7 @@ def main(argv=None):
         accumulate=(model, logvar_head),
     )
     finish_training(accelerator, args.output_dir, model, ema, scheduler, steps, skipped)
+    publish_pipeline(args, accelerator, sample_steps=args.validation_nfe)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`SCMPipeline`: sample a consistency model (or, with `TrigFlowODEScheduler`, a diffusion model)."""
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ EXAMPLE_DOC_STRING = """
         ```py
         >>> from diffusers_scm import SCMPipeline
 
-        >>> pipe = SCMPipeline.from_pretrained("path/to/student")
+        >>> pipe = SCMPipeline.from_pretrained("path/to/student")  # a folder or a Hub id, "org/name"
         >>> images = pipe(batch_size=4, num_inference_steps=2).images
         ```
 """
@@ -48,6 +49,58 @@ class SCMPipeline(DiffusionPipeline):
             raise ValueError("SCMPipeline needs exactly one network: pass `unet` or `transformer`.")
         self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae)
         self.image_processor = VaeImageProcessor(do_normalize=True)
+
+    # `from_pretrained` arguments that only concern finding the files
+    _hub_kwargs = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs) -> str:
+        r"""
+        Download an SCMPipeline repository from the Hub (or find it in the local cache) and return its local folder.
+
+        diffusers' `DiffusionPipeline.download` refuses components saved as `["diffusers_scm", ClassName]` when given
+        a repository id; this downloads `model_index.json` and the component folders with `huggingface_hub` instead
+        (see `diffusers_scm.hub.download_pipeline`).
+
+        Args:
+            pretrained_model_name (`str`): the repository id, `"org/name"`.
+            revision (`str`, *optional*): branch, tag or commit hash.
+            cache_dir (`str`, *optional*): the Hugging Face cache (default `HF_HUB_CACHE`).
+            token (`str` or `bool`, *optional*): for private or gated repositories.
+            local_files_only (`bool`, defaults to `False`): use the cache only (as `HF_HUB_OFFLINE=1` does).
+            force_download (`bool`, defaults to `False`): download again even if cached.
+            variant (`str`, *optional*), use_safetensors (`bool`, *optional*): which weight files to fetch.
+        """
+        from ..hub import download_pipeline
+
+        keys = cls._hub_kwargs + ("variant", "use_safetensors")
+        return download_pipeline(
+            pretrained_model_name, pipeline_class=cls.__name__, **{k: kwargs[k] for k in keys if k in kwargs}
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        r"""
+        Load an SCMPipeline from a folder saved by `save_pretrained` or from a Hub repository id (`"org/name"`).
+
+        A Hub id is resolved by [`~SCMPipeline.download`] (which honours `revision`, `cache_dir`, `token`,
+        `local_files_only` and `HF_HUB_OFFLINE`); the folder is checked (an SCMPipeline, every component present and
+        importable) and loaded by `DiffusionPipeline.from_pretrained`, which takes the remaining arguments
+        (`torch_dtype`, `variant`, `device_map`, components to replace, ...).
+        """
+        path = str(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs.pop(k) for k in cls._hub_kwargs if k in kwargs}
+        if os.path.isdir(path):
+            from ..hub import check_pipeline_folder
+
+            passed = [name for name in ("unet", "transformer", "scheduler", "vae") if kwargs.get(name) is not None]
+            check_pipeline_folder(path, pipeline_class=cls.__name__, exclude=passed)
+        else:
+            for key in ("variant", "use_safetensors"):
+                if key in kwargs:
+                    hub_kwargs[key] = kwargs[key]
+            path = cls.download(path, **hub_kwargs)
+        return super().from_pretrained(path, **kwargs)
 
     def register_modules(self, **kwargs):
         super().register_modules(**kwargs)

@@ -17,6 +17,7 @@ __all__ = [
     "time_bucket_logs",
     "log_validation",
     "finish_training",
+    "publish_pipeline",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,12 @@ def add_common_args(p, output_dir: str):
     p.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none")
     p.add_argument("--logging_dir", type=str, default="logs")
     p.add_argument("--seed", type=int, default=0)
+    # Hugging Face Hub: a model card is always written into the output folder; --push_to_hub uploads the pipeline
+    p.add_argument("--push_to_hub", action="store_true", help="upload the final pipeline and its model card")
+    p.add_argument("--hub_model_id", type=str, default=None, help="org/name (default: output_dir's name, your user)")
+    p.add_argument("--hub_token", type=str, default=None, help="default: the token saved by `hf auth login`")
+    p.add_argument("--hub_private_repo", action="store_true", help="create the repository as private")
+    p.add_argument("--hub_license", type=str, default="apache-2.0", help="card license (a student: the teacher's)")
     return p
 
 
@@ -78,9 +85,15 @@ def make_accelerator(args, project_name: str):
     )
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        accelerator.init_trackers(project_name, config={k: v for k, v in vars(args).items() if v is not None})
+        if getattr(args, "push_to_hub", False):  # create the repository now: a bad token fails before training
+            from ..hub import create_hub_repo
+
+            name = args.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
+            args.hub_model_id = create_hub_repo(name, token=args.hub_token, private=args.hub_private_repo)
+        recorded = {k: v for k, v in vars(args).items() if k != "hub_token"}  # never write the token to disk
+        accelerator.init_trackers(project_name, config={k: v for k, v in recorded.items() if v is not None})
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+            json.dump(recorded, f, indent=2)
     return accelerator
 
 
@@ -196,6 +209,9 @@ def finish_training(accelerator, output_dir, model, ema, scheduler, steps, skipp
                     "steps": steps,
                     "skipped_steps": skipped,
                     "num_processes": accelerator.num_processes,
+                    "device_type": accelerator.device.type,
+                    "device_name": _device_name(accelerator.device),
+                    "mixed_precision": accelerator.mixed_precision,
                     "replicas_in_sync": in_sync,
                     "replica_checksums": checksums.tolist(),
                 },
@@ -207,6 +223,45 @@ def finish_training(accelerator, output_dir, model, ema, scheduler, steps, skipp
         logger.info("Saved the EMA model to %s", output_dir)
     if end_training:
         accelerator.end_training()
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def publish_pipeline(args, accelerator, sample_steps, num_sample_images: int = 8):
+    """
+    After `finish_training`: draw the sample grid (a row per entry of `sample_steps`) and write the model card into
+    `args.output_dir`, and with `--push_to_hub` upload the pipeline folder and the card (not the checkpoints, logs or
+    sample history) to `args.hub_model_id`. Runs on the main process.
+    """
+    if not accelerator.is_main_process:
+        return None
+    from ..hub import SAMPLE_GRID, push_pipeline_to_hub, save_model_card, save_sample_grid
+    from ..pipelines import SCMPipeline
+
+    pipe = SCMPipeline.from_pretrained(args.output_dir).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    save_sample_grid(pipe, os.path.join(args.output_dir, SAMPLE_GRID), sample_steps, num_sample_images, args.seed)
+    card = save_model_card(args.output_dir, repo_id=args.hub_model_id, license=args.hub_license)
+    logger.info("Wrote the model card %s", card)
+    if not args.push_to_hub:
+        return None
+    with open(os.path.join(args.output_dir, "training_summary.json")) as f:
+        steps = json.load(f)["steps"]
+    commit = push_pipeline_to_hub(
+        args.output_dir,
+        args.hub_model_id,
+        token=args.hub_token,
+        private=args.hub_private_repo,
+        commit_message=f"Upload the pipeline after {steps} training steps",
+    )
+    logger.info("Pushed %s to %s", args.output_dir, commit.commit_url)
+    return commit
 
 
 def train_loop(args, accelerator, model, optimizer, loader, ema, state, compute_loss, validate, desc, accumulate):

@@ -109,13 +109,14 @@ def load_teacher(
         sigma_data (`float`, *optional*): the data's standard deviation (read from EDM/TrigFlow configs otherwise,
             0.5 by default).
         torch_dtype (`torch.dtype`, *optional*): dtype to load the network in.
-        hub_kwargs: `revision`, `cache_dir`, `token`, `local_files_only` for Hub ids.
+        hub_kwargs: `revision`, `cache_dir`, `token`, `local_files_only`, `force_download` for Hub ids (which also
+            honour `HF_HUB_OFFLINE`); only the network, its config and the scheduler config are downloaded.
     """
     folder = path_or_id
     if not os.path.isdir(folder):
-        from huggingface_hub import snapshot_download
+        from ..hub import download_teacher
 
-        folder = snapshot_download(path_or_id, **hub_kwargs)
+        folder = download_teacher(path_or_id, network_components=NETWORK_COMPONENTS, **hub_kwargs)
     found = sorted(os.listdir(folder))
     scheduler_config = None
     if os.path.isfile(os.path.join(folder, "model_index.json")):
