@@ -267,13 +267,18 @@ def _hub_file(repo_id: str, filename: str, **hub_kwargs) -> str | None:
 
 
 def _repo_files(repo_id: str, revision=None, cache_dir=None, token=None, local_files_only=False, **_) -> list | None:
-    """The files of a repository at `revision`: listed by the Hub, or, offline, those of the cached snapshot (`None`
-    where the cache does not hold that revision)."""
+    """The files of a repository at `revision`: listed by the Hub, or, offline or where the Hub cannot be reached,
+    those of the cached snapshot (`None` where the cache does not hold that revision)."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     if not _offline(local_files_only):
-        return sorted(HfApi(token=token).list_repo_files(repo_id, revision=revision))
+        try:
+            return sorted(HfApi(token=token).list_repo_files(repo_id, revision=revision))
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise
+        except Exception:  # the Hub cannot be reached (connection, proxy, server errors): list the cache instead
+            pass
     try:
         folder = snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True, allow_patterns=[MODEL_INDEX]
