@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import tiny_unet
@@ -166,6 +167,10 @@ def test_revision_cache_dir_and_local_files_only(hub_cache, tmp_path, monkeypatc
     assert torch.equal(sample(SCMPipeline.from_pretrained("org/name", revision=COMMIT_B)), want_b)  # a commit
     with pytest.raises(OSError, match=r"not in the local Hugging Face cache.*HF_HUB_OFFLINE"):
         SCMPipeline.from_pretrained("org/name", revision="v3")
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 1.2])
+    with torch.no_grad():
+        by_revision = load_teacher("org/name", revision="v2")(x, t, class_labels=torch.tensor([1, 2]))
+        assert torch.equal(by_revision, load_teacher(str(tmp_path / "b"))(x, t, class_labels=torch.tensor([1, 2])))
 
     # another cache, named by cache_dir; local_files_only without HF_HUB_OFFLINE
     other = tmp_path / "other-cache"
@@ -383,7 +388,7 @@ def test_model_card_metadata_table_and_snippet_runs(hub_cache, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     generators = [torch.Generator().manual_seed(i) for i in range(4)]
     expected = pipe(batch_size=4, num_inference_steps=2, class_labels=[0, 1, 2, 3], generator=generators).images[0]
-    saved = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "sample.png"), dtype=np.int16)
+    saved = np.asarray(PIL.Image.open(tmp_path / "sample.png"), dtype=np.int16)
     assert np.abs(saved - np.asarray(expected, dtype=np.int16)).max() <= 1
 
 
@@ -479,6 +484,24 @@ def test_push_sends_exactly_the_pipeline_folder(tmp_path, monkeypatch):
     ]
     assert sorted(commit["files"]) == expected == sorted(pipeline_files(str(folder)))
     assert all(commit["files"][f] == (folder / f).read_bytes() for f in expected)
+
+
+def test_command_line_renders_card_with_evaluation_and_pushes(tmp_path, monkeypatch, capsys):
+    from diffusers_scm.hub import main
+
+    folder = tmp_path / "my-student"
+    _student_folder(folder)
+    os.remove(folder / "sample_grid.png")
+    (tmp_path / "results.json").write_text(json.dumps(RESULTS))
+    hub = HubRecorder(monkeypatch, namespace="me")
+    main([str(folder), "--eval_results", str(tmp_path / "results.json"), "--sample_steps", "1", "--push_to_hub"])
+    card = ModelCard.load(folder / "README.md")
+    assert len(card.data.eval_results) == 4 and 'SCMPipeline.from_pretrained("me/my-student")' in card.text
+    assert "Rows: 1 step." in card.text
+    assert [c["repo_id"] for c in hub.commits] == ["me/my-student"]
+    assert {"README.md", "sample_grid.png"} <= set(hub.commits[0]["files"])
+    assert "results.json" not in hub.commits[0]["files"]
+    assert "Pushed to https://huggingface.co/me/my-student/commit/" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
