@@ -1,4 +1,4 @@
-.PHONY: test test-slow test-all quality style
+.PHONY: test test-slow test-all quality style demo
 
 test:
 	python -m pytest -q
@@ -16,3 +16,6 @@ quality:
 style:
 	ruff check --fix src tests examples benchmarks
 	ruff format src tests examples benchmarks
+
+demo:
+	python examples/demo.py --output_dir demo-report

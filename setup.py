@@ -20,8 +20,8 @@ install_requires = [
 ]
 
 extras = {
-    "test": ["pytest>=7", "scipy", "scikit-learn", "accelerate>=0.30"],
-    "training": ["accelerate>=0.30", "datasets>=2.19", "tensorboard", "scikit-learn", "tqdm"],
+    "test": ["pytest>=7", "scipy", "scikit-learn", "accelerate>=0.30", "matplotlib"],
+    "training": ["accelerate>=0.30", "datasets>=2.19", "tensorboard", "scikit-learn", "tqdm", "matplotlib"],
     "flash": ["flash-attn", "xformers", "jvp-flash-attention"],
     "metrics": ["scipy", "torch-fidelity", "matplotlib"],
 }

@@ -1,0 +1,33 @@
+"""The README's demo end to end from the installed package: teacher, sCD student, evaluation, report (slow)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_meets_its_targets(tmp_path):
+    out = tmp_path / "report"
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--output_dir", str(out), "--cache_dir", str(tmp_path)],
+        check=True,
+        timeout=3600,
+    )
+    results = json.loads((out / "results.json").read_text())
+    for name in ("results.md", "samples.png", "fd_vs_nfe.png", "grids/student-1step.png", "grids/student-2step.png"):
+        assert (out / name).is_file(), name
+    rows = results["rows"]
+    assert {r["steps"] for r in rows if r["model"] == "student"} == {1, 2}
+    assert max(r["nfe"] for r in rows if r["model"] == "teacher") >= 32
+    targets = results["demo"]["targets"]
+    # student 2-step FD-digits <= 1.25x the teacher's best, 1-step <= 2x, at >= 16x fewer network evaluations
+    assert targets["2-step"]["fd_ratio_to_teacher_best"] <= 1.25, targets
+    assert targets["1-step"]["fd_ratio_to_teacher_best"] <= 2.0, targets
+    assert all(t["nfe_reduction"] >= 16 for t in targets.values()), targets
+    assert results["classifier_accuracy"] >= 0.95
