@@ -73,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--dt_q", type=float, default=2.0, help="the step shrinks by this factor every stage")
     p.add_argument("--dt_stage_steps", type=int, default=None, help="steps per stage (default: a stage's steps / 8)")
     p.add_argument("--dt_ratio_limit", type=float, default=0.999)
+    p.add_argument("--dt_start_stage", type=int, default=0, help="cd / ct: to continue a schedule (e.g. --student)")
     # TCM (SPEC.md section 5)
     p.add_argument("--tcm_stage1_method", choices=["scd", "sct", "cd", "ct"], default=None, help="default: scd/sct")
     p.add_argument("--tcm_objective", choices=["discrete", "continuous"], default=None, help="default: Stage 1's")
@@ -340,7 +341,9 @@ def main(argv=None):
         student, ema, scheduler, global_step, skipped = run_tcm(args, accelerator)
     else:
         teacher, student = build_models(args)
-        student, ema, global_step, skipped = train_stage(args, accelerator, args.method, teacher, student)
+        student, ema, global_step, skipped = train_stage(
+            args, accelerator, args.method, teacher, student, start_stage=args.dt_start_stage
+        )
         scheduler = student_scheduler(accelerator.unwrap_model(student))
     finish_training(accelerator, args.output_dir, student, ema, scheduler, global_step, skipped)
     publish_pipeline(args, accelerator, sample_steps=(1, 2))
