@@ -62,6 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--jvp_method", choices=["forward_ad", "func", "finite_difference"], default="forward_ad")
     p.add_argument("--jvp_dtype", choices=["float32", "auto"], default="float32", help="'auto': the step's dtype")
     p.add_argument("--jvp_backend", choices=["auto", "math", "blocked", "triton"], default="auto")
+    p.add_argument(
+        "--intermediate_timestep",
+        type=float,
+        default=None,
+        help="two-step middle time recorded in the saved scheduler (default 1.1, sCM's; TCM: --tcm_intermediate_timestep)",
+    )
     # ConsistencyLoss: --method cd / ct and discrete TCM stages (SPEC.md section 5)
     p.add_argument("--consistency_distance", choices=["pseudo_huber", "squared_l2"], default="pseudo_huber")
     p.add_argument("--huber_c", type=float, default=None, help="pseudo-Huber c (default 0.00054 sqrt(D))")
@@ -344,7 +350,8 @@ def main(argv=None):
         student, ema, global_step, skipped = train_stage(
             args, accelerator, args.method, teacher, student, start_stage=args.dt_start_stage
         )
-        scheduler = student_scheduler(accelerator.unwrap_model(student))
+        mid = {} if args.intermediate_timestep is None else {"intermediate_timesteps": args.intermediate_timestep}
+        scheduler = student_scheduler(accelerator.unwrap_model(student), **mid)
     finish_training(accelerator, args.output_dir, student, ema, scheduler, global_step, skipped)
     publish_pipeline(args, accelerator, sample_steps=(1, 2))
 

@@ -97,7 +97,9 @@ def test_two_process_distillation_resume_and_loading(teacher_dir, tmp_path):
         images = pipe(
             batch_size=2, num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0)
         ).images
-        assert images.shape == (2, 16, 16, 1) and images.min() >= 0 and images.max() <= 1
+        assert images.shape == (2, 16, 16, 1)
+    pipe.scheduler.set_timesteps(2)  # the two-step middle time given to distill.py
+    assert abs(float(pipe.scheduler.timesteps[1]) - 0.9) < 1e-6 and images.min() >= 0 and images.max() <= 1
 
     # resuming from checkpoint-2 reproduces the uninterrupted losses of steps 3 and 4
     resumed = str(tmp_path / "resumed")
@@ -188,7 +190,8 @@ def test_train_teacher_then_distill_it(tmp_path):
     assert os.path.isfile(os.path.join(teacher, "samples", "step-0000004-8step.png"))
     student = str(tmp_path / "student")
     res = subprocess.run(
-        [sys.executable, SCRIPT, "--teacher", teacher, "--max_train_steps", "2", "--output_dir", student, *common],
+        [sys.executable, SCRIPT, "--teacher", teacher, "--max_train_steps", "2", "--output_dir", student, *common]
+        + ["--intermediate_timestep", "0.9"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -204,3 +207,5 @@ def test_train_teacher_then_distill_it(tmp_path):
         generator=torch.Generator().manual_seed(0),
     ).images
     assert images.shape == (2, 16, 16, 1)
+    pipe.scheduler.set_timesteps(2)  # the two-step middle time given to distill.py
+    assert abs(float(pipe.scheduler.timesteps[1]) - 0.9) < 1e-6
