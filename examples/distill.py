@@ -87,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--tcm_dividing_timestep", type=float, default=None, help="t' (default arctan(1 / sigma_data))")
     p.add_argument("--tcm_intermediate_timestep", type=float, default=None, help="two-step middle time (default t')")
     p.add_argument("--tcm_boundary_prob", type=float, default=0.25)
-    p.add_argument("--tcm_boundary_weight", type=float, default=0.1)
+    p.add_argument("--tcm_boundary_weight", type=float, default=None, help="default 0.1 discrete, 1.0 continuous")
     p.add_argument("--tcm_time_proposal", choices=["student_t", "lognormal"], default="student_t")
     p.add_argument("--tcm_proposal_loc", type=float, default=0.0, help="of ln(sigma)")
     p.add_argument("--tcm_proposal_scale", type=float, default=0.2, help="of ln(sigma)")

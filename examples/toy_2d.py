@@ -175,7 +175,7 @@ def run(
     tcm_objective="continuous",
     stage2_steps=None,
     stage2_lr=None,
-    boundary_weight=0.1,
+    boundary_weight=None,
     cache_dir=None,
 ):
     torch.manual_seed(seed)
@@ -305,7 +305,7 @@ def main():
     parser.add_argument("--tcm_objective", choices=["continuous", "discrete"], default="continuous")
     parser.add_argument("--stage2_steps", type=int, default=None, help="default: half of --distill_steps")
     parser.add_argument("--stage2_lr", type=float, default=None, help="default: half of --distill_lr")
-    parser.add_argument("--boundary_weight", type=float, default=0.1)
+    parser.add_argument("--boundary_weight", type=float, default=None, help="default: 0.1 discrete, 1.0 continuous")
     parser.add_argument("--cache_dir", type=str, default=None, help="keep teacher and Stage-1 weights here")
     parser.add_argument("--json", default="toy_2d.json")
     args = parser.parse_args()

@@ -339,10 +339,14 @@ def test_boundary_term_vanishes_when_student_equals_stage1(objective):
         dsigma = sigma * (1 - 0.875) * (1 + 8 / (1 + math.exp(sigma)))  # step 25: stage 2, ratio 0.875
         boundary = (torch.sqrt(diff + 0.01) - 0.1) / dsigma
         unweighted = torch.sqrt(diff + 0.01) - 0.1
-    else:  # ||F_theta - F_stage1||^2 / D = ||f_theta - f_stage1||^2 / ((sd sin t')^2 D)
-        boundary = unweighted = diff / ((SD * math.sin(tb)) ** 2 * x0[0].numel())
+    else:  # logged: ||F_theta - F_stage1||^2 / D = ||f_theta - f_stage1||^2 / ((sd sin t')^2 D); the loss: the pull
+        D = x0[0].numel()  # F_stage1 - F_theta normalized, ||p / (||p|| + c)||^2 / D at F_theta = F_minus
+        unweighted = diff / ((SD * math.sin(tb)) ** 2 * D)
+        norm = diff.sqrt() / (SD * math.sin(tb))
+        boundary = (norm / (norm + 0.1)) ** 2 / D
     assert logs["boundary_loss"].item() == pytest.approx(unweighted.mean().item(), rel=1e-9)
-    assert (loss - loss0).item() == pytest.approx(0.1 * boundary.mean().item(), rel=1e-9)
+    assert loss_fn.boundary_weight == (0.1 if objective == "discrete" else 1.0)  # the defaults
+    assert (loss - loss0).item() == pytest.approx(loss_fn.boundary_weight * boundary.mean().item(), rel=1e-9)
     assert (loss - loss0).item() > 1e-6
 
 

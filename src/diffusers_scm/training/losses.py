@@ -170,11 +170,7 @@ class SCMLoss:
         # g = -cos^2 t (sd F_minus - dxdt) - r (cos t sin t x_t + sd cos t sin t dF/dt)
         r = self.warmup_ratio(step)
         g = -(cos**2) * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * jvp_out)
-        g_norm = _per_sample_sq(g).sqrt()
-        if self.tangent_norm == "rms":
-            g_norm = g_norm / math.sqrt(g[0].numel())
-        if self.tangent_norm_c is not None:
-            g = g / (_bcast(g_norm, g) + self.tangent_norm_c)
+        g, g_norm = self.normalize(g)
         target_ok = torch.isfinite(g.flatten(1)).all(1) & torch.isfinite(F_minus.flatten(1)).all(1)
         return {
             "x0": x0,
@@ -186,6 +182,15 @@ class SCMLoss:
             "warmup_ratio": r,
             "target_ok": target_ok,
         }
+
+    def normalize(self, g: torch.Tensor):
+        """`(g / (||g|| + c), ||g||)` with the configured norm ("l2" or "rms") and c; g unchanged when c is `None`."""
+        g_norm = _per_sample_sq(g).sqrt()
+        if self.tangent_norm == "rms":
+            g_norm = g_norm / math.sqrt(g[0].numel())
+        if self.tangent_norm_c is not None:
+            g = g / (_bcast(g_norm, g) + self.tangent_norm_c)
+        return g, g_norm
 
     def per_sample_loss(self, F_theta: torch.Tensor, targets: dict, logvar_head=None):
         """
