@@ -149,10 +149,12 @@ def reference_images(name: str, resolution: int, channels: int, image_column: st
 
 
 def save_grid(images: torch.Tensor, path: str, scale: int = 4):
-    """A square grid of images in [-1, 1], each upscaled `scale` times (nearest) so small images stay visible."""
+    """A square grid of images in [-1, 1], each upscaled `scale` times (nearest) so small images stay visible, and
+    framed in gray."""
     from diffusers.utils import make_image_grid, numpy_to_pil
 
     images = ((images.clamp(-1, 1) + 1) / 2).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    images = torch.nn.functional.pad(images, (1, 1, 1, 1), value=0.5)  # a gray frame between neighbours
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     pil = numpy_to_pil(images.permute(0, 2, 3, 1).numpy())
