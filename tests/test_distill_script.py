@@ -97,9 +97,7 @@ def test_two_process_distillation_resume_and_loading(teacher_dir, tmp_path):
         images = pipe(
             batch_size=2, num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0)
         ).images
-        assert images.shape == (2, 16, 16, 1)
-    pipe.scheduler.set_timesteps(2)  # the two-step middle time given to distill.py
-    assert abs(float(pipe.scheduler.timesteps[1]) - 0.9) < 1e-6 and images.min() >= 0 and images.max() <= 1
+        assert images.shape == (2, 16, 16, 1) and images.min() >= 0 and images.max() <= 1
 
     # resuming from checkpoint-2 reproduces the uninterrupted losses of steps 3 and 4
     resumed = str(tmp_path / "resumed")
