@@ -21,7 +21,6 @@ clean-fid, weights already on disk or `--inception_weights`; against `--referenc
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler, TrigFlowScheduler
 from diffusers_scm.metrics import InceptionFeatures, feature_statistics, frechet_distance, load_digits_classifier
 from diffusers_scm.metrics import paired_rmse as rmse
+from diffusers_scm.utils import square_image_grid
 
 
 METRICS = ("fd_digits", "fid", "paired_rmse")
@@ -151,16 +151,12 @@ def reference_images(name: str, resolution: int, channels: int, image_column: st
 def save_grid(images: torch.Tensor, path: str, scale: int = 4):
     """A square grid of images in [-1, 1], each upscaled `scale` times (nearest) so small images stay visible, and
     framed in gray."""
-    from diffusers.utils import make_image_grid, numpy_to_pil
+    from diffusers.utils import numpy_to_pil
 
     images = ((images.clamp(-1, 1) + 1) / 2).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     images = torch.nn.functional.pad(images, (1, 1, 1, 1), value=0.5)  # a gray frame between neighbours
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    pil = numpy_to_pil(images.permute(0, 2, 3, 1).numpy())
-    pil += [pil[0].point(lambda _: 0)] * (rows * cols - len(images))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    make_image_grid(pil, rows=rows, cols=cols).save(path)
+    square_image_grid(numpy_to_pil(images.permute(0, 2, 3, 1).numpy())).save(path)
 
 
 def format_table(rows: list[dict]) -> str:

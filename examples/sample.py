@@ -6,12 +6,11 @@ With `--ode_solver`, the network is sampled as a diffusion model (a teacher) by 
 """
 
 import argparse
-import math
 
 import torch
-from diffusers.utils import make_image_grid
 
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler
+from diffusers_scm.utils import square_image_grid
 
 
 def parse_args(argv=None):
@@ -47,10 +46,7 @@ def main(argv=None):
         class_labels=labels,
         generator=generators,
     ).images
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    images = images + [images[0].copy().point(lambda _: 0)] * (rows * cols - len(images))
-    make_image_grid(images, rows=rows, cols=cols).save(args.output)
+    square_image_grid(images).save(args.output)
     print(f"wrote {args.output}: {args.batch_size} images, {args.num_inference_steps} steps")
 
 

@@ -154,16 +154,15 @@ def time_bucket_logs(logs) -> dict:
 @torch.no_grad()
 def log_validation(accelerator, output_dir, network, scheduler, step, step_counts, num_images, conditional):
     """Sample grids from fixed noise for each step count; save them as PNG and log them to the trackers."""
-    from diffusers.utils import make_image_grid, numpy_to_pil
+    from diffusers.utils import numpy_to_pil
 
     from ..pipelines import SCMPipeline
+    from ..utils import square_image_grid
 
     pipe = SCMPipeline(scheduler=scheduler, **{network_component(network): network})
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(num_images)] if conditional else None
     os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
-    cols = int(math.ceil(math.sqrt(num_images)))
-    rows = math.ceil(num_images / cols)
     grids = {}
     for steps in step_counts:
         images = pipe(
@@ -173,9 +172,7 @@ def log_validation(accelerator, output_dir, network, scheduler, step, step_count
             output_type="np",
             generator=[torch.Generator().manual_seed(i) for i in range(num_images)],
         ).images
-        pil = numpy_to_pil(images)
-        pil += [pil[0].point(lambda _: 0)] * (rows * cols - num_images)
-        make_image_grid(pil, rows=rows, cols=cols).save(
+        square_image_grid(numpy_to_pil(images)).save(
             os.path.join(output_dir, "samples", f"step-{step:07d}-{steps}step.png")
         )
         grids[steps] = images
