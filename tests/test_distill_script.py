@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from diffusers_scm import SCMPipeline
 from diffusers_scm.training import load_teacher
 
 
+LAUNCH_TIMEOUT = int(os.environ.get("DIFFUSERS_SCM_TEST_LAUNCH_TIMEOUT", "300"))
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "distill.py")
 
 
@@ -41,10 +43,51 @@ def _launch(args, processes=2):
         cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
     else:
         cmd += ["--num_processes", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd + [SCRIPT, *args], capture_output=True, text=True, timeout=300, env=env)
+    # PYTHONFAULTHANDLER: a run that hangs is stopped with SIGABRT, and each process prints where it was waiting
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cmd + [SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        for pid in reversed(_descendants(proc.pid)):  # the workers first, then the launcher
+            _signal(pid, signal.SIGABRT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            for pid in [proc.pid, *_descendants(proc.pid)]:
+                _signal(pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"the launch did not finish in {LAUNCH_TIMEOUT} s; stacks of its processes:\n{stderr[-20000:]}")
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return res
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (from /proc; empty where there is no /proc)."""
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal(pid: int, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _losses(folder):
