@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from diffusers_scm import SCMPipeline
 from diffusers_scm.training import load_teacher
 
 
-LAUNCH_TIMEOUT = int(os.environ.get("DIFFUSERS_SCM_TEST_LAUNCH_TIMEOUT", "300"))
+LAUNCH_TIMEOUT = int(os.environ.get("DIFFUSERS_SCM_TEST_LAUNCH_TIMEOUT", "180"))
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "distill.py")
 
 
@@ -43,24 +44,44 @@ def _launch(args, processes=2):
         cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
     else:
         cmd += ["--num_processes", "1"]
-    # PYTHONFAULTHANDLER: a run that hangs is stopped with SIGABRT, and each process prints where it was waiting
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen(cmd + [SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        for pid in reversed(_descendants(proc.pid)):  # the workers first, then the launcher
-            _signal(pid, signal.SIGABRT)
-        try:
-            stdout, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            for pid in [proc.pid, *_descendants(proc.pid)]:
-                _signal(pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-        pytest.fail(f"the launch did not finish in {LAUNCH_TIMEOUT} s; stacks of its processes:\n{stderr[-20000:]}")
-    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    res = _run_with_stacks(cmd + [SCRIPT, *args])
+    if res is None:  # stalled (seen once on a shared CI machine, never reproduced): report, then one fresh try
+        stalled = _run_with_stacks.last_stderr
+        warnings.warn(f"the launch did not finish in {LAUNCH_TIMEOUT} s and was run again; stacks:\n{stalled}")
+        if "--output_dir" in args:
+            shutil.rmtree(args[args.index("--output_dir") + 1], ignore_errors=True)
+        if processes > 1:
+            cmd[cmd.index("--main_process_port") + 1] = str(_free_port())
+        res = _run_with_stacks(cmd + [SCRIPT, *args])
+        if res is None:
+            pytest.fail(
+                f"the launch did not finish in {LAUNCH_TIMEOUT} s, twice; stacks:\n{stalled}\n---\n"
+                f"{_run_with_stacks.last_stderr}"
+            )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return res
+
+
+def _run_with_stacks(cmd):
+    """Run `cmd`; None if it does not finish in LAUNCH_TIMEOUT s, after each of its processes has printed its Python
+    stack (PYTHONFAULTHANDLER, then SIGABRT) into `_run_with_stacks.last_stderr`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in reversed(_descendants(proc.pid)):  # the workers first, then the launcher
+        _signal(pid, signal.SIGABRT)
+    try:
+        stdout, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            _signal(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    _run_with_stacks.last_stderr = stderr[-20000:]
+    return None
 
 
 def _descendants(pid: int) -> list[int]:
