@@ -186,3 +186,27 @@ def test_interrupted_save_keeps_the_existing_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(acc, str(tmp_path), 5, {"student": torch.nn.Linear(2, 2)}, opt)
     assert (tmp_path / "checkpoint-5" / "student.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("tensorboard_installed", [True, False])
+def test_report_to_names_missing_trackers(monkeypatch, tensorboard_installed):
+    """A named tracker that is not installed is an error with the fix (accelerate would only warn, and log nothing);
+    the default is tensorboard when it is installed, else no tracker."""
+    import importlib.util
+
+    from diffusers_scm.training.script_utils import resolve_report_to
+
+    installed = {"tensorboard"} if tensorboard_installed else set()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in installed else None)
+    assert resolve_report_to(None) == (["tensorboard"] if tensorboard_installed else None)
+    assert resolve_report_to("none") is None and resolve_report_to("all") == "all"
+    with pytest.raises(ValueError, match="pip install wandb.*--report_to none"):
+        resolve_report_to("wandb")
+    with pytest.raises(ValueError, match="pip install (tensorboard )?wandb"):
+        resolve_report_to("tensorboard,wandb")
+    if tensorboard_installed:
+        assert resolve_report_to("tensorboard") == ["tensorboard"]
+        assert resolve_report_to("comet_ml, tensorboard") == ["comet_ml", "tensorboard"]  # others: accelerate's check
+    else:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            resolve_report_to("tensorboard")

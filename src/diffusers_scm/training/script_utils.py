@@ -55,7 +55,12 @@ def add_common_args(p, output_dir: str):
     p.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--validation_steps", type=int, default=500)
     p.add_argument("--num_validation_images", type=int, default=16)
-    p.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none")
+    p.add_argument(
+        "--report_to",
+        type=str,
+        default=None,
+        help="tensorboard, wandb (comma-separated for several), all or none; default: tensorboard when installed",
+    )
     p.add_argument("--logging_dir", type=str, default="logs")
     p.add_argument("--seed", type=int, default=0)
     # Hugging Face Hub: a model card is always written into the output folder; --push_to_hub uploads the pipeline
@@ -65,6 +70,33 @@ def add_common_args(p, output_dir: str):
     p.add_argument("--hub_private_repo", action="store_true", help="create the repository as private")
     p.add_argument("--hub_license", type=str, default="apache-2.0", help="card license (a student: the teacher's)")
     return p
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def resolve_report_to(report_to: str | None) -> list[str] | str | None:
+    """The trackers for `Accelerator(log_with=...)` from --report_to. Named trackers must be installed (accelerate
+    would skip a missing one with only a warning, and the run would log nothing); the default is tensorboard when it
+    is installed, else none."""
+    import importlib.util
+
+    installed = {name: importlib.util.find_spec(pkg) is not None for name, pkg in TRACKER_PACKAGES.items()}
+    if report_to is None:
+        if not installed["tensorboard"]:
+            logger.info("tensorboard is not installed: no training logs (pip install tensorboard, or --report_to).")
+        return ["tensorboard"] if installed["tensorboard"] else None
+    if report_to in ("none", "all"):
+        return None if report_to == "none" else "all"
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    missing = [name for name in names if not installed.get(name, True)]
+    if missing:
+        packages = " ".join(TRACKER_PACKAGES[name] for name in missing)
+        raise ValueError(
+            f"--report_to {report_to}: {', '.join(missing)} not installed. Install it (pip install {packages}) or "
+            "choose another tracker (--report_to none logs nothing)."
+        )
+    return names
 
 
 def make_accelerator(args, project_name: str):
@@ -77,7 +109,7 @@ def make_accelerator(args, project_name: str):
         cpu=on_cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=resolve_report_to(args.report_to),
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
