@@ -1,6 +1,7 @@
 """End to end: `accelerate launch examples/distill.py` on CPU (two processes, gloo) with a tiny random teacher."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -116,6 +117,11 @@ def _losses(folder):
         return {row["step"]: row["loss"] for row in map(json.loads, f)}
 
 
+def _rates(folder):
+    with open(os.path.join(folder, "loss_log.jsonl")) as f:
+        return {row["step"]: row["lr"] for row in map(json.loads, f)}
+
+
 def test_two_process_distillation_resume_and_loading(teacher_dir, tmp_path):
     out = str(tmp_path / "student")
     common = [
@@ -139,6 +145,10 @@ def test_two_process_distillation_resume_and_loading(teacher_dir, tmp_path):
         "2",
         "--learning_rate",
         "1e-3",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "1",
         "--report_to",
         "none",
     ]
@@ -169,6 +179,10 @@ def test_two_process_distillation_resume_and_loading(teacher_dir, tmp_path):
     _launch(common + ["--output_dir", resumed, "--resume_from_checkpoint", "latest"])
     full, again = _losses(out), _losses(resumed)
     assert sorted(again) == [3, 4]
+    # the learning-rate schedule (cosine after one warmup step) continues too: lr of update k (k = 1..4)
+    expected = [0.0] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (k - 1) / 3)) for k in (1, 2, 3)]
+    assert [_rates(out)[k] for k in (1, 2, 3, 4)] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert [_rates(resumed)[k] for k in (3, 4)] == pytest.approx(expected[2:], rel=1e-6)
     for step in (3, 4):
         assert abs(again[step] - full[step]) <= 1e-6 * max(1.0, abs(full[step])), (step, again[step], full[step])
 

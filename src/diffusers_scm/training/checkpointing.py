@@ -60,10 +60,11 @@ def save_checkpoint(
     ema=None,
     generators: dict | None = None,
     total_limit: int | None = None,
+    lr_scheduler=None,
 ) -> str:
     """
     Save `checkpoint-<step>`: each module's weights (unwrapped) and the EMA as safetensors, the optimizer state,
-    and per process the torch RNG state and the named generators (for exact resumption).
+    the learning-rate schedule, and per process the torch RNG state and the named generators (for exact resumption).
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
@@ -81,6 +82,8 @@ def save_checkpoint(
             save_file(_contiguous(ema.state_dict()["shadow"]), os.path.join(tmp, "ema.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         meta = {"step": step, "ema_num_updates": None if ema is None else ema.num_updates}
+        if lr_scheduler is not None:  # LambdaLR: counters and learning rates (its lambdas are rebuilt from the flags)
+            meta["lr_scheduler"] = lr_scheduler.state_dict()
         if accelerator.scaler is not None:
             meta["grad_scaler"] = dict(accelerator.scaler.state_dict().items())
         with open(os.path.join(tmp, "training_state.json"), "w") as f:
@@ -102,7 +105,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    accelerator, folder: str, modules: dict, optimizer, ema=None, generators: dict | None = None
+    accelerator, folder: str, modules: dict, optimizer, ema=None, generators: dict | None = None, lr_scheduler=None
 ) -> int:
     """Restore what `save_checkpoint` wrote; returns the step. Fails with a clear error on a damaged folder."""
     needed = [f"{name}.safetensors" for name in modules] + ["optimizer.pt", "training_state.json"]
@@ -121,6 +124,8 @@ def load_checkpoint(
             ema.load_state_dict(
                 {"shadow": load_file(os.path.join(folder, "ema.safetensors")), "num_updates": meta["ema_num_updates"]}
             )
+        if lr_scheduler is not None and "lr_scheduler" in meta:
+            lr_scheduler.load_state_dict(meta["lr_scheduler"])
         if accelerator.scaler is not None and "grad_scaler" in meta:
             accelerator.scaler.load_state_dict(meta["grad_scaler"])
         rng_path = os.path.join(folder, f"rng_state_{accelerator.process_index}.safetensors")

@@ -35,6 +35,14 @@ def add_common_args(p, output_dir: str):
     p.add_argument("--train_batch_size", type=int, default=32, help="per device")
     p.add_argument("--max_train_steps", type=int, default=1000)
     p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument(
+        "--lr_scheduler",
+        choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"],
+        default="constant",
+        help="learning-rate schedule over --max_train_steps (diffusers.optimization); a decay to 0 removes the "
+        "late-training jitter of the normalized sCM gradient",
+    )
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.99)
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
@@ -136,6 +144,8 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
     The generator for times and noise is saved in checkpoints, so a resumed run draws what the uninterrupted run
     would have drawn.
     """
+    from diffusers.optimization import get_scheduler
+
     from .ema import make_ema
     from .logvar import LogVarHead
 
@@ -154,12 +164,17 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
+    # stepped once per optimizer update by train_loop (not prepared: accelerate would step it once per process)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+    )
     model, logvar_head, optimizer, loader = accelerator.prepare(model, logvar_head, optimizer, loader)
     ema = make_ema(accelerator.unwrap_model(model).inner_model, args.ema_sigma_rel, args.ema_decay)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
     state = {
         "modules": {module_name: model, "logvar_head": logvar_head},
         "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler,
         "ema": ema,
         "generators": {"noise": generator},
     }
@@ -340,6 +355,8 @@ def train_loop(args, accelerator, model, optimizer, loader, ema, state, compute_
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
+            lr = optimizer.param_groups[0]["lr"]  # the rate this update used
+            state["lr_scheduler"].step()
             ema.step(accelerator.unwrap_model(model).inner_model)
             global_step += 1
             progress.update(1)
@@ -347,7 +364,7 @@ def train_loop(args, accelerator, model, optimizer, loader, ema, state, compute_
             log = {
                 "loss": mean_loss,
                 "skipped_steps": skipped,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": lr,
                 **time_bucket_logs(logs),
             }
             for key in ("tangent_norm", "logvar", "boundary_loss"):
@@ -364,7 +381,7 @@ def train_loop(args, accelerator, model, optimizer, loader, ema, state, compute_
             accelerator.log(log, step=global_step)
             if accelerator.is_main_process:
                 with open(os.path.join(args.output_dir, "loss_log.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": global_step, "loss": mean_loss}) + "\n")
+                    f.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": lr}) + "\n")
             if global_step % args.checkpointing_steps == 0:
                 path = save_checkpoint(
                     accelerator, args.output_dir, global_step, **state, total_limit=args.checkpoints_total_limit
