@@ -34,6 +34,7 @@ from diffusers_scm.training.script_utils import (
     make_accelerator,
     prepare_training,
     publish_pipeline,
+    push_checkpoint,
     train_loop,
 )
 
@@ -242,13 +243,19 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
             return loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, **cond)
         return loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, logvar_head=head, **cond)
 
-    def validate(step):
+    def ema_pipeline_parts():
         unwrapped = accelerator.unwrap_model(student)
         network = ema.averaged_model(unwrapped.inner_model).eval()
-        scheduler = student_scheduler(unwrapped, **(scheduler_kwargs or {}))
+        return network, student_scheduler(unwrapped, **(scheduler_kwargs or {}))
+
+    def validate(step):
+        network, scheduler = ema_pipeline_parts()
         log_validation(
             accelerator, args.output_dir, network, scheduler, step, (1, 2), args.num_validation_images, conditional
         )
+
+    def on_checkpoint(step, skipped):
+        push_checkpoint(args, accelerator, *ema_pipeline_parts(), step, skipped)
 
     global_step, skipped = train_loop(
         args,
@@ -262,6 +269,7 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         validate,
         desc=method.upper() if method != "tcm" else f"TCM stage 2 ({args.tcm_objective})",
         accumulate=(student, logvar_head),
+        on_checkpoint=on_checkpoint if args.push_to_hub and args.push_at_checkpoints else None,
     )
     return student, ema, global_step, skipped
 
@@ -287,7 +295,9 @@ def run_tcm(args, accelerator):
     stage1_path, start_stage = args.stage1_model, args.stage2_start_stage
     if stage1_path is None:
         stage1_path = stage1_dir
-        stage1_args = argparse.Namespace(**{**vars(args), "output_dir": stage1_dir, "resume_from_checkpoint": resume1})
+        stage1_args = argparse.Namespace(
+            **{**vars(args), "output_dir": stage1_dir, "resume_from_checkpoint": resume1, "push_at_checkpoints": False}
+        )  # the repository is the Stage-2 student's: Stage 1 is not pushed
         if args.resume_from_checkpoint and _stage1_finished(stage1_dir):
             logger.info("Stage 1 is finished in %s: going on with Stage 2.", stage1_dir)
         elif resume2 is not None and resume2 != "latest":

@@ -27,6 +27,7 @@ from diffusers_scm.training.script_utils import (
     make_accelerator,
     prepare_training,
     publish_pipeline,
+    push_checkpoint,
     train_loop,
 )
 
@@ -94,18 +95,25 @@ def main(argv=None):
         head = None if args.no_adaptive_weighting else logvar_head
         return loss_fn(model, x0, t=t, noise=noise, logvar_head=head, **cond)
 
-    def validate(step):
+    def ema_pipeline_parts():
         network = ema.averaged_model(accelerator.unwrap_model(model).inner_model).eval()
+        return network, TrigFlowODEScheduler.from_config(scheduler.config)
+
+    def validate(step):
+        network, sampler = ema_pipeline_parts()
         log_validation(
             accelerator,
             args.output_dir,
             network,
-            TrigFlowODEScheduler.from_config(scheduler.config),
+            sampler,
             step,
             args.validation_nfe,
             args.num_validation_images,
             conditional,
         )
+
+    def on_checkpoint(step, skipped):
+        push_checkpoint(args, accelerator, *ema_pipeline_parts(), step, skipped)
 
     steps, skipped = train_loop(
         args,
@@ -119,6 +127,7 @@ def main(argv=None):
         validate,
         desc="teacher",
         accumulate=(model, logvar_head),
+        on_checkpoint=on_checkpoint if args.push_to_hub and args.push_at_checkpoints else None,
     )
     finish_training(accelerator, args.output_dir, model, ema, scheduler, steps, skipped)
     publish_pipeline(args, accelerator, sample_steps=args.validation_nfe)

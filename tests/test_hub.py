@@ -20,7 +20,7 @@ import torch
 from conftest import tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler
 from huggingface_hub import HfApi, ModelCard, RepoUrl, constants
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 from diffusers_scm import SCMPipeline, SCMUNet2DModel, TrigFlowODEScheduler, TrigFlowScheduler
 from diffusers_scm.hub import (
@@ -263,6 +263,10 @@ def test_distill_with_teacher_hub_id_writes_card_and_pushes_pipeline(hub_cache, 
         ["--teacher", "org/teacher", "--output_dir", str(hub_out), *common]
         + ["--push_to_hub", "--hub_model_id", "digits-student", "--hub_token", "hf_secret", "--hub_private_repo"]
     )
+    with pytest.raises(ValueError, match="--push_at_checkpoints uploads to the Hub: add --push_to_hub"):
+        distill.main(
+            ["--teacher", "org/teacher", "--output_dir", str(tmp_path / "x"), *common, "--push_at_checkpoints"]
+        )
 
     # the teacher loaded by Hub id trains the same student as the teacher loaded from its folder
     weights = [load_file(out / "unet" / "diffusion_pytorch_model.safetensors") for out in (local_out, hub_out)]
@@ -292,6 +296,47 @@ def test_distill_with_teacher_hub_id_writes_card_and_pushes_pipeline(hub_cache, 
     assert "hf_secret" not in card.content and "hf_secret" not in (hub_out / "training_args.json").read_text()
     # the run without --push_to_hub still wrote a card, for its folder
     assert f'SCMPipeline.from_pretrained("{local_out}")' in (local_out / "README.md").read_text()
+
+
+def test_push_at_checkpoints_uploads_each_checkpoints_ema_pipeline(tmp_path, monkeypatch):
+    """--push_at_checkpoints: one commit per checkpoint with that step's EMA pipeline and card, then the final one."""
+    teacher = tiny_student(seed=4, scheduler=TrigFlowODEScheduler(solver="dpmsolver++"))
+    teacher.save_pretrained(tmp_path / "teacher")
+    hub = HubRecorder(monkeypatch)
+    out = tmp_path / "student"
+    _load_script("distill").main(
+        ["--teacher", str(tmp_path / "teacher"), "--output_dir", str(out), "--resolution", "8"]
+        + [
+            "--train_batch_size",
+            "4",
+            "--max_train_steps",
+            "3",
+            "--checkpointing_steps",
+            "1",
+            "--validation_steps",
+            "5",
+        ]
+        + ["--tangent_warmup_steps", "1", "--report_to", "none", "--learning_rate", "1e-3"]
+        + ["--push_to_hub", "--hub_model_id", "org/student", "--push_at_checkpoints", "--ema_decay", "0.5"]
+    )
+    messages = [c["message"] for c in hub.commits]
+    assert messages[:3] == [f"Checkpoint: the EMA pipeline after {k} training steps" for k in (1, 2, 3)]
+    assert len(hub.commits) == 4 and "after 3 training steps" in messages[3]
+    files = [sorted(c["files"]) for c in hub.commits]
+    pipeline = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json"]
+    pipeline.append("unet/diffusion_pytorch_model.safetensors")
+    assert files[0] == files[1] == files[2] == sorted(["README.md", *pipeline])
+    assert files[3] == sorted(["README.md", "sample_grid.png", *pipeline])
+    # each checkpoint commit holds that step's EMA weights (they change every step), the last one the final weights
+    weights = [load(c["files"]["unet/diffusion_pytorch_model.safetensors"]) for c in hub.commits]
+    for a, b in zip(weights[:2], weights[1:3]):
+        assert max((a[k] - b[k]).abs().max().item() for k in a) > 0
+    assert all(torch.equal(weights[2][k], weights[3][k]) for k in weights[3])
+    card = ModelCard(hub.commits[1]["files"]["README.md"].decode())
+    assert 'SCMPipeline.from_pretrained("org/student")' in card.text and " for 2 steps" in card.text
+    # the temporary upload folders are gone; the checkpoints themselves were never uploaded
+    assert not [d for d in os.listdir(out) if d.startswith(".hub-checkpoint")]
+    assert not any(f.startswith("checkpoint-") for c in hub.commits for f in c["files"])
 
 
 def test_train_teacher_card_and_push(hub_cache, tmp_path, monkeypatch):

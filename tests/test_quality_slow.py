@@ -15,15 +15,12 @@ def _load_example(name):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: after 10,000 sCD steps (c = 0.003) the students' MMD is 1.80x (1 step) and 1.73x (2 steps) the "
-    "teacher's (targets 1.5x and 1.25x)",
-)
 def test_scd_on_2d_mixture_reaches_the_teacher():
-    """Targets of the sCD issue: 2-step student within 1.25x of the teacher's ODE distance to the data, 1-step 1.5x."""
+    """Targets of the sCD issue: 2-step student within 1.25x of the teacher's ODE distance to the data, 1-step 1.5x.
+    3,000 sCD steps with the learning rate decayed on a cosine (measured: 1.29x and 1.07x; with a constant rate the
+    students stayed near 1.8x even after 20,000 steps)."""
     toy = _load_example("toy_2d")
-    result = toy.run(teacher_steps=3000, distill_steps=10000)
+    result = toy.run(teacher_steps=3000, distill_steps=3000, lr_schedule="cosine", intermediate_timestep=0.4)
     rows = {r["sampler"]: r for r in result["rows"]}
     teacher = rows["teacher ODE, 64 steps"]
     assert teacher["off_mode_fraction"] < 0.1, teacher  # the teacher itself has learned the modes

@@ -448,7 +448,9 @@ def test_continuous_stage2_stays_anchored_on_2d_data():
     spec = importlib.util.spec_from_file_location("toy_2d", path)
     toy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(toy)
-    result = toy.run(teacher_steps=3000, distill_steps=1500, batch=512, method="tcm", stage2_steps=800)
+    result = toy.run(
+        teacher_steps=3000, distill_steps=1500, batch=512, method="tcm", stage2_steps=800, lr_schedule="constant"
+    )
     rows = {r["sampler"]: r for r in result["rows"]}
     stage1 = rows["stage 1 (scd, 1500), 1-step"]["mmd_to_data"]
     stage2 = rows["stage 2 (continuous, +800), 1-step"]

@@ -71,6 +71,7 @@ _UNREPORTED_ARGS = {
     "model",
     "stage1_model",
     "push_to_hub",
+    "push_at_checkpoints",
     "hub_model_id",
     "hub_token",
     "hub_private_repo",

@@ -11,6 +11,7 @@ import torch
 __all__ = [
     "add_common_args",
     "prepare_training",
+    "push_checkpoint",
     "train_loop",
     "make_accelerator",
     "network_component",
@@ -77,6 +78,11 @@ def add_common_args(p, output_dir: str):
     p.add_argument("--hub_token", type=str, default=None, help="default: the token saved by `hf auth login`")
     p.add_argument("--hub_private_repo", action="store_true", help="create the repository as private")
     p.add_argument("--hub_license", type=str, default="apache-2.0", help="card license (a student: the teacher's)")
+    p.add_argument(
+        "--push_at_checkpoints",
+        action="store_true",
+        help="with --push_to_hub: also upload the EMA pipeline and its card at every checkpoint (not the training state)",
+    )
     return p
 
 
@@ -112,6 +118,8 @@ def make_accelerator(args, project_name: str):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    if getattr(args, "push_at_checkpoints", False) and not args.push_to_hub:
+        raise ValueError("--push_at_checkpoints uploads to the Hub: add --push_to_hub (and --hub_model_id).")
     on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
         cpu=on_cpu,
@@ -308,10 +316,64 @@ def publish_pipeline(args, accelerator, sample_steps, num_sample_images: int = 8
     return commit
 
 
-def train_loop(args, accelerator, model, optimizer, loader, ema, state, compute_loss, validate, desc, accumulate):
+def push_checkpoint(args, accelerator, network, scheduler, step: int, skipped: int):
+    """
+    `--push_at_checkpoints`: upload the EMA pipeline of a checkpoint (network and scheduler) with its model card to
+    `args.hub_model_id`, one commit per checkpoint; the final push replaces it. The pipeline is written to a temporary
+    folder inside the output folder and removed after the upload. Runs on the main process.
+    """
+    import shutil
+
+    from ..hub import push_pipeline_to_hub, save_model_card
+    from ..pipelines import SCMPipeline
+
+    folder = os.path.join(args.output_dir, f".hub-checkpoint-{step}")
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        SCMPipeline(scheduler=scheduler, **{network_component(network): network}).save_pretrained(folder)
+        shutil.copy(os.path.join(args.output_dir, "training_args.json"), folder)
+        summary = {
+            "steps": step,
+            "skipped_steps": skipped,
+            "num_processes": accelerator.num_processes,
+            "device_type": accelerator.device.type,
+            "device_name": _device_name(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision,
+        }
+        with open(os.path.join(folder, "training_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        save_model_card(folder, repo_id=args.hub_model_id, license=args.hub_license)
+        commit = push_pipeline_to_hub(
+            folder,
+            args.hub_model_id,
+            token=args.hub_token,
+            private=args.hub_private_repo,
+            commit_message=f"Checkpoint: the EMA pipeline after {step} training steps",
+        )
+        logger.info("Pushed the step-%d pipeline to %s", step, commit.commit_url)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return commit
+
+
+def train_loop(
+    args,
+    accelerator,
+    model,
+    optimizer,
+    loader,
+    ema,
+    state,
+    compute_loss,
+    validate,
+    desc,
+    accumulate,
+    on_checkpoint=None,
+):
     """
     The scripts' training loop: resume, gradient accumulation, mixed precision, clipping, EMA, logging, checkpoints,
-    validation. `compute_loss(batch, step) -> (loss, logs)`; `validate(step)` runs on the main process.
+    validation. `compute_loss(batch, step) -> (loss, logs)`; `validate(step)` runs on the main process, and so does
+    `on_checkpoint(step, skipped)` (if given) after each checkpoint is saved.
     Non-finite losses skip the step on every process and are counted (SPEC.md pitfall 9). Returns (steps, skipped).
     """
     from tqdm.auto import tqdm
@@ -387,6 +449,8 @@ def train_loop(args, accelerator, model, optimizer, loader, ema, state, compute_
                     accelerator, args.output_dir, global_step, **state, total_limit=args.checkpoints_total_limit
                 )
                 logger.info("Saved %s", path)
+                if on_checkpoint is not None and accelerator.is_main_process:
+                    on_checkpoint(global_step, skipped)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 validate(global_step)
             if global_step >= args.max_train_steps:
