@@ -251,7 +251,15 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
     def validate(step):
         network, scheduler = ema_pipeline_parts()
         log_validation(
-            accelerator, args.output_dir, network, scheduler, step, (1, 2), args.num_validation_images, conditional
+            accelerator,
+            args.output_dir,
+            network,
+            scheduler,
+            step,
+            (1, 2),
+            args.num_validation_images,
+            conditional,
+            tracker_step=step + getattr(args, "log_step_offset", 0),
         )
 
     def on_checkpoint(step, skipped):
@@ -317,6 +325,11 @@ def run_tcm(args, accelerator):
             with open(os.path.join(stage1_dir, "training_summary.json")) as f:
                 start_stage = json.load(f)["steps"] // dt_stage_steps(stage1_args)
 
+    summary = os.path.join(stage1_dir, "training_summary.json")
+    stage1_steps = 0  # Stage 2 logs to the trackers after Stage 1's steps (not over them)
+    if args.stage1_model is None and os.path.isfile(summary):
+        with open(summary) as f:
+            stage1_steps = json.load(f)["steps"]
     if start_stage is None:  # a finished consistency model: start with the smallest step
         start_stage = ConsistencyLoss(q=args.dt_q, ratio_limit=args.dt_ratio_limit).stage_at_limit()
     stage1 = load_teacher(stage1_path, sigma_data=args.sigma_data)  # frozen: eval mode, no gradients
@@ -337,6 +350,7 @@ def run_tcm(args, accelerator):
             "tangent_warmup_steps": args.stage2_tangent_warmup_steps,
             "tcm_dividing_timestep": t_div,
             "seed": args.seed + 1,
+            "log_step_offset": stage1_steps,
         }
     )
     scheduler_kwargs = {"dividing_timestep": t_div, "intermediate_timesteps": mid}

@@ -146,3 +146,20 @@ def test_clear_errors_and_defaults(capsys):
     assert args.tcm_objective == "discrete"
     args = distill.parse_args(["--method", "tcm", "--stage1_model", "y"])  # Stage 2 only: truncated sCT
     assert args.tcm_stage1_method == "sct" and args.tcm_objective == "continuous"
+
+
+def test_stage2_logs_after_stage1_in_the_trackers(teacher_dir, tmp_path, monkeypatch):
+    """Both stages log to the same trackers: Stage 2's steps follow Stage 1's instead of overwriting them; the per-stage
+    loss_log.jsonl files keep their own step counts."""
+    import accelerate
+
+    logged = []
+    monkeypatch.setattr(accelerate.Accelerator, "log", lambda self, values, step=None, **kw: logged.append(step))
+    spec = importlib.util.spec_from_file_location("distill_for_log_steps", SCRIPT)
+    distill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(distill)
+    out = str(tmp_path / "tcm")
+    args = ["--method", "tcm", "--teacher", teacher_dir, "--max_train_steps", "2", "--stage2_max_train_steps", "3"]
+    distill.main(args + COMMON + ["--tangent_warmup_steps", "1", "--validation_steps", "100", "--output_dir", out])
+    assert logged == [1, 2, 3, 4, 5]
+    assert sorted(_losses(os.path.join(out, "stage1"))) == [1, 2] and sorted(_losses(out)) == [1, 2, 3]

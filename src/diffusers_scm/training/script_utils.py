@@ -207,8 +207,11 @@ def time_bucket_logs(logs) -> dict:
 
 
 @torch.no_grad()
-def log_validation(accelerator, output_dir, network, scheduler, step, step_counts, num_images, conditional):
-    """Sample grids from fixed noise for each step count; save them as PNG and log them to the trackers."""
+def log_validation(
+    accelerator, output_dir, network, scheduler, step, step_counts, num_images, conditional, tracker_step=None
+):
+    """Sample grids from fixed noise for each step count; save them as PNG (named by `step`) and log them to the
+    trackers (at `tracker_step`, default `step`)."""
     from diffusers.utils import numpy_to_pil
 
     from ..pipelines import SCMPipeline
@@ -231,6 +234,7 @@ def log_validation(accelerator, output_dir, network, scheduler, step, step_count
             os.path.join(output_dir, "samples", f"step-{step:07d}-{steps}step.png")
         )
         grids[steps] = images
+    step = step if tracker_step is None else tracker_step
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             for steps, images in grids.items():
@@ -440,7 +444,7 @@ def train_loop(
             if grad_norm is not None:
                 log["grad_norm"] = float(grad_norm)
             progress.set_postfix(loss=f"{mean_loss:.4f}")
-            accelerator.log(log, step=global_step)
+            accelerator.log(log, step=global_step + getattr(args, "log_step_offset", 0))  # TCM Stage 2: after Stage 1
             if accelerator.is_main_process:
                 with open(os.path.join(args.output_dir, "loss_log.jsonl"), "a") as f:
                     f.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": lr}) + "\n")
