@@ -339,6 +339,32 @@ def test_push_at_checkpoints_uploads_each_checkpoints_ema_pipeline(tmp_path, mon
     assert not any(f.startswith("checkpoint-") for c in hub.commits for f in c["files"])
 
 
+def test_failed_checkpoint_push_does_not_end_training(tmp_path, monkeypatch, caplog):
+    teacher = tiny_student(seed=4, scheduler=TrigFlowODEScheduler(solver="dpmsolver++"))
+    teacher.save_pretrained(tmp_path / "teacher")
+    hub = HubRecorder(monkeypatch)
+    record = HfApi.create_commit
+
+    def flaky(api, repo_id, operations, *, commit_message, **kwargs):
+        if commit_message.startswith("Checkpoint"):
+            raise OSError("connection reset")
+        return record(api, repo_id, operations, commit_message=commit_message, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", flaky)
+    out = tmp_path / "student"
+    with caplog.at_level("WARNING"):
+        _load_script("distill").main(
+            ["--teacher", str(tmp_path / "teacher"), "--output_dir", str(out), "--resolution", "8"]
+            + ["--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "1"]
+            + ["--validation_steps", "5", "--tangent_warmup_steps", "1", "--report_to", "none"]
+            + ["--push_to_hub", "--hub_model_id", "org/student", "--push_at_checkpoints"]
+        )
+    assert "Could not push the step-1 pipeline to org/student (OSError: connection reset)" in caplog.text
+    assert [c["message"] for c in hub.commits] == ["Upload the pipeline after 2 training steps"]
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+    assert not [d for d in os.listdir(out) if d.startswith(".hub-checkpoint")]
+
+
 def test_train_teacher_card_and_push(hub_cache, tmp_path, monkeypatch):
     hub = HubRecorder(monkeypatch)
     out = tmp_path / "digits-teacher"

@@ -324,7 +324,8 @@ def push_checkpoint(args, accelerator, network, scheduler, step: int, skipped: i
     """
     `--push_at_checkpoints`: upload the EMA pipeline of a checkpoint (network and scheduler) with its model card to
     `args.hub_model_id`, one commit per checkpoint; the final push replaces it. The pipeline is written to a temporary
-    folder inside the output folder and removed after the upload. Runs on the main process.
+    folder inside the output folder and removed after the upload. Runs on the main process. A failed upload is logged
+    and training goes on (the checkpoint is safe on disk; the final push still runs); returns the commit or None.
     """
     import shutil
 
@@ -355,9 +356,18 @@ def push_checkpoint(args, accelerator, network, scheduler, step: int, skipped: i
             commit_message=f"Checkpoint: the EMA pipeline after {step} training steps",
         )
         logger.info("Pushed the step-%d pipeline to %s", step, commit.commit_url)
+        return commit
+    except Exception as e:  # network or Hub errors must not end a long run (nor stall the other processes)
+        logger.warning(
+            "Could not push the step-%d pipeline to %s (%s: %s); training goes on.",
+            step,
+            args.hub_model_id,
+            type(e).__name__,
+            e,
+        )
+        return None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return commit
 
 
 def train_loop(
