@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler
-from huggingface_hub import HfApi, ModelCard, RepoUrl, constants
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, RepoUrl, constants
 from safetensors.torch import load, load_file
 
 from diffusers_scm import SCMPipeline, SCMUNet2DModel, TrigFlowODEScheduler, TrigFlowScheduler
@@ -216,9 +216,12 @@ def _load_script(name):
 class HubRecorder:
     """Replaces the HTTP calls of `HfApi` (create_repo, create_branch, create_commit) and records what they get."""
 
-    def __init__(self, monkeypatch, namespace="me"):
+    def __init__(self, monkeypatch, namespace="me", remote_files=(".gitattributes",)):
         self.repos, self.commits = [], []
         recorder = self
+
+        def list_repo_files(api, repo_id, *, revision=None, **kwargs):
+            return list(remote_files)
 
         def create_repo(api, repo_id, *, private=False, exist_ok=False, **kwargs):
             full = repo_id if "/" in repo_id else f"{namespace}/{repo_id}"
@@ -229,11 +232,13 @@ class HubRecorder:
             recorder.repos.append({"repo_id": repo_id, "branch": branch})
 
         def create_commit(api, repo_id, operations, *, commit_message, revision=None, create_pr=False, **kwargs):
-            files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+            adds = [op for op in operations if isinstance(op, CommitOperationAdd)]
+            files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in adds}
             recorder.commits.append(
                 {
                     "repo_id": repo_id,
                     "files": files,
+                    "deleted": [op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)],
                     "message": commit_message,
                     "revision": revision,
                     "token": api.token,
@@ -244,6 +249,7 @@ class HubRecorder:
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "create_branch", create_branch)
         monkeypatch.setattr(HfApi, "create_commit", create_commit)
+        monkeypatch.setattr(HfApi, "list_repo_files", list_repo_files)
 
 
 def test_distill_with_teacher_hub_id_writes_card_and_pushes_pipeline(hub_cache, tmp_path, monkeypatch):
@@ -536,7 +542,9 @@ def test_push_sends_exactly_the_pipeline_folder(tmp_path, monkeypatch):
         (folder / extra).parent.mkdir(parents=True, exist_ok=True)
         (folder / extra).write_text("not published")
     (folder / "unet" / ".DS_Store").write_text("")
-    hub = HubRecorder(monkeypatch)
+    # an earlier upload left a .bin weight in unet/; other files of the repository are not the pipeline's to delete
+    remote = [".gitattributes", "README.md", "unet/config.json", "unet/diffusion_pytorch_model.bin", "eval/r.json"]
+    hub = HubRecorder(monkeypatch, remote_files=remote)
     push_pipeline_to_hub(str(folder), "org/name", token="hf_x", private=True, commit_message="v1", revision="dev")
 
     assert hub.repos == [
@@ -555,6 +563,9 @@ def test_push_sends_exactly_the_pipeline_folder(tmp_path, monkeypatch):
     ]
     assert sorted(commit["files"]) == expected == sorted(pipeline_files(str(folder)))
     assert all(commit["files"][f] == (folder / f).read_bytes() for f in expected)
+    assert commit["deleted"] == ["unet/diffusion_pytorch_model.bin"]
+    push_pipeline_to_hub(str(folder), "org/name", commit_message="v2", delete_stale=False)
+    assert hub.commits[1]["deleted"] == [] and sorted(hub.commits[1]["files"]) == expected
 
 
 def test_command_line_renders_card_with_evaluation_and_pushes(tmp_path, monkeypatch, capsys):

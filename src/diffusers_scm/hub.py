@@ -481,9 +481,13 @@ def push_pipeline_to_hub(
     commit_message: str = "Upload SCMPipeline",
     revision: str | None = None,
     create_pr: bool = False,
+    delete_stale: bool = True,
 ):
     """
     Create the repository (if needed) and upload a pipeline folder in one commit: the files of `pipeline_files`.
+    With `delete_stale`, the same commit deletes the files of an earlier upload that sit in this pipeline's component
+    folders but are no longer part of it (an old `.bin` next to new safetensors, say); other files of the repository
+    are left alone.
 
     Args:
         folder (`str`): a pipeline folder, e.g. the `--output_dir` of `examples/distill.py`.
@@ -493,11 +497,12 @@ def push_pipeline_to_hub(
         commit_message (`str`): the commit message.
         revision (`str`, *optional*): a branch to commit to (created if needed); default the main branch.
         create_pr (`bool`, defaults to `False`): open a pull request instead of committing.
+        delete_stale (`bool`, defaults to `True`): delete stale files in the component folders (see above).
 
     Returns:
         `huggingface_hub.CommitInfo`: the commit (its `repo_url`, `commit_url`, `oid`).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     files = pipeline_files(folder)
     api = HfApi(token=token)
@@ -505,6 +510,11 @@ def push_pipeline_to_hub(
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f)) for f in files]
+    if delete_stale:
+        components = {f.split("/", 1)[0] for f in files if "/" in f}
+        remote = api.list_repo_files(repo_id, revision=revision)
+        stale = sorted(f for f in remote if f.split("/", 1)[0] in components and "/" in f and f not in files)
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
     return api.create_commit(
         repo_id=repo_id,
         operations=operations,
