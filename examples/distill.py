@@ -34,7 +34,6 @@ from diffusers_scm.training.script_utils import (
     make_accelerator,
     prepare_training,
     publish_pipeline,
-    push_checkpoint,
     train_loop,
 )
 
@@ -262,9 +261,6 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
             tracker_step=step + getattr(args, "log_step_offset", 0),
         )
 
-    def on_checkpoint(step, skipped):
-        push_checkpoint(args, accelerator, *ema_pipeline_parts(), step, skipped)
-
     global_step, skipped = train_loop(
         args,
         accelerator,
@@ -277,7 +273,7 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         validate,
         desc=method.upper() if method != "tcm" else f"TCM stage 2 ({args.tcm_objective})",
         accumulate=(student, logvar_head),
-        on_checkpoint=on_checkpoint if args.push_to_hub and args.push_at_checkpoints else None,
+        pipeline_parts=ema_pipeline_parts,
     )
     return student, ema, global_step, skipped
 
@@ -301,6 +297,7 @@ def run_tcm(args, accelerator):
     resume1, resume2 = _split_resume(args.resume_from_checkpoint, stage1_dir)
     teacher, init = build_models(args) if args.teacher or args.student else (None, None)
     stage1_path, start_stage = args.stage1_model, args.stage2_start_stage
+    stage1_steps = 0  # Stage 2 logs to the trackers after Stage 1's steps (not over them)
     if stage1_path is None:
         stage1_path = stage1_dir
         stage1_args = argparse.Namespace(
@@ -321,15 +318,11 @@ def run_tcm(args, accelerator):
             finish_training(accelerator, stage1_dir, student, ema, scheduler, steps, skipped, end_training=False)
             accelerator.free_memory()
         accelerator.wait_for_everyone()  # the main process has written the Stage-1 pipeline
-        if start_stage is None and args.tcm_stage1_method in ("cd", "ct"):  # continue the discrete step schedule
-            with open(os.path.join(stage1_dir, "training_summary.json")) as f:
-                start_stage = json.load(f)["steps"] // dt_stage_steps(stage1_args)
-
-    summary = os.path.join(stage1_dir, "training_summary.json")
-    stage1_steps = 0  # Stage 2 logs to the trackers after Stage 1's steps (not over them)
-    if args.stage1_model is None and os.path.isfile(summary):
-        with open(summary) as f:
+        with open(os.path.join(stage1_dir, "training_summary.json")) as f:
             stage1_steps = json.load(f)["steps"]
+        if start_stage is None and args.tcm_stage1_method in ("cd", "ct"):  # continue the discrete step schedule
+            start_stage = stage1_steps // dt_stage_steps(stage1_args)
+
     if start_stage is None:  # a finished consistency model: start with the smallest step
         start_stage = ConsistencyLoss(q=args.dt_q, ratio_limit=args.dt_ratio_limit).stage_at_limit()
     stage1 = load_teacher(stage1_path, sigma_data=args.sigma_data)  # frozen: eval mode, no gradients

@@ -27,7 +27,6 @@ from diffusers_scm.training.script_utils import (
     make_accelerator,
     prepare_training,
     publish_pipeline,
-    push_checkpoint,
     train_loop,
 )
 
@@ -112,9 +111,6 @@ def main(argv=None):
             conditional,
         )
 
-    def on_checkpoint(step, skipped):
-        push_checkpoint(args, accelerator, *ema_pipeline_parts(), step, skipped)
-
     steps, skipped = train_loop(
         args,
         accelerator,
@@ -127,7 +123,7 @@ def main(argv=None):
         validate,
         desc="teacher",
         accumulate=(model, logvar_head),
-        on_checkpoint=on_checkpoint if args.push_to_hub and args.push_at_checkpoints else None,
+        pipeline_parts=ema_pipeline_parts,
     )
     finish_training(accelerator, args.output_dir, model, ema, scheduler, steps, skipped)
     publish_pipeline(args, accelerator, sample_steps=args.validation_nfe)

@@ -382,12 +382,13 @@ def train_loop(
     validate,
     desc,
     accumulate,
-    on_checkpoint=None,
+    pipeline_parts=None,
 ):
     """
     The scripts' training loop: resume, gradient accumulation, mixed precision, clipping, EMA, logging, checkpoints,
-    validation. `compute_loss(batch, step) -> (loss, logs)`; `validate(step)` runs on the main process, and so does
-    `on_checkpoint(step, skipped)` (if given) after each checkpoint is saved.
+    validation. `compute_loss(batch, step) -> (loss, logs)`; `validate(step)` runs on the main process.
+    `pipeline_parts() -> (network, scheduler)` gives the EMA pipeline that `--push_at_checkpoints` uploads after each
+    checkpoint (main process).
     Non-finite losses skip the step on every process and are counted (SPEC.md pitfall 9). Returns (steps, skipped).
     """
     from tqdm.auto import tqdm
@@ -463,8 +464,8 @@ def train_loop(
                     accelerator, args.output_dir, global_step, **state, total_limit=args.checkpoints_total_limit
                 )
                 logger.info("Saved %s", path)
-                if on_checkpoint is not None and accelerator.is_main_process:
-                    on_checkpoint(global_step, skipped)
+                if args.push_to_hub and args.push_at_checkpoints and accelerator.is_main_process:
+                    push_checkpoint(args, accelerator, *pipeline_parts(), global_step, skipped)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 validate(global_step)
             if global_step >= args.max_train_steps:
