@@ -259,26 +259,29 @@ def finish_training(accelerator, output_dir, model, ema, scheduler, steps, skipp
         logger.warning("Replica weights differ after training: %s", checksums.tolist())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with open(os.path.join(output_dir, "training_summary.json"), "w") as f:
-            json.dump(
-                {
-                    "steps": steps,
-                    "skipped_steps": skipped,
-                    "num_processes": accelerator.num_processes,
-                    "device_type": accelerator.device.type,
-                    "device_name": _device_name(accelerator.device),
-                    "mixed_precision": accelerator.mixed_precision,
-                    "replicas_in_sync": in_sync,
-                    "replica_checksums": checksums.tolist(),
-                },
-                f,
-                indent=2,
-            )
+        _write_summary(
+            output_dir, accelerator, steps, skipped, replicas_in_sync=in_sync, replica_checksums=checksums.tolist()
+        )
         network = ema.averaged_model(unwrapped.inner_model).eval()
         SCMPipeline(scheduler=scheduler, **{network_component(network): network}).save_pretrained(output_dir)
         logger.info("Saved the EMA model to %s", output_dir)
     if end_training:
         accelerator.end_training()
+
+
+def _write_summary(folder: str, accelerator, steps: int, skipped: int, **extra):
+    """`training_summary.json`: steps, skipped steps and the hardware (what the model card reports), plus `extra`."""
+    summary = {
+        "steps": steps,
+        "skipped_steps": skipped,
+        "num_processes": accelerator.num_processes,
+        "device_type": accelerator.device.type,
+        "device_name": _device_name(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        **extra,
+    }
+    with open(os.path.join(folder, "training_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
 
 
 def _device_name(device) -> str:
@@ -337,16 +340,7 @@ def push_checkpoint(args, accelerator, network, scheduler, step: int, skipped: i
     try:
         SCMPipeline(scheduler=scheduler, **{network_component(network): network}).save_pretrained(folder)
         shutil.copy(os.path.join(args.output_dir, "training_args.json"), folder)
-        summary = {
-            "steps": step,
-            "skipped_steps": skipped,
-            "num_processes": accelerator.num_processes,
-            "device_type": accelerator.device.type,
-            "device_name": _device_name(accelerator.device),
-            "mixed_precision": accelerator.mixed_precision,
-        }
-        with open(os.path.join(folder, "training_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        _write_summary(folder, accelerator, step, skipped)
         save_model_card(folder, repo_id=args.hub_model_id, license=args.hub_license)
         commit = push_pipeline_to_hub(
             folder,
