@@ -168,7 +168,7 @@ def _cached(cache_dir, name, build):
     path = os.path.join(cache_dir, name) if cache_dir else None
     if path and os.path.isfile(path):
         model = build(fresh=False)
-        model.load_state_dict(torch.load(path))
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
     model = build(fresh=True)
     if path:

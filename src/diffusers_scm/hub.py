@@ -19,16 +19,18 @@ import argparse
 import importlib
 import importlib.resources
 import importlib.util
-import json
 import os
 import re
 from dataclasses import dataclass
+
+from .utils import read_json
 
 
 __all__ = [
     "download_pipeline",
     "download_teacher",
     "check_pipeline_folder",
+    "local_folder",
     "pipeline_files",
     "create_hub_repo",
     "push_pipeline_to_hub",
@@ -123,11 +125,6 @@ METHODS = {
 # Checking pipeline folders and model_index.json
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _components(index: dict) -> dict[str, tuple[str, str]]:
     """`{name: (library, class_name)}` for the components that `model_index.json` sets (not the `[null, null]`)."""
     return {
@@ -219,7 +216,7 @@ def check_pipeline_folder(
     path = os.path.join(folder, MODEL_INDEX)
     if not os.path.isfile(path):
         raise _not_a_pipeline(source, sorted(os.listdir(folder)) if os.path.isdir(folder) else None)
-    index = _read_json(path)
+    index = read_json(path)
     from diffusers import ModelMixin, SchedulerMixin
 
     for name, (library, class_name) in _check_index(index, source, pipeline_class, components, exclude).items():
@@ -233,6 +230,8 @@ def check_pipeline_folder(
             problem = f"has no {name}/{config}"
         elif issubclass(cls, ModelMixin) and not _has_weights(sub):
             problem = f"has no weights in {name}/ ({_WEIGHTS_STEM}.safetensors or .bin)"
+        elif issubclass(cls, (ModelMixin, SchedulerMixin)):
+            read_json(os.path.join(sub, config))  # a damaged config is named here, not deep inside diffusers
         if problem is not None:
             raise ValueError(
                 f"{source} lists the component {name!r} (`{library}.{class_name}`) in {MODEL_INDEX} but {problem}. "
@@ -241,6 +240,58 @@ def check_pipeline_folder(
                 "again with network access."
             )
     return index
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Local folder or Hub id
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id ("org/name"): absolute, relative with ./ ../ or ~, with a backslash, more than one
+    '/', or a trailing separator."""
+    return (
+        os.path.isabs(name)
+        or name in (".", "..", "~")
+        or name.startswith(("./", "../", "~", ".\\", "..\\"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith(("/", os.sep))
+    )
+
+
+def _nearest_existing(path: str) -> str | None:
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    return parent if os.path.isdir(parent) else None
+
+
+def local_folder(path_or_id: str | os.PathLike) -> str | None:
+    """
+    The local folder that `path_or_id` names (with `~` expanded), or `None` where it is a Hub id to download.
+
+    Raises:
+        `FileNotFoundError`: `path_or_id` looks like a local path (absolute; starting with `./`, `../` or `~`; with a
+            backslash, more than one `/` or a trailing separator) and does not exist. `NotADirectoryError`: it is a
+            file, not a folder.
+    """
+    name = os.fspath(path_or_id)
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise NotADirectoryError(
+            f"{name} is a file, not a folder: pass the folder that holds a pipeline ({MODEL_INDEX}) or a network "
+            "(config.json and its weights), as `save_pretrained` writes it."
+        )
+    if isinstance(path_or_id, os.PathLike) or _looks_local(name):
+        nearest = _nearest_existing(path)
+        hint = f" The nearest folder that exists is {nearest}." if nearest is not None else ""
+        raise FileNotFoundError(
+            f"{name} does not exist (a local folder was expected; a Hub id looks like 'org/name'). Check the path."
+            + hint
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -381,7 +432,7 @@ def download_pipeline(
         if files is None:
             raise _not_found(repo_id, revision, local_files_only)
         raise _not_a_pipeline(repo_id, files)
-    selected = _check_index(_read_json(index_file), repo_id, pipeline_class, components)
+    selected = _check_index(read_json(index_file), repo_id, pipeline_class, components)
 
     networks = [
         n for n, (lib, cls) in selected.items() if issubclass(_component_class(repo_id, n, lib, cls), ModelMixin)
@@ -422,7 +473,7 @@ def download_teacher(
     }
     index_file = _hub_file(repo_id, MODEL_INDEX, **hub)
     if index_file is not None:
-        index = _components(_read_json(index_file))
+        index = _components(read_json(index_file))
         names = [n for n in network_components if n in index][:1]
         if not names:
             raise ValueError(
@@ -612,7 +663,7 @@ def load_eval_results(results) -> dict:
     """
     source = results if isinstance(results, str) else "the evaluation results"
     if isinstance(results, str):
-        results = _read_json(results)
+        results = read_json(results, fix="Run examples/evaluate.py again to write it.")
     rows = results.get("rows") if isinstance(results, dict) else None
     if not isinstance(rows, list) or not rows:
         raise ValueError(
@@ -724,15 +775,15 @@ def render_model_card(
     index = check_pipeline_folder(folder)
     components = _components(index)
     network = next(n for n in ("unet", "transformer") if n in components)
-    net_config = _read_json(os.path.join(folder, network, "config.json"))
-    sched_config = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    net_config = read_json(os.path.join(folder, network, "config.json"))
+    sched_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     kind = kind or ("teacher" if sched_config.get("_class_name") == "TrigFlowODEScheduler" else "student")
     if kind not in ("student", "teacher"):
         raise ValueError(f"kind must be 'student' or 'teacher', not {kind!r}.")
 
     def optional_json(name):
         path = os.path.join(folder, name)
-        return _read_json(path) if os.path.isfile(path) else {}
+        return read_json(path) if os.path.isfile(path) else {}
 
     args, summary = optional_json("training_args.json"), optional_json("training_summary.json")
     method_key = "teacher" if kind == "teacher" else str(args.get("method", "scd"))

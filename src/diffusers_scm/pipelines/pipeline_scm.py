@@ -1,15 +1,19 @@
 """`SCMPipeline`: sample a consistency model (or, with `TrigFlowODEScheduler`, a diffusion model)."""
 
+import numbers
 import os
 from collections.abc import Callable
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils import replace_example_docstring
+from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoiser import call_network
+
+
+logger = logging.get_logger(__name__)
 
 
 EXAMPLE_DOC_STRING = """
@@ -86,20 +90,21 @@ class SCMPipeline(DiffusionPipeline):
         A Hub id is resolved by [`~SCMPipeline.download`] (which honours `revision`, `cache_dir`, `token`,
         `local_files_only` and `HF_HUB_OFFLINE`); the folder is checked (an SCMPipeline, every component present and
         importable) and loaded by `DiffusionPipeline.from_pretrained`, which takes the remaining arguments
-        (`torch_dtype`, `variant`, `device_map`, components to replace, ...).
+        (`torch_dtype`, `variant`, `device_map`, components to replace, ...). A path that looks local (absolute, or
+        starting with `./`, `../` or `~`, say) and does not exist is a `FileNotFoundError` that names it.
         """
-        path = str(pretrained_model_name_or_path)
-        hub_kwargs = {k: kwargs.pop(k) for k in cls._hub_kwargs if k in kwargs}
-        if os.path.isdir(path):
-            from ..hub import check_pipeline_folder
+        from ..hub import check_pipeline_folder, local_folder
 
+        hub_kwargs = {k: kwargs.pop(k) for k in cls._hub_kwargs if k in kwargs}
+        path = local_folder(pretrained_model_name_or_path)  # a path that does not exist is named here
+        if path is not None:
             passed = [name for name in ("unet", "transformer", "scheduler", "vae") if kwargs.get(name) is not None]
             check_pipeline_folder(path, pipeline_class=cls.__name__, exclude=passed)
         else:
             for key in ("variant", "use_safetensors"):
                 if key in kwargs:
                     hub_kwargs[key] = kwargs[key]
-            path = cls.download(path, **hub_kwargs)
+            path = cls.download(str(pretrained_model_name_or_path), **hub_kwargs)
         return super().from_pretrained(path, **kwargs)
 
     def register_modules(self, **kwargs):
@@ -150,6 +155,38 @@ class SCMPipeline(DiffusionPipeline):
             raise ValueError(f"Got {labels.numel()} class labels for a batch of {batch_size} images.")
         return labels
 
+    @staticmethod
+    def _check_call_arguments(batch_size, num_inference_steps, timesteps):
+        counts = {"batch_size": batch_size}
+        if timesteps is None:  # else `timesteps` sets the steps
+            counts["num_inference_steps"] = num_inference_steps
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if timesteps is not None:
+            values = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().flatten()
+            if not torch.isfinite(values).all():
+                raise ValueError(
+                    f"`timesteps` must be finite TrigFlow times in (0, pi/2], got {values.tolist()}; pass real "
+                    "numbers (or `num_inference_steps` instead)."
+                )
+
+    @staticmethod
+    def _warn_non_finite(bad_per_step: list[torch.Tensor], timesteps: torch.Tensor, batch_size: int):
+        """One warning per call: the first step whose network output is NaN or infinite, and for how many samples."""
+        if not bad_per_step:
+            return
+        counts = torch.stack(bad_per_step).tolist()  # one device sync for the whole call
+        first = next((i for i, n in enumerate(counts) if n > 0), None)
+        if first is None:
+            return
+        logger.warning(
+            f"The network's output is NaN or infinite at step {first + 1} of {len(counts)} (t = "
+            f"{float(timesteps[first]):.4f}) for {counts[first]} of {batch_size} samples, so those samples are NaN. "
+            "Check the network's weights (a diverged training run leaves NaN weights) and its dtype (float16 can "
+            "overflow: load with `torch_dtype=torch.float32` or `torch.bfloat16`)."
+        )
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -192,6 +229,7 @@ class SCMPipeline(DiffusionPipeline):
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the images (first element of the tuple).
         """
+        self._check_call_arguments(batch_size, num_inference_steps, timesteps)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"Unknown output_type {output_type!r}: use 'pil', 'np', 'pt' or 'latent'.")
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -219,10 +257,12 @@ class SCMPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps=num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
 
+        bad_per_step = []  # per step, the number of samples whose network output is not finite
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
             for i, t in enumerate(self.scheduler.timesteps):
                 sample_in, t_in = self.scheduler.model_inputs(latents, t)
                 model_output = call_network(network, sample_in.to(dtype), t_in, **conditioning)
+                bad_per_step.append((~torch.isfinite(model_output)).flatten(1).any(1).sum())
                 latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
                 if callback_on_step_end is not None:
                     step_tensors = {"latents": latents}
@@ -230,6 +270,7 @@ class SCMPipeline(DiffusionPipeline):
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
+        self._warn_non_finite(bad_per_step, self.scheduler.timesteps, batch_size)
 
         if output_type == "latent":
             image = latents

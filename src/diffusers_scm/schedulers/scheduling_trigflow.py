@@ -78,6 +78,8 @@ class TrigFlowSchedulerMixin:
     def _check_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         if timesteps.numel() == 0:
             raise ValueError("`timesteps` is empty: give at least one time in (0, pi/2].")
+        if not torch.isfinite(timesteps).all():
+            raise ValueError(f"`timesteps` must be finite times in (0, pi/2], got {timesteps.tolist()}.")
         if (timesteps <= 0).any() or (timesteps > math.pi / 2 + 1e-4).any():
             raise ValueError(f"TrigFlow times must lie in (0, pi/2], got {timesteps.tolist()}.")
         if (timesteps[1:] >= timesteps[:-1]).any():

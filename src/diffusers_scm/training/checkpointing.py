@@ -104,32 +104,51 @@ def save_checkpoint(
     return final
 
 
+def _previous_checkpoint(folder: str) -> str | None:
+    """The latest `checkpoint-<step>` beside `folder` with a smaller step, if any."""
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(folder)))
+    if match is None:
+        return None
+    earlier = [path for step, path in _checkpoints(os.path.dirname(os.path.normpath(folder))) if step < int(match[1])]
+    return earlier[-1] if earlier else None
+
+
+def _resume_hint(folder: str) -> str:
+    previous = _previous_checkpoint(folder)
+    if previous is None:
+        return "No earlier checkpoint is beside it: start again without --resume_from_checkpoint."
+    return f"Delete it, or resume the previous one with --resume_from_checkpoint {previous}."
+
+
 def load_checkpoint(
     accelerator, folder: str, modules: dict, optimizer, ema=None, generators: dict | None = None, lr_scheduler=None
 ) -> int:
-    """Restore what `save_checkpoint` wrote; returns the step. Fails with a clear error on a damaged folder."""
+    """Restore what `save_checkpoint` wrote; returns the step. A damaged folder is an error that names the file that
+    failed and, where there is one, the previous checkpoint to resume instead."""
     needed = [f"{name}.safetensors" for name in modules] + ["optimizer.pt", "training_state.json"]
     missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise ValueError(f"Checkpoint {folder} is incomplete or corrupted: missing {missing}.")
+        raise ValueError(f"Checkpoint {folder} is incomplete or corrupted: missing {missing}. {_resume_hint(folder)}")
+    path = folder  # the file being read, for the error
     try:
         for name, module in modules.items():
-            accelerator.unwrap_model(module).load_state_dict(load_file(os.path.join(folder, f"{name}.safetensors")))
-        optimizer.load_state_dict(
-            torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True)
-        )
-        with open(os.path.join(folder, "training_state.json")) as f:
+            path = os.path.join(folder, f"{name}.safetensors")
+            accelerator.unwrap_model(module).load_state_dict(load_file(path))
+        path = os.path.join(folder, "optimizer.pt")
+        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        path = os.path.join(folder, "training_state.json")
+        with open(path) as f:
             meta = json.load(f)
         if ema is not None:
-            ema.load_state_dict(
-                {"shadow": load_file(os.path.join(folder, "ema.safetensors")), "num_updates": meta["ema_num_updates"]}
-            )
+            path = os.path.join(folder, "ema.safetensors")
+            ema.load_state_dict({"shadow": load_file(path), "num_updates": meta["ema_num_updates"]})
         if lr_scheduler is not None and "lr_scheduler" in meta:
             lr_scheduler.load_state_dict(meta["lr_scheduler"])
         if accelerator.scaler is not None and "grad_scaler" in meta:
             accelerator.scaler.load_state_dict(meta["grad_scaler"])
         rng_path = os.path.join(folder, f"rng_state_{accelerator.process_index}.safetensors")
         if os.path.isfile(rng_path):
+            path = rng_path
             rng = load_file(rng_path)
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
@@ -139,6 +158,8 @@ def load_checkpoint(
                     generator.set_state(rng[f"generator.{name}"])
     except Exception as e:  # safetensors, torch.load and JSON errors alike
         raise ValueError(
-            f"Checkpoint {folder} could not be loaded ({type(e).__name__}: {e}); it may be corrupted."
+            f"Checkpoint {folder} could not be loaded: {path} failed ({type(e).__name__}: {e}). The file may be "
+            "corrupted (an interrupted copy, a full disk), or the checkpoint was written with other model settings. "
+            f"{_resume_hint(folder)}"
         ) from e
     return int(meta["step"])

@@ -1,6 +1,8 @@
 """Image data for the training scripts: the built-in scikit-learn digits, local image folders, `datasets` names."""
 
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -9,7 +11,11 @@ from torch.utils.data import Dataset
 
 __all__ = ["DigitsDataset", "ImageDataset", "load_image_dataset", "to_model_channels"]
 
+logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_SKIP_HINT = "Replace or delete such files, or pass --skip_bad_images (`skip_bad_images=True`) to train without them."
+_NAMED = 5  # unreadable files named in errors and warnings
 
 
 def _resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -27,6 +33,8 @@ class DigitsDataset(Dataset):
             fixed random permutation (seed 0), so both halves mix all writers (the file's last images come from
             writers absent from its first ones).
     """
+
+    num_skipped = 0  # no unreadable files to skip
 
     def __init__(self, resolution: int = 16, split: str = "train"):
         try:
@@ -64,11 +72,21 @@ def _pil_to_tensor(image, resolution: int, channels: int) -> torch.Tensor:
 
 
 class ImageDataset(Dataset):
-    """Images from a local folder (optionally one sub-folder per class) or a `datasets` data set."""
+    """Images from a local folder (optionally one sub-folder per class) or a `datasets` data set.
 
-    def __init__(self, items, resolution: int, channels: int, image_column="image", label_column=None):
+    Args:
+        items: `(path, label)` pairs of a folder's images, or a `datasets` data set.
+        resolution (`int`), channels (`int`): the output size and channels.
+        image_column (`str`), label_column (`str`, *optional*): the columns of a `datasets` data set.
+        skipped (`list[str]`, *optional*): the unreadable files left out of `items` (`skip_bad_images=True`); their
+            number is `num_skipped`.
+    """
+
+    def __init__(self, items, resolution: int, channels: int, image_column="image", label_column=None, skipped=()):
         self.items, self.resolution, self.channels = items, resolution, channels
         self.image_column, self.label_column = image_column, label_column
+        self.skipped = list(skipped)
+        self.num_skipped = len(self.skipped)
 
     def __len__(self):
         return len(self.items)
@@ -79,8 +97,11 @@ class ImageDataset(Dataset):
             from PIL import Image
 
             path, label = item
-            with Image.open(path) as image:
-                out = {"pixel_values": _pil_to_tensor(image, self.resolution, self.channels)}
+            try:
+                with Image.open(path) as image:
+                    out = {"pixel_values": _pil_to_tensor(image, self.resolution, self.channels)}
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for damaged files
+                raise ValueError(f"Cannot read the image {path} ({type(e).__name__}: {e}). {_SKIP_HINT}") from e
             if label is not None:
                 out["class_labels"] = torch.tensor(label)
             return out
@@ -106,6 +127,35 @@ def _folder_items(root: str):
     return [(os.path.join(root, f), None) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
 
 
+def _read_error(path: str) -> str | None:
+    """`None` where PIL decodes the whole image, else the error (`"OSError: image file is truncated"`, say)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for damaged files
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _readable_items(items: list, root: str, skip_bad_images: bool) -> tuple[list, list[str]]:
+    """Decode every image of a folder once, before training starts: `(readable items, unreadable paths)`. An
+    unreadable file is an error naming it, or, with `skip_bad_images`, left out with a warning."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        errors = list(pool.map(_read_error, [path for path, _ in items]))
+    bad = [(path, error) for (path, _), error in zip(items, errors) if error is not None]
+    if not bad:
+        return items, []
+    names = ", ".join(path for path, _ in bad[:_NAMED]) + (", ..." if len(bad) > _NAMED else "")
+    if not skip_bad_images:
+        path, error = bad[0]
+        others = f" ({len(bad)} of the {len(items)} images in {root} cannot be read: {names})" if len(bad) > 1 else ""
+        raise ValueError(f"Cannot read the image {path} ({error}){others}. {_SKIP_HINT}")
+    logger.warning(f"Skipping {len(bad)} of the {len(items)} images in {root} that cannot be read: {names}.")
+    return [item for item, error in zip(items, errors) if error is None], [path for path, _ in bad]
+
+
 def load_image_dataset(
     name: str = "digits",
     resolution: int = 16,
@@ -114,6 +164,7 @@ def load_image_dataset(
     label_column: str | None = None,
     split: str = "train",
     cache_dir: str | None = None,
+    skip_bad_images: bool = False,
 ) -> Dataset:
     """
     The training images as a Dataset of dicts with `pixel_values` in [-1, 1] (and `class_labels`).
@@ -121,6 +172,10 @@ def load_image_dataset(
     Args:
         name (`str`): "digits" (built in), a local folder of images (class sub-folders give labels), or a
             `datasets` name.
+        skip_bad_images (`bool`, defaults to `False`): a folder's images are all decoded once when it is loaded, so
+            that a damaged file (truncated, say) is found before training starts. By default such a file is an error
+            that names it; with `True` it is left out, and a warning gives their number and the first names. The data
+            set's `num_skipped` counts them.
     """
     if name == "digits":
         return DigitsDataset(resolution, split)
@@ -128,7 +183,10 @@ def load_image_dataset(
         items = _folder_items(name)
         if not items:
             raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {name}.")
-        return ImageDataset(items, resolution, channels)
+        items, skipped = _readable_items(items, name, skip_bad_images)
+        if not items:
+            raise ValueError(f"None of the {len(skipped)} images in {name} can be read (e.g. {skipped[0]}).")
+        return ImageDataset(items, resolution, channels, skipped=skipped)
     try:
         import datasets
     except ImportError as e:

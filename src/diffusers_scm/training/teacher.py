@@ -1,12 +1,12 @@
 """Load a pretrained diffusion model as a TrigFlow teacher, inferring its parameterization from its scheduler."""
 
-import json
 import os
 
 import torch
 
 from ..denoiser import TrigFlowDenoiser
 from ..parameterizations import PARAMETERIZATIONS, get_parameterization, parameterization_from_config
+from ..utils import read_json
 
 
 __all__ = ["load_teacher", "infer_parameterization", "NETWORK_COMPONENTS"]
@@ -67,13 +67,8 @@ def infer_parameterization(scheduler_config: dict, sigma_data: float | None = No
     )
 
 
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def _load_network(folder: str, torch_dtype=None):
-    config = _read_json(os.path.join(folder, "config.json"))
+    config = read_json(os.path.join(folder, "config.json"))
     cls_name = config.get("_class_name")
     import diffusers
 
@@ -104,7 +99,8 @@ def load_teacher(
 
     Args:
         path_or_id (`str`): a pipeline folder (with `model_index.json`), a network folder (with `config.json`,
-            optionally a `scheduler/` or `scheduler_config.json` beside it), or a Hub repository id.
+            optionally a `scheduler/` or `scheduler_config.json` beside it), or a Hub repository id. A path that looks
+            local (absolute, or starting with `./`, `../` or `~`, say) and does not exist is a `FileNotFoundError`.
         parameterization (`str`, *optional*): overrides the inferred parameterization.
         sigma_data (`float`, *optional*): the data's standard deviation (read from EDM/TrigFlow configs otherwise,
             0.5 by default).
@@ -112,15 +108,15 @@ def load_teacher(
         hub_kwargs: `revision`, `cache_dir`, `token`, `local_files_only`, `force_download` for Hub ids (which also
             honour `HF_HUB_OFFLINE`); only the network, its config and the scheduler config are downloaded.
     """
-    folder = path_or_id
-    if not os.path.isdir(folder):
-        from ..hub import download_teacher
+    from ..hub import download_teacher, local_folder
 
+    folder = local_folder(path_or_id)  # a path that does not exist is named here
+    if folder is None:
         folder = download_teacher(path_or_id, network_components=NETWORK_COMPONENTS, **hub_kwargs)
     found = sorted(os.listdir(folder))
     scheduler_config = None
     if os.path.isfile(os.path.join(folder, "model_index.json")):
-        index = _read_json(os.path.join(folder, "model_index.json"))
+        index = read_json(os.path.join(folder, "model_index.json"))
         names = [n for n in NETWORK_COMPONENTS if isinstance(index.get(n), list) and index[n][0] is not None]
         if not names:
             raise ValueError(
@@ -148,7 +144,7 @@ def load_teacher(
             f"(config.json); it contains {found}."
         )
     if os.path.isfile(sched_path):
-        scheduler_config = _read_json(sched_path)
+        scheduler_config = read_json(sched_path)
 
     if parameterization is None and scheduler_config is None:
         raise ValueError(
