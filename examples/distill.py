@@ -32,6 +32,8 @@ from diffusers_scm.training.script_utils import (
     finish_training,
     log_validation,
     make_accelerator,
+    non_negative_int,
+    positive_int,
     prepare_training,
     publish_pipeline,
     train_loop,
@@ -53,7 +55,7 @@ def parse_args(argv=None):
     # SCMLoss (SPEC.md section 3)
     p.add_argument("--P_mean", type=float, default=-1.0)
     p.add_argument("--P_std", type=float, default=1.4)
-    p.add_argument("--tangent_warmup_steps", type=int, default=10000)
+    p.add_argument("--tangent_warmup_steps", type=non_negative_int, default=10000)
     p.add_argument("--tangent_norm_c", type=str, default="0.1", help="a number, or 'none' to switch it off")
     p.add_argument("--tangent_norm", choices=["l2", "rms"], default="l2")
     p.add_argument("--prior_weighting", choices=["none", "inverse_sigma"], default="none")
@@ -77,9 +79,13 @@ def parse_args(argv=None):
         default="inverse_dsigma",
     )
     p.add_argument("--dt_q", type=float, default=2.0, help="the step shrinks by this factor every stage")
-    p.add_argument("--dt_stage_steps", type=int, default=None, help="steps per stage (default: a stage's steps / 8)")
+    p.add_argument(
+        "--dt_stage_steps", type=positive_int, default=None, help="steps per stage (default: a stage's steps / 8)"
+    )
     p.add_argument("--dt_ratio_limit", type=float, default=0.999)
-    p.add_argument("--dt_start_stage", type=int, default=0, help="cd / ct: to continue a schedule (e.g. --student)")
+    p.add_argument(
+        "--dt_start_stage", type=non_negative_int, default=0, help="cd / ct: to continue a schedule (e.g. --student)"
+    )
     # TCM (SPEC.md section 5)
     p.add_argument("--tcm_stage1_method", choices=["scd", "sct", "cd", "ct"], default=None, help="default: scd/sct")
     p.add_argument("--tcm_objective", choices=["discrete", "continuous"], default=None, help="default: Stage 1's")
@@ -93,12 +99,12 @@ def parse_args(argv=None):
     p.add_argument("--tcm_proposal_scale", type=float, default=0.2, help="of ln(sigma)")
     p.add_argument("--tcm_proposal_df", type=float, default=0.01)
     p.add_argument("--stage2_learning_rate", type=float, default=None, help="default: half of --learning_rate")
-    p.add_argument("--stage2_train_batch_size", type=int, default=None, help="default: --train_batch_size")
-    p.add_argument("--stage2_max_train_steps", type=int, default=None, help="default: --max_train_steps")
-    p.add_argument("--stage2_tangent_warmup_steps", type=int, default=0, help="continuous Stage 2")
+    p.add_argument("--stage2_train_batch_size", type=positive_int, default=None, help="default: --train_batch_size")
+    p.add_argument("--stage2_max_train_steps", type=positive_int, default=None, help="default: --max_train_steps")
+    p.add_argument("--stage2_tangent_warmup_steps", type=non_negative_int, default=0, help="continuous Stage 2")
     p.add_argument(
         "--stage2_start_stage",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="discrete Stage 2: first stage of the step schedule (default: where a discrete Stage 1 of this run "
         "ended, else the first stage at --dt_ratio_limit)",
@@ -206,7 +212,7 @@ def dt_stage_steps(args) -> int:
 
 def train_stage(args, accelerator, method: str, teacher, student, stage1=None, scheduler_kwargs=None, start_stage=0):
     """Train `student` with the loss of `method` (data, optimizer, EMA, checkpoints and validation in
-    `args.output_dir`). Returns `(student, ema, global_step, skipped)`."""
+    `args.output_dir`). Returns `(student, ema, global_step, counters)`."""
     sd = student.sigma_data
     if args.gradient_checkpointing:
         student.inner_model.enable_gradient_checkpointing()
@@ -216,7 +222,14 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         args.dataset_name == "digits"
         and (config.get("num_class_embeds") or config.get("num_embeds_ada_norm") or config.get("num_classes"))
     )
-    dataset = load_image_dataset(args.dataset_name, args.resolution, channels, args.image_column, args.label_column)
+    dataset = load_image_dataset(
+        args.dataset_name,
+        args.resolution,
+        channels,
+        args.image_column,
+        args.label_column,
+        skip_bad_images=args.skip_bad_images,
+    )
     student, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
         args, accelerator, student, dataset, "student"
     )
@@ -261,7 +274,7 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
             tracker_step=step + getattr(args, "log_step_offset", 0),
         )
 
-    global_step, skipped = train_loop(
+    global_step, counters = train_loop(
         args,
         accelerator,
         student,
@@ -275,7 +288,7 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         accumulate=(student, logvar_head),
         pipeline_parts=ema_pipeline_parts,
     )
-    return student, ema, global_step, skipped
+    return student, ema, global_step, counters
 
 
 def _stage1_finished(folder: str) -> bool:
@@ -292,7 +305,7 @@ def _split_resume(resume_from, stage1_dir):
 
 def run_tcm(args, accelerator):
     """Stage 1 into `OUTPUT_DIR/stage1/` (unless --stage1_model, or a finished Stage 1 found on resume), then Stage 2
-    from the Stage-1 EMA weights. Returns `(student, ema, scheduler, global_step, skipped)` of Stage 2."""
+    from the Stage-1 EMA weights. Returns `(student, ema, scheduler, global_step, counters)` of Stage 2."""
     stage1_dir = os.path.join(args.output_dir, "stage1")
     resume1, resume2 = _split_resume(args.resume_from_checkpoint, stage1_dir)
     teacher, init = build_models(args) if args.teacher or args.student else (None, None)
@@ -313,9 +326,9 @@ def run_tcm(args, accelerator):
         else:
             os.makedirs(stage1_dir, exist_ok=True)
             method = args.tcm_stage1_method
-            student, ema, steps, skipped = train_stage(stage1_args, accelerator, method, teacher, init)
+            student, ema, steps, counters = train_stage(stage1_args, accelerator, method, teacher, init)
             scheduler = student_scheduler(accelerator.unwrap_model(student))
-            finish_training(accelerator, stage1_dir, student, ema, scheduler, steps, skipped, end_training=False)
+            finish_training(accelerator, stage1_dir, student, ema, scheduler, steps, counters, end_training=False)
             accelerator.free_memory()
         accelerator.wait_for_everyone()  # the main process has written the Stage-1 pipeline
         with open(os.path.join(stage1_dir, "training_summary.json")) as f:
@@ -347,11 +360,11 @@ def run_tcm(args, accelerator):
         }
     )
     scheduler_kwargs = {"dividing_timestep": t_div, "intermediate_timesteps": mid}
-    student, ema, steps, skipped = train_stage(
+    student, ema, steps, counters = train_stage(
         stage2_args, accelerator, "tcm", teacher, student, stage1, scheduler_kwargs, start_stage
     )
     scheduler = student_scheduler(accelerator.unwrap_model(student), **scheduler_kwargs)
-    return student, ema, scheduler, steps, skipped
+    return student, ema, scheduler, steps, counters
 
 
 def main(argv=None):
@@ -361,15 +374,15 @@ def main(argv=None):
     set_seed(args.seed)
 
     if args.method == "tcm":
-        student, ema, scheduler, global_step, skipped = run_tcm(args, accelerator)
+        student, ema, scheduler, global_step, counters = run_tcm(args, accelerator)
     else:
         teacher, student = build_models(args)
-        student, ema, global_step, skipped = train_stage(
+        student, ema, global_step, counters = train_stage(
             args, accelerator, args.method, teacher, student, start_stage=args.dt_start_stage
         )
         mid = {} if args.intermediate_timestep is None else {"intermediate_timesteps": args.intermediate_timestep}
         scheduler = student_scheduler(accelerator.unwrap_model(student), **mid)
-    finish_training(accelerator, args.output_dir, student, ema, scheduler, global_step, skipped)
+    finish_training(accelerator, args.output_dir, student, ema, scheduler, global_step, counters)
     publish_pipeline(args, accelerator, sample_steps=(1, 2))
 
 

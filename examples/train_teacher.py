@@ -25,6 +25,7 @@ from diffusers_scm.training.script_utils import (
     finish_training,
     log_validation,
     make_accelerator,
+    positive_int,
     prepare_training,
     publish_pipeline,
     train_loop,
@@ -38,14 +39,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="SCMUNet2DModel size")
     p.add_argument("--model", type=str, default=None, help="continue from a saved SCMPipeline or network folder")
-    p.add_argument("--channels", type=int, default=None, help="image channels (default: 1 for digits, else 3)")
+    p.add_argument(
+        "--channels", type=positive_int, default=None, help="image channels (default: 1 for digits, else 3)"
+    )
     p.add_argument("--class_conditional", action="store_true", help="condition on --label_column (digits: labels)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--sigma_data", type=float, default=0.5)
     p.add_argument("--P_mean", type=float, default=-0.8, help="teacher time proposal (SPEC.md section 3)")
     p.add_argument("--P_std", type=float, default=1.6)
     p.add_argument("--no_adaptive_weighting", action="store_true")
-    p.add_argument("--validation_nfe", type=int, nargs="+", default=[8, 32], help="ODE steps of the validation grids")
+    p.add_argument(
+        "--validation_nfe", type=positive_int, nargs="+", default=[8, 32], help="ODE steps of the validation grids"
+    )
     add_common_args(p, output_dir="trigflow-teacher")
     p.set_defaults(learning_rate=2e-4)
     return p.parse_args(argv)
@@ -78,7 +83,14 @@ def main(argv=None):
     channels = config.get("in_channels", 1)
     conditional = args.class_conditional or args.label_column is not None
     label_column = args.label_column or ("label" if conditional and args.dataset_name != "digits" else None)
-    dataset = load_image_dataset(args.dataset_name, args.resolution, channels, args.image_column, label_column)
+    dataset = load_image_dataset(
+        args.dataset_name,
+        args.resolution,
+        channels,
+        args.image_column,
+        label_column,
+        skip_bad_images=args.skip_bad_images,
+    )
     model, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
         args, accelerator, model, dataset, "model"
     )
@@ -111,7 +123,7 @@ def main(argv=None):
             conditional,
         )
 
-    steps, skipped = train_loop(
+    steps, counters = train_loop(
         args,
         accelerator,
         model,
@@ -125,7 +137,7 @@ def main(argv=None):
         accumulate=(model, logvar_head),
         pipeline_parts=ema_pipeline_parts,
     )
-    finish_training(accelerator, args.output_dir, model, ema, scheduler, steps, skipped)
+    finish_training(accelerator, args.output_dir, model, ema, scheduler, steps, counters)
     publish_pipeline(args, accelerator, sample_steps=args.validation_nfe)
 
 

@@ -61,6 +61,7 @@ def save_checkpoint(
     generators: dict | None = None,
     total_limit: int | None = None,
     lr_scheduler=None,
+    counters: dict | None = None,
 ) -> str:
     """
     Save `checkpoint-<step>`: each module's weights (unwrapped) and the EMA as safetensors, the optimizer state,
@@ -82,6 +83,8 @@ def save_checkpoint(
             save_file(_contiguous(ema.state_dict()["shadow"]), os.path.join(tmp, "ema.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         meta = {"step": step, "ema_num_updates": None if ema is None else ema.num_updates}
+        if counters is not None:  # e.g. skipped steps: totals that a resumed run goes on counting
+            meta["counters"] = dict(counters)
         if lr_scheduler is not None:  # LambdaLR: counters and learning rates (its lambdas are rebuilt from the flags)
             meta["lr_scheduler"] = lr_scheduler.state_dict()
         if accelerator.scaler is not None:
@@ -121,7 +124,14 @@ def _resume_hint(folder: str) -> str:
 
 
 def load_checkpoint(
-    accelerator, folder: str, modules: dict, optimizer, ema=None, generators: dict | None = None, lr_scheduler=None
+    accelerator,
+    folder: str,
+    modules: dict,
+    optimizer,
+    ema=None,
+    generators: dict | None = None,
+    lr_scheduler=None,
+    counters: dict | None = None,
 ) -> int:
     """Restore what `save_checkpoint` wrote; returns the step. A damaged folder is an error that names the file that
     failed and, where there is one, the previous checkpoint to resume instead."""
@@ -142,6 +152,8 @@ def load_checkpoint(
         if ema is not None:
             path = os.path.join(folder, "ema.safetensors")
             ema.load_state_dict({"shadow": load_file(path), "num_updates": meta["ema_num_updates"]})
+        if counters is not None:  # updated in place
+            counters.update(meta.get("counters", {}))
         if lr_scheduler is not None and "lr_scheduler" in meta:
             lr_scheduler.load_state_dict(meta["lr_scheduler"])
         if accelerator.scaler is not None and "grad_scaler" in meta:

@@ -9,7 +9,15 @@ from ..jvp import jvp, unwrap_model
 from .time_proposals import clamp_times, lognormal_times
 
 
-__all__ = ["SCMLoss", "TrigFlowDiffusionLoss", "null_class_conditioning", "noised_batch", "teacher_velocity"]
+__all__ = [
+    "SCMLoss",
+    "TrigFlowDiffusionLoss",
+    "null_class_conditioning",
+    "noised_batch",
+    "teacher_velocity",
+    "select_samples",
+    "gradient_pass",
+]
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -18,6 +26,40 @@ def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _per_sample_sq(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).pow(2).sum(1)
+
+
+def select_samples(value, keep: torch.Tensor):
+    """The samples of `keep` (a boolean (batch,) mask) from a conditioning value: tensors whose first dimension is the
+    batch are indexed, dicts, lists and tuples are walked, anything else (a shared tensor, a scalar) passes as is."""
+    if isinstance(value, torch.Tensor):
+        return value[keep.to(value.device)] if value.ndim > 0 and value.shape[0] == keep.shape[0] else value
+    if isinstance(value, dict):
+        return {k: select_samples(v, keep) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(select_samples(v, keep) for v in value)
+    return value
+
+
+def gradient_pass(student, x_t: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, conditioning: dict):
+    """
+    The gradient pass `student(x_t, t, **conditioning)` on the samples of `keep` only (SPEC.md pitfall 9): a sample
+    with a non-finite target never enters the network, because masking its loss afterwards is not enough (its NaN
+    activations still reach the weight gradients as 0 x NaN = NaN). Returns the output at full batch size with zeros
+    in the dropped rows, or None when no sample is kept (the caller skips the step).
+    """
+    if bool(keep.all()):
+        return student(x_t, t, **conditioning)
+    if not bool(keep.any()):
+        return None
+    out = student(x_t[keep], t[keep], **select_samples(conditioning, keep))
+    full = out.new_zeros((x_t.shape[0], *out.shape[1:]))
+    return full.index_put((keep.nonzero().squeeze(1),), out)
+
+
+def nan_loss(like: torch.Tensor) -> torch.Tensor:
+    """The loss of a batch without a single finite sample: NaN, so that the training loop skips the step on every
+    process (it checks the gathered loss)."""
+    return torch.full((), float("nan"), device=like.device, dtype=like.dtype)
 
 
 def noised_batch(x0, t, noise, sigma_data, P_mean, P_std, generator=None):
@@ -248,12 +290,16 @@ class SCMLoss:
         targets = self.tangent_targets(
             student, x0, teacher, step, t, noise, uncond_conditioning, generator, **conditioning
         )
-        # Gradient pass through the (possibly DDP-wrapped) student: same dropout masks as the JVP pass.
-        F_theta = student(targets["x_t"], targets["t"], **conditioning)
-        per_sample_loss, per_sample, logvar, weight = self.per_sample_loss(F_theta, targets, logvar_head)
+        # Gradient pass through the (possibly DDP-wrapped) student: same dropout masks as the JVP pass; samples whose
+        # target is not finite are left out of it and counted (pitfall 9)
         target_ok = targets["target_ok"]
-        # samples whose target is not finite are masked out and counted (pitfall 9)
-        loss = per_sample_loss.sum() / target_ok.sum().clamp_min(1)
+        F_theta = gradient_pass(student, targets["x_t"], targets["t"], target_ok, conditioning)
+        if F_theta is None:  # no finite sample: the loop skips the step
+            F_theta = torch.zeros_like(targets["x_t"])
+            loss = nan_loss(targets["x_t"])
+        per_sample_loss, per_sample, logvar, weight = self.per_sample_loss(F_theta, targets, logvar_head)
+        if target_ok.any():
+            loss = per_sample_loss.sum() / target_ok.sum()
         logs = {
             "t": targets["t"].detach(),
             "loss": per_sample.detach(),

@@ -10,6 +10,8 @@ import torch
 
 __all__ = [
     "add_common_args",
+    "positive_int",
+    "non_negative_int",
     "prepare_training",
     "push_checkpoint",
     "train_loop",
@@ -24,17 +26,44 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1 (an argparse error names the flag otherwise)."""
+    return _bounded_int(value, 1, "a positive integer")
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded_int(value, 0, "an integer >= 0")
+
+
+def _bounded_int(value: str, low: int, what: str) -> int:
+    import argparse
+
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if number < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {number}")
+    return number
+
+
 def add_common_args(p, output_dir: str):
     """Flags shared by the training scripts: data, optimization, EMA, checkpoints, validation and logging."""
     # data
     p.add_argument("--dataset_name", type=str, default="digits", help="'digits', an image folder or a datasets name")
-    p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--resolution", type=positive_int, default=16)
     p.add_argument("--image_column", type=str, default="image")
     p.add_argument("--label_column", type=str, default=None, help="class labels for class-conditional networks")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="image folders: skip files that cannot be read (counted and logged) instead of stopping",
+    )
+    p.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
     # optimization
-    p.add_argument("--train_batch_size", type=int, default=32, help="per device")
-    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--train_batch_size", type=positive_int, default=32, help="per device")
+    p.add_argument("--max_train_steps", type=positive_int, default=1000)
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument(
         "--lr_scheduler",
@@ -43,13 +72,13 @@ def add_common_args(p, output_dir: str):
         help="learning-rate schedule over --max_train_steps (diffusers.optimization); a decay to 0 removes the "
         "late-training jitter of the normalized sCM gradient",
     )
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--lr_warmup_steps", type=non_negative_int, default=0)
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.99)
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     p.add_argument(
         "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config"
     )
@@ -59,11 +88,11 @@ def add_common_args(p, output_dir: str):
     p.add_argument("--ema_decay", type=float, default=None, help="constant-decay EMA instead")
     # checkpoints, validation, logging
     p.add_argument("--output_dir", type=str, default=output_dir)
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--checkpointing_steps", type=positive_int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
     p.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
-    p.add_argument("--validation_steps", type=int, default=500)
-    p.add_argument("--num_validation_images", type=int, default=16)
+    p.add_argument("--validation_steps", type=positive_int, default=500)
+    p.add_argument("--num_validation_images", type=positive_int, default=16)
     p.add_argument(
         "--report_to",
         type=str,
@@ -245,9 +274,9 @@ def log_validation(
             tracker.log({f"validation/{s}-step": [wandb.Image(i) for i in im] for s, im in grids.items()}, step=step)
 
 
-def finish_training(accelerator, output_dir, model, ema, scheduler, steps, skipped, end_training=True):
-    """Check that every replica holds the same weights, write `training_summary.json`, and save the EMA network
-    with `scheduler` as an SCMPipeline folder. `end_training=False` keeps the trackers and the process group for a
+def finish_training(accelerator, output_dir, model, ema, scheduler, steps, counters, end_training=True):
+    """Check that every replica holds the same weights, write `training_summary.json` (with `counters` from
+    `train_loop`, or a number of skipped steps), and save the EMA network with `scheduler` as an SCMPipeline folder. `end_training=False` keeps the trackers and the process group for a
     further stage (TCM)."""
     from ..pipelines import SCMPipeline
 
@@ -260,7 +289,7 @@ def finish_training(accelerator, output_dir, model, ema, scheduler, steps, skipp
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_summary(
-            output_dir, accelerator, steps, skipped, replicas_in_sync=in_sync, replica_checksums=checksums.tolist()
+            output_dir, accelerator, steps, counters, replicas_in_sync=in_sync, replica_checksums=checksums.tolist()
         )
         network = ema.averaged_model(unwrapped.inner_model).eval()
         SCMPipeline(scheduler=scheduler, **{network_component(network): network}).save_pretrained(output_dir)
@@ -269,11 +298,14 @@ def finish_training(accelerator, output_dir, model, ema, scheduler, steps, skipp
         accelerator.end_training()
 
 
-def _write_summary(folder: str, accelerator, steps: int, skipped: int, **extra):
-    """`training_summary.json`: steps, skipped steps and the hardware (what the model card reports), plus `extra`."""
+def _write_summary(folder: str, accelerator, steps: int, counters, **extra):
+    """`training_summary.json`: steps, skipped steps, samples left out for non-finite targets and the hardware (what
+    the model card reports), plus `extra`. `counters`: train_loop's, or a number of skipped steps."""
+    counters = counters if isinstance(counters, dict) else {"skipped_steps": int(counters)}
     summary = {
         "steps": steps,
-        "skipped_steps": skipped,
+        "skipped_steps": counters.get("skipped_steps", 0),
+        "nonfinite_samples": counters.get("nonfinite_samples", 0),
         "num_processes": accelerator.num_processes,
         "device_type": accelerator.device.type,
         "device_name": _device_name(accelerator.device),
@@ -383,26 +415,42 @@ def train_loop(
     validation. `compute_loss(batch, step) -> (loss, logs)`; `validate(step)` runs on the main process.
     `pipeline_parts() -> (network, scheduler)` gives the EMA pipeline that `--push_at_checkpoints` uploads after each
     checkpoint (main process).
-    Non-finite losses skip the step on every process and are counted (SPEC.md pitfall 9). Returns (steps, skipped).
+    Nothing non-finite reaches the weights (SPEC.md pitfall 9): samples with non-finite targets are left out of the
+    gradient pass by the losses (counted here), and a non-finite loss or gradient norm on any process skips the step
+    on every process. Both counts go to the console, the trackers, `loss_log.jsonl` and `training_summary.json`. A run
+    whose every step was skipped, or that trained nothing where a finished pipeline already lies, raises instead of
+    returning (the caller would save over it). Returns `(steps, counters)` with counters `skipped_steps` and
+    `nonfinite_samples` (totals over the run, resumed parts included).
     """
     from tqdm.auto import tqdm
 
     from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
 
-    global_step, skipped = 0, 0
+    global_step, start_step = 0, 0
+    counters = {"skipped_steps": 0, "nonfinite_samples": 0}
+    state = {**state, "counters": counters}  # checkpoints carry the counts, so a resumed run's totals are right
     if args.resume_from_checkpoint:
         found = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if found is None:
             logger.info("No checkpoint in %s: starting a new run.", args.output_dir)
         else:
-            global_step = load_checkpoint(accelerator, found[0], **state)
+            global_step = start_step = load_checkpoint(accelerator, found[0], **state)
             logger.info("Resumed from %s (step %d).", found[0], global_step)
+            if global_step > args.max_train_steps:
+                raise ValueError(
+                    f"{found[0]} is at step {global_step}, past --max_train_steps {args.max_train_steps}: raise "
+                    "--max_train_steps to train on, or resume an earlier checkpoint."
+                )
+    loss_log = os.path.join(args.output_dir, "loss_log.jsonl")
+    if accelerator.is_main_process:
+        _truncate_loss_log(loss_log, global_step)  # a resumed run rewrites the steps after its checkpoint
     steps_per_epoch = len(loader) // args.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ValueError("The data set is smaller than one batch: lower --train_batch_size.")
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc=desc, disable=not accelerator.is_local_main_process
     )
+    nonfinite_in_step = 0
     for epoch in range(global_step // steps_per_epoch, math.ceil(args.max_train_steps / steps_per_epoch) + 1):
         if global_step >= args.max_train_steps:
             break
@@ -410,39 +458,56 @@ def train_loop(
         done_in_epoch = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
         batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch > 0 else loader
         for batch in batches:
-            grad_norm = None
+            grad_norm, skip_reason = None, None
             with accelerator.accumulate(*accumulate):
                 with accelerator.autocast():
                     loss, logs = compute_loss(batch, global_step)
-                finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
-                if finite:
+                dropped = float(logs.get("nonfinite", 0))  # samples the loss left out (non-finite targets)
+                checks = torch.tensor([[float(torch.isfinite(loss.detach())), dropped]], device=accelerator.device)
+                checks = accelerator.gather(checks)
+                nonfinite_in_step += int(checks[:, 1].sum())
+                if bool(checks[:, 0].all()):
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
+                        norm_ok = torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32)).reshape(1)
+                        if not bool(accelerator.gather(norm_ok.to(accelerator.device)).all()):
+                            skip_reason = f"non-finite gradient norm ({float(grad_norm)})"
+                    if skip_reason is None:
+                        optimizer.step()
                 else:
-                    skipped += 1
-                    logger.warning("Non-finite loss at step %d: step skipped (%d so far).", global_step, skipped)
+                    skip_reason = "non-finite loss"
                 optimizer.zero_grad(set_to_none=True)
+            if skip_reason is not None:
+                counters["skipped_steps"] += 1
+                logger.warning(
+                    "Step %d: %s, the update was skipped on every process (%d skipped so far).",
+                    global_step + 1,
+                    skip_reason,
+                    counters["skipped_steps"],
+                )
             if not accelerator.sync_gradients:
                 continue
+            if nonfinite_in_step:
+                counters["nonfinite_samples"] += nonfinite_in_step
+                logger.warning(
+                    "Step %d: %d sample(s) with non-finite targets were left out of the gradient pass (%d so far).",
+                    global_step + 1,
+                    nonfinite_in_step,
+                    counters["nonfinite_samples"],
+                )
             lr = optimizer.param_groups[0]["lr"]  # the rate this update used
             state["lr_scheduler"].step()
             ema.step(accelerator.unwrap_model(model).inner_model)
             global_step += 1
             progress.update(1)
             mean_loss = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
-            log = {
-                "loss": mean_loss,
-                "skipped_steps": skipped,
-                "lr": lr,
-                **time_bucket_logs(logs),
-            }
+            log = {"loss": mean_loss, **counters, "lr": lr, **time_bucket_logs(logs)}
+            log["nonfinite_samples_in_step"] = nonfinite_in_step
+            nonfinite_in_step = 0
             for key in ("tangent_norm", "logvar", "boundary_loss"):
                 if key in logs:
                     log[key] = logs[key].float().mean().item()
-            if "nonfinite" in logs:
-                log["nonfinite_samples"] = int(logs["nonfinite"])
             for key in ("warmup_ratio", "discretization_ratio"):
                 if key in logs:
                     log[key] = logs[key]
@@ -451,17 +516,56 @@ def train_loop(
             progress.set_postfix(loss=f"{mean_loss:.4f}")
             accelerator.log(log, step=global_step + getattr(args, "log_step_offset", 0))  # TCM Stage 2: after Stage 1
             if accelerator.is_main_process:
-                with open(os.path.join(args.output_dir, "loss_log.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": lr}) + "\n")
+                with open(loss_log, "a") as f:
+                    record = {"step": global_step, "loss": mean_loss, "lr": lr, **counters}
+                    record["nonfinite_samples_in_step"] = log["nonfinite_samples_in_step"]
+                    f.write(json.dumps(record) + "\n")
             if global_step % args.checkpointing_steps == 0:
                 path = save_checkpoint(
                     accelerator, args.output_dir, global_step, **state, total_limit=args.checkpoints_total_limit
                 )
                 logger.info("Saved %s", path)
                 if args.push_to_hub and args.push_at_checkpoints and accelerator.is_main_process:
-                    push_checkpoint(args, accelerator, *pipeline_parts(), global_step, skipped)
+                    push_checkpoint(args, accelerator, *pipeline_parts(), global_step, counters["skipped_steps"])
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 validate(global_step)
             if global_step >= args.max_train_steps:
                 break
-    return global_step, skipped
+    _check_trained(args.output_dir, global_step, start_step, counters)
+    return global_step, counters
+
+
+def _truncate_loss_log(path: str, step: int):
+    """Keep the lines of `loss_log.jsonl` up to `step` (all of them are rewritten by a run resumed there)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            continue  # a line cut by a kill
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+def _check_trained(output_dir: str, steps: int, start_step: int, counters: dict):
+    """Refuse to hand a run that learned nothing to the caller, which would save it over `output_dir`."""
+    if steps > 0 and counters["skipped_steps"] >= steps:
+        raise RuntimeError(
+            f"Every one of the {steps} training steps was skipped (non-finite loss or gradients; "
+            f"{counters['nonfinite_samples']} samples had non-finite targets), so nothing was saved. Check the "
+            "teacher and the data for NaN or Inf, or lower --learning_rate; --mixed_precision no rules out "
+            "half-precision overflow."
+        )
+    if steps == start_step and os.path.isfile(os.path.join(output_dir, "model_index.json")):
+        raise ValueError(
+            f"Nothing to train: the run resumed at step {steps}, which is --max_train_steps, and {output_dir} already "
+            "holds a saved pipeline, which is left as it is. Raise --max_train_steps to train on."
+        )

@@ -10,7 +10,7 @@ import math
 import torch
 
 from ..jvp import unwrap_model
-from .losses import SCMLoss, _bcast, _per_sample_sq, noised_batch, teacher_velocity
+from .losses import SCMLoss, _bcast, _per_sample_sq, gradient_pass, nan_loss, noised_batch, teacher_velocity
 from .time_proposals import TRAIN_TIME_EPS, clamp_times, student_t_times, truncated_lognormal_times
 
 
@@ -209,9 +209,12 @@ class ConsistencyLoss:
         )
         x_r = self.step_to(x_t, t, r, dxdt)
         target = self.targets(student, x_r, r, conditioning, frozen, use_frozen).to(x_t.dtype)
-        # gradient pass through the (possibly DDP-wrapped) student
-        f_theta = consistency_function(student(x_t, t, **conditioning), x_t, t, self.sigma_data)
         target_ok = torch.isfinite(target.flatten(1)).all(1)
+        # gradient pass through the (possibly DDP-wrapped) student, on the samples with a finite target only
+        F = gradient_pass(student, x_t, t, target_ok, conditioning)
+        if F is None:  # no finite sample: NaN distances, and the loop skips the step
+            return torch.full_like(t, float("nan")), target_ok
+        f_theta = consistency_function(F, x_t, t, self.sigma_data)
         target = torch.where(_bcast(target_ok, target), target, f_theta.detach())
         return self.distance_fn(f_theta, target), target_ok
 
@@ -249,7 +252,7 @@ class ConsistencyLoss:
         distance, target_ok = self.pair_terms(student, x0, t, r, z, x_t, teacher, conditioning, uncond_conditioning)
         weight = self.weight(t, r)
         per_sample = torch.where(target_ok, weight * distance, torch.zeros_like(distance))
-        loss = per_sample.sum() / target_ok.sum().clamp_min(1)
+        loss = per_sample.sum() / target_ok.sum() if target_ok.any() else nan_loss(per_sample)
         logs = {
             "t": t.detach(),
             "loss": distance.detach(),
@@ -446,11 +449,14 @@ class TCMLoss:
                 generator,
                 conditioning,
             )
-        inside = ~is_boundary & logs.pop("target_ok")
+        target_ok = logs.pop("target_ok")
+        inside, on_boundary = ~is_boundary & target_ok, is_boundary & target_ok
         loss = torch.where(inside, per_sample, torch.zeros_like(per_sample)).sum() / inside.sum().clamp_min(1)
-        if is_boundary.any():
-            boundary_mean = torch.where(is_boundary, boundary, torch.zeros_like(boundary)).sum() / is_boundary.sum()
+        if on_boundary.any():
+            boundary_mean = torch.where(on_boundary, boundary, torch.zeros_like(boundary)).sum() / on_boundary.sum()
             loss = loss + self.boundary_weight * boundary_mean
+        if not target_ok.any():  # no finite sample: the loop skips the step (pitfall 9)
+            loss = nan_loss(loss)
         logs["boundary_loss"] = (
             logs.pop("boundary_distance")[is_boundary].mean().detach()
             if is_boundary.any()
@@ -487,10 +493,13 @@ class TCMLoss:
         scm = self.consistency_loss
         targets = scm.tangent_targets(student, x0, teacher, step, t, noise, uncond, generator, **cond)
         x_t, t = targets["x_t"], targets["t"]
-        F_theta = student(x_t, t, **cond).to(x_t.dtype)
-        per_sample, scm_distance, logvar, _ = scm.per_sample_loss(F_theta, targets, logvar_head)
         with torch.no_grad():
             F_stage1 = stage1(x_t, t, **cond).to(x_t.dtype)
+        targets["target_ok"] = targets["target_ok"] & torch.isfinite(F_stage1.flatten(1)).all(1)
+        # gradient pass on the samples with finite targets only (pitfall 9); zeros in the others
+        F_theta = gradient_pass(student, x_t, t, targets["target_ok"], cond)
+        F_theta = torch.zeros_like(x_t) if F_theta is None else F_theta.to(x_t.dtype)
+        per_sample, scm_distance, logvar, _ = scm.per_sample_loss(F_theta, targets, logvar_head)
         D = x_t[0].numel()
         boundary_distance = _per_sample_sq(F_theta.detach() - F_stage1) / D  # ||F_theta - F_stage1||^2 / D (logged)
         # the pull towards the Stage-1 model, normalized as the tangent is: ||F_theta - F_minus - pull||^2 / D
