@@ -121,3 +121,62 @@ def test_cuda_backends_agree():
         out, dout = jvp_attention(*args, backend=backend)
         torch.testing.assert_close(out, out_m, rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(dout, dout_m, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["math", "blocked"])
+@pytest.mark.parametrize(
+    "case",
+    ["plain", "bool_mask", "additive_mask", "key_padding", "causal", "gqa", "scale", "causal_gqa"],
+)
+def test_sdpa_calls_inside_jvp_mode_match_float64_finite_differences(case, backend):
+    """`F.scaled_dot_product_attention` as any processor calls it, intercepted by `jvp_mode`: every argument of
+    SDPA (masks, is_causal, enable_gqa, scale) against central differences of PyTorch's own SDPA."""
+    import torch.nn.functional as F
+
+    from diffusers_scm.jvp import jvp_mode
+
+    g = torch.Generator().manual_seed(4)
+    kv_heads = 1 if "gqa" in case else 2
+    q = torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, 7, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, kv_heads, 7, 8, generator=g, dtype=torch.float64)
+    kwargs = {}
+    if case == "bool_mask":
+        kwargs["attn_mask"] = torch.rand(2, 1, 7, 7, generator=g) > 0.3
+        kwargs["attn_mask"][..., 0] = True  # no fully masked row
+    elif case == "additive_mask":
+        kwargs["attn_mask"] = torch.randn(2, 2, 7, 7, generator=g, dtype=torch.float64)
+    elif case == "key_padding":
+        mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        mask[0, ..., 5:] = False
+        kwargs["attn_mask"] = mask
+    if "causal" in case:
+        kwargs["is_causal"] = True
+    if "gqa" in case:
+        kwargs["enable_gqa"] = True
+    if case == "scale":
+        kwargs["scale"] = 0.21
+    tangents = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in (q, k, v)]
+
+    def f(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, **kwargs)
+
+    with jvp_mode(backend=backend, block_size=3), torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(x, dx) for x, dx in zip((q, k, v), tangents)]
+        out, tangent = torch.autograd.forward_ad.unpack_dual(f(*duals))
+    h = 1e-6
+    fd = (
+        f(*[x + h * dx for x, dx in zip((q, k, v), tangents)]) - f(*[x - h * dx for x, dx in zip((q, k, v), tangents)])
+    ) / (2 * h)
+    torch.testing.assert_close(out, f(q, k, v), rtol=1e-12, atol=1e-12)
+    assert ((tangent - fd).abs().max() / fd.abs().max()).item() < 1e-7
+
+
+def test_attention_dropout_inside_a_jvp_pass_is_a_clear_error():
+    import torch.nn.functional as F
+
+    from diffusers_scm.jvp import jvp_mode
+
+    q = torch.randn(1, 1, 4, 8)
+    with jvp_mode(), pytest.raises(ValueError, match="Attention dropout.*dropout_p=0.1"):
+        F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)

@@ -7,7 +7,7 @@ from conftest import tiny_cond_unet, tiny_dit, tiny_unet
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from diffusers_scm import TrigFlowDenoiser
-from diffusers_scm.jvp import JVPAttnProcessor, jvp, jvp_mode
+from diffusers_scm.jvp import jvp, jvp_mode
 
 
 def _case(kind):
@@ -57,36 +57,48 @@ def test_without_jvp_mode_sdpa_has_no_forward_ad():
         torch.func.jvp(den, (x, torch.ones(1, dtype=torch.float64)), (x, torch.ones(1, dtype=torch.float64)))
 
 
-def test_processors_restored_after_jvp_mode_even_on_error():
+def test_jvp_mode_restores_everything_even_on_error():
+    from diffusers.models import embeddings
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
     net = tiny_unet()
-    before = {n: m.processor for n, m in net.named_modules() if isinstance(m, Attention)}
-    assert before and all(isinstance(p, AttnProcessor2_0) for p in before.values())
-    with jvp_mode(net, backend="math"):
-        assert all(isinstance(m.processor, JVPAttnProcessor) for m in net.modules() if isinstance(m, Attention))
-        assert "forward" in net.time_proj.__dict__
+    name = next(n for n, m in net.named_modules() if isinstance(m, Attention))
+    xformers = XFormersAttnProcessor()  # calls xformers directly: switched to SDPA for the pass
+    net.get_submodule(name).set_processor(xformers)
+    original_embedding = embeddings.get_timestep_embedding
+    with jvp_mode(net, backend="math") as mode:
+        assert isinstance(net.get_submodule(name).processor, AttnProcessor2_0)
+        assert embeddings.get_timestep_embedding is not original_embedding
+        net(torch.randn(1, 1, 8, 8), torch.ones(1))
+    assert mode.attention_calls > 0
     with pytest.raises(RuntimeError, match="boom"):
         with jvp_mode(net):
             raise RuntimeError("boom")
-    after = {n: m.processor for n, m in net.named_modules() if isinstance(m, Attention)}
-    assert all(after[n] is before[n] for n in before)
-    assert "forward" not in net.time_proj.__dict__
+    assert net.get_submodule(name).processor is xformers
+    assert embeddings.get_timestep_embedding is original_embedding
 
 
-def test_unsupported_attention_gets_a_clear_error():
-    net = tiny_unet()
+def test_user_processors_work_and_unmappable_kernels_get_a_clear_error():
+    net = tiny_unet().double()
 
-    class CustomProcessor(AttnProcessor2_0):
+    class CustomProcessor(AttnProcessor2_0):  # a user's processor calling F.scaled_dot_product_attention
+        pass
+
+    class XFormersCustomProcessor(AttnProcessor2_0):  # calls a kernel directly, no SDPA equivalent known
         pass
 
     name = next(n for n, m in net.named_modules() if isinstance(m, Attention))
     net.get_submodule(name).set_processor(CustomProcessor())
-    with pytest.raises(ValueError, match=f"'{name}'.*CustomProcessor has no JVP version"):
-        with jvp_mode(net):
-            pass
-    wrapper = torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2))
-    with pytest.raises(ValueError, match="'0'.*MultiheadAttention"):
-        with jvp_mode(wrapper):
-            pass
+    den = TrigFlowDenoiser(net, "trigflow")
+    x, t = torch.randn(1, 1, 8, 8, dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64)
+    _, tangent = jvp(den, (x, t), (x, torch.ones_like(t)))
+    _, fd = jvp(den, (x, t), (x, torch.ones_like(t)), method="finite_difference")
+    assert ((tangent - fd).abs().max() / fd.abs().max()).item() < 1e-6
+    net.get_submodule(name).set_processor(XFormersCustomProcessor())
+    with pytest.raises(ValueError, match=f"{name}'.*XFormersCustomProcessor.*set_processor"):
+        jvp(den, (x, t), (x, torch.ones_like(t)))
+    _, fd2 = jvp(den, (x, t), (x, torch.ones_like(t)), method="finite_difference")  # needs none of it
+    torch.testing.assert_close(fd2, fd)
 
 
 def test_dropout_masks_match_between_jvp_pass_and_gradient_pass():

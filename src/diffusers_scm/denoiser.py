@@ -1,61 +1,23 @@
 """One interface for every network: `TrigFlowDenoiser` (k-diffusion style, SPEC.md section 2).
 
-`call_network` knows how diffusers networks are called (`UNet2DModel`, `UNet2DConditionModel`,
-`DiTTransformer2DModel`, `Transformer2DModel`, ...) and how to read their output; plain `nn.Module`s that take
-`(sample, timestep, **conditioning)` and return a tensor work too.
+How a network family is called (timestep keyword and time map, conditioning, latent packing, learned variance) lives
+in `diffusers_scm.adapters`; `call_network` and `TrigFlowDenoiser` use the adapter of the network's class.
 """
-
-import inspect
 
 import torch
 from torch import nn
 
+from .adapters import NetworkAdapter, get_adapter
 from .parameterizations import Parameterization, get_parameterization
 
 
 __all__ = ["TrigFlowDenoiser", "call_network"]
 
 
-def _accepts_return_dict(model) -> bool:
-    forward = getattr(model, "forward", model)
-    try:
-        return "return_dict" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _first_output(output):
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    if hasattr(output, "sample"):
-        return output.sample
-    raise TypeError(f"Cannot read a tensor from a network output of type {type(output).__name__}.")
-
-
-def call_network(model, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
-    """Call a diffusers (or plain) network on `(sample, timestep)` and return its prediction tensor.
-
-    The timestep is broadcast to one value per sample; class labels, encoder states and other conditioning are
-    passed through by keyword. When the network predicts a learned variance next to its mean (twice the input
-    channels, as in DiT and improved DDPM), the variance channels are dropped.
-    """
-    timestep = torch.as_tensor(timestep, device=sample.device)
-    if timestep.ndim == 0:
-        timestep = timestep.expand(sample.shape[0])
-    kwargs = dict(conditioning)
-    if _accepts_return_dict(model):
-        kwargs["return_dict"] = False
-    out = _first_output(model(sample, timestep, **kwargs))
-    if (
-        out.ndim >= 2
-        and sample.ndim >= 2
-        and out.shape[1] == 2 * sample.shape[1]
-        and out.shape[2:] == sample.shape[2:]
-    ):
-        out = out[:, : sample.shape[1]]  # learned-variance channels: keep the mean prediction
-    return out
+def call_network(model, sample: torch.Tensor, timestep: torch.Tensor, adapter=None, **conditioning) -> torch.Tensor:
+    """Call a diffusers (or plain) network on `(sample, timestep)` through its adapter (`get_adapter(model)` unless
+    given) and return its prediction, shaped as `sample`, in the convention of the family's scheduler."""
+    return (adapter or get_adapter(model))(model, sample, timestep, **conditioning)
 
 
 class TrigFlowDenoiser(nn.Module):
@@ -67,9 +29,16 @@ class TrigFlowDenoiser(nn.Module):
         parameterization (`str` or `Parameterization`): the network's family ("trigflow", "edm",
             "flow_matching", "vp_epsilon", "vp_v") or a built object.
         sigma_data (`float`, defaults to 0.5): standard deviation of the data; must match a built object's.
+        adapter (`NetworkAdapter`, *optional*): how the network is called; default: the adapter of its class.
     """
 
-    def __init__(self, model: nn.Module, parameterization="trigflow", sigma_data: float = 0.5):
+    def __init__(
+        self,
+        model: nn.Module,
+        parameterization="trigflow",
+        sigma_data: float = 0.5,
+        adapter: NetworkAdapter | None = None,
+    ):
         super().__init__()
         if not callable(model):
             raise TypeError(f"TrigFlowDenoiser needs a callable network, got {type(model).__name__}.")
@@ -83,6 +52,7 @@ class TrigFlowDenoiser(nn.Module):
             parameterization = get_parameterization(parameterization, sigma_data=sigma_data)
         self.inner_model = model
         self.parameterization = parameterization
+        self.adapter = adapter or get_adapter(model)
 
     @property
     def sigma_data(self) -> float:
@@ -91,7 +61,7 @@ class TrigFlowDenoiser(nn.Module):
     def raw_output(self, x_t: torch.Tensor, t, **conditioning) -> torch.Tensor:
         """The network's own prediction at TrigFlow `(x_t, t)`, before conversion to F."""
         sample, timestep = self.parameterization.model_inputs(x_t, t)
-        return call_network(self.inner_model, sample, timestep, **conditioning)
+        return self.adapter(self.inner_model, sample, timestep, **conditioning)
 
     def forward(self, x_t: torch.Tensor, t, **conditioning) -> torch.Tensor:
         """TrigFlow output F(x_t, t) = v_t / sigma_data (SPEC.md section 1)."""

@@ -2,19 +2,20 @@
 
 from .attention import BACKENDS, attention, available_backends, jvp_attention, resolve_backend
 from .functional import METHODS, jvp, unwrap_model
-from .processors import SUPPORTED_PROCESSORS, JVPAttnProcessor, jvp_mode
+from .processors import JVPAttnProcessor, JVPFunctionMode, float64_precision, jvp_mode
 
 
 __all__ = [
     "BACKENDS",
     "METHODS",
-    "SUPPORTED_PROCESSORS",
     "JVPAttnProcessor",
+    "JVPFunctionMode",
     "attention",
     "available_backends",
     "jvp",
     "jvp_attention",
     "jvp_mode",
+    "float64_precision",
     "resolve_backend",
     "unwrap_model",
 ]

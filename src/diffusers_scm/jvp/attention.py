@@ -79,6 +79,8 @@ def _math(q, k, v, dq, dk, dv, bias, scale):
     if bias is not None:
         s = s + bias
     p = torch.softmax(s, dim=-1)
+    if bias is not None:  # rows with every key masked: zeros, as PyTorch's SDPA returns (not 0 / 0)
+        p = torch.where(torch.isneginf(s.amax(dim=-1, keepdim=True)), torch.zeros_like(p), p)
     out = p @ v
     ds = (dq @ k.transpose(-1, -2) + q @ dk.transpose(-1, -2)) * scale
     pds = p * ds
@@ -122,6 +124,7 @@ def _blocked(q, k, v, dq, dk, dv, bias, scale, block_size):
         acc_b = alpha * acc_b + pds_j @ v_j + p_j @ dv_j
         acc_c = alpha * acc_c + pds_j.sum(-1, keepdim=True)
         m = m_new
+    l = torch.where(l == 0, torch.ones_like(l), l)  # rows with every key masked: zeros, as SDPA returns
     out = acc_a / l
     dout = acc_b / l - (acc_c / l) * out
     return out, dout

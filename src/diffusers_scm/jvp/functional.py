@@ -2,7 +2,8 @@
 
     output, jvp_output = jvp(student, (x_t / sd, t), (dx / sd, dt))
 
-It runs the pass inside `jvp_mode` (attention with a forward-mode rule), forks and restores the RNG state (so the
+It runs the pass inside `jvp_mode` (any attention intercepted with a forward-mode rule; no module needed, so plain
+closures work), forks and restores the RNG state (so the
 dropout masks of the following gradient pass are the same), switches gradient checkpointing off, differentiates the
 unwrapped module of a DDP / compiled wrapper (the gradient pass still goes through the wrapper), and can run in
 float32 when the surrounding step uses bf16/fp16 autocast.
@@ -14,7 +15,7 @@ import functools
 import torch
 from torch import nn
 
-from .processors import jvp_mode
+from .processors import float64_precision, jvp_mode
 
 
 __all__ = ["jvp", "unwrap_model", "METHODS"]
@@ -34,6 +35,8 @@ def unwrap_model(module):
 
 
 def _find_module(fn, module):
+    """The module a function calls: `module`, `fn` itself, a partial's function, a bound method's owner, or the first
+    module among a closure's free variables (e.g. `lambda x, t: den(x, t, **cond)`)."""
     if module is not None:
         return module
     if isinstance(fn, nn.Module):
@@ -41,7 +44,20 @@ def _find_module(fn, module):
     if isinstance(fn, functools.partial):
         return _find_module(fn.func, None)
     owner = getattr(fn, "__self__", None)
-    return owner if isinstance(owner, nn.Module) else None
+    if isinstance(owner, nn.Module):
+        return owner
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, nn.Module):
+            return value
+    code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
+    for name in code.co_names if code is not None else ():
+        if isinstance(names.get(name), nn.Module):
+            return names[name]
+    return None
 
 
 @contextlib.contextmanager
@@ -98,6 +114,7 @@ def jvp(
     *,
     method: str = "forward_ad",
     backend: str = "auto",
+    block_size: int | None = None,
     module: nn.Module | None = None,
     dtype: torch.dtype | None = None,
     create_graph: bool = False,
@@ -116,8 +133,9 @@ def jvp(
             otherwise; an approximation (error O(eps^2) plus rounding), for models or wrappers without forward-mode
             support.
         backend (`str`, defaults to "auto"): JVP attention backend ("math", "blocked", "triton", "auto").
-        module (`nn.Module`, *optional*): the module whose attention and checkpointing to manage, when `fn` is a
-            plain function.
+        block_size (`int`, *optional*): key block length of the "blocked" backend (default 512).
+        module (`nn.Module`, *optional*): the module whose gradient checkpointing and xformers processors to manage,
+            when `fn` is a plain function (default: found in `fn`, a partial or a closure's free variables).
         dtype (`torch.dtype`, *optional*): run the pass in this dtype (autocast off, floating inputs cast), e.g.
             `torch.float32` inside a bf16 step (SPEC.md pitfall 6).
         create_graph (`bool`, defaults to `False`): keep the autograd graph of the outputs (off: the pass runs under
@@ -143,10 +161,10 @@ def jvp(
         stack.enter_context(_fork_rng(tensors))  # same dropout masks in the gradient pass (pitfall 2)
         if inner is not None:
             stack.enter_context(_no_gradient_checkpointing(inner))  # pitfall 3
-            stack.enter_context(jvp_mode(inner, backend=backend))  # pitfall 1
         if not create_graph:
             stack.enter_context(torch.no_grad())
-        if method == "finite_difference":
+        if method == "finite_difference":  # plain forward passes: no attention interception needed
+            stack.enter_context(float64_precision())
             fd_dtype = dtype or torch.float64
             eps = fd_eps if fd_eps is not None else (1e-6 if fd_dtype == torch.float64 else 1e-3)
             stack.enter_context(torch.autocast(device_type, enabled=False))
@@ -154,6 +172,9 @@ def jvp(
             out, tangent_out = _finite_difference(call, primals, tangents, eps, fd_dtype)
             out_dtype = tensors[0].dtype if tensors else out.dtype
             return out.to(out_dtype), tangent_out.to(out_dtype)
+        stack.enter_context(
+            jvp_mode(inner, backend=backend, block_size=block_size)
+        )  # pitfall 1: any attention, with or without a module
         if dtype is not None:
             stack.enter_context(torch.autocast(device_type, enabled=False))
             primals, tangents = _cast(primals, dtype), _cast(tangents, dtype)

@@ -1,25 +1,38 @@
-"""JVP-capable attention processors for diffusers' `Attention` modules, and `jvp_mode` to install them.
+"""`jvp_mode`: forward-mode AD through any diffusers network, whatever its attention (SPEC.md section 6).
 
-Inside `jvp_mode(model)` every attention module of `model` computes attention through `attention` (SPEC.md
-section 6), whose forward-mode derivative exists; sinusoidal time embeddings run at the precision of their input
-(float64 inputs stay float64, so float64 finite differences can check the JVP); group norms accept the channels-last
-activations of attention blocks under forward-mode AD. On exit, even on error, the original
-processors and embeddings are restored, so ordinary forward and backward passes keep the fused kernels.
+Inside `jvp_mode()` attention is intercepted at the function level, so no processor list is needed:
+
+- a `TorchFunctionMode` routes every `torch.nn.functional.scaled_dot_product_attention` call (diffusers'
+  `AttnProcessor2_0`, `JointAttnProcessor2_0`, the "native" route of `dispatch_attention_fn`, user processors, ...)
+  to `diffusers_scm.jvp.attention`, which has a forward-mode rule (masks: boolean, additive, key padding;
+  `is_causal`, `enable_gqa`, `scale`);
+- diffusers' attention dispatcher (`AttentionModuleMixin` modules: Flux, Wan, Qwen-Image, ...) sends every backend,
+  the per-module ones set by `set_attention_backend` included, to its "native" route, which reaches that call;
+- processors that call xformers (or an NPU kernel) directly are switched to their SDPA equivalent for the pass, or
+  get a clear error naming the module and the fix; plain-op attention (Sana's linear attention, diffusers'
+  `AttnProcessor`) needs nothing;
+- float64 stays float64 (`float64_precision`): sinusoidal time embeddings (`get_timestep_embedding`, `Timesteps`) run
+  at the precision of their input, and casts of float64 activations to float32 inside a network (rotary embeddings,
+  Sana's linear attention, float32 norms) keep float64, so float64 finite differences can check the JVP of every
+  family; float32 and half-precision networks are not affected;
+- group norms accept the channels-last activations of attention blocks under forward-mode AD.
+
+On exit, even on error, everything is restored, so ordinary forward and backward passes keep the fused kernels.
 """
 
 import contextlib
 import math
+import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .attention import BACKENDS, attention
 
 
-__all__ = ["JVPAttnProcessor", "jvp_mode", "SUPPORTED_PROCESSORS"]
-
-# Processors that compute plain scaled dot-product attention with diffusers' usual projections and norms.
-SUPPORTED_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU")
+__all__ = ["JVPAttnProcessor", "JVPFunctionMode", "jvp_mode", "float64_precision"]
 
 
 class JVPAttnProcessor:
@@ -84,22 +97,107 @@ class JVPAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def _timesteps_forward(self, timesteps: torch.Tensor) -> torch.Tensor:
-    # diffusers' sinusoidal `Timesteps` embedding, computed in float32 or the input's wider precision
+def get_timestep_embedding_at_input_precision(
+    timesteps: torch.Tensor,
+    embedding_dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1,
+    scale: float = 1,
+    max_period: int = 10000,
+) -> torch.Tensor:
+    """diffusers' sinusoidal `get_timestep_embedding`, computed in float32 or the input's wider precision."""
     dtype = torch.promote_types(timesteps.dtype, torch.float32) if timesteps.is_floating_point() else torch.float32
-    half_dim = self.num_channels // 2
-    exponent = -math.log(10000) * torch.arange(half_dim, dtype=dtype, device=timesteps.device)
-    freqs = torch.exp(exponent / (half_dim - self.downscale_freq_shift))
-    emb = self.scale * timesteps[:, None].to(dtype) * freqs[None, :]
+    half_dim = embedding_dim // 2
+    exponent = -math.log(max_period) * torch.arange(half_dim, dtype=dtype, device=timesteps.device)
+    freqs = torch.exp(exponent / (half_dim - downscale_freq_shift))
+    emb = scale * timesteps[:, None].to(dtype) * freqs[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
-    if self.flip_sin_to_cos:
+    if flip_sin_to_cos:
         emb = torch.cat([emb[:, half_dim:], emb[:, :half_dim]], dim=-1)
-    if self.num_channels % 2 == 1:
+    if embedding_dim % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1, 0, 0))
     return emb
 
 
-def _group_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
+@contextlib.contextmanager
+def _time_embeddings_at_input_precision():
+    """Every diffusers module that uses `get_timestep_embedding` (the `Timesteps` class of all families, and the
+    transformers that call it directly) computes it at its input's precision for the block."""
+    try:
+        from diffusers.models import embeddings
+    except ImportError:
+        yield
+        return
+    original = embeddings.get_timestep_embedding
+    if original is get_timestep_embedding_at_input_precision:  # nested
+        yield
+        return
+    patched = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.startswith("diffusers.") and getattr(module, "get_timestep_embedding", None) is original
+    ]
+    for module in patched:
+        module.get_timestep_embedding = get_timestep_embedding_at_input_precision
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.get_timestep_embedding = original
+
+
+_NARROWED = {torch.float64: torch.float32, torch.complex128: torch.complex64}
+_CASTS = (torch.Tensor.float, torch.Tensor.to, torch.Tensor.type, torch.Tensor.type_as)
+
+
+def _keep_float64(func, args, kwargs):
+    """`func(*args, **kwargs)` for a cast method, with a float64 (complex128) tensor kept at its precision where the
+    cast would narrow it to float32 (complex64); None when the call is not such a cast."""
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dtype not in _NARROWED:
+        return None
+    x, narrow = args[0], _NARROWED[args[0].dtype]
+    if func is torch.Tensor.float:
+        return x
+    if func is torch.Tensor.type_as:
+        return x if args[1].dtype == narrow else None
+    if func is torch.Tensor.type:
+        target = args[1] if len(args) > 1 else kwargs.get("dtype")
+        return x if target == narrow else None
+    # Tensor.to(dtype), to(device, dtype), to(other), to(dtype=...), to(device=..., dtype=...)
+    rest = list(args[1:])
+    for i, a in enumerate(rest):
+        if a == narrow and isinstance(a, torch.dtype):
+            rest[i] = x.dtype
+            return torch.Tensor.to(x, *rest, **kwargs)
+        if isinstance(a, torch.Tensor) and a.dtype == narrow:
+            rest[i] = a.device
+            return torch.Tensor.to(x, *rest, **kwargs)
+    if kwargs.get("dtype") == narrow:
+        return torch.Tensor.to(x, *rest, **{**kwargs, "dtype": x.dtype})
+    return None
+
+
+class _Float64Mode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _CASTS:
+            kept = _keep_float64(func, args, kwargs)
+            if kept is not None:
+                return kept
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def float64_precision():
+    """Within the block, float64 computations stay float64 inside diffusers networks: sinusoidal time embeddings run
+    at their input's precision and casts of float64 (complex128) tensors to float32 (complex64) keep the wider type.
+    For checking JVPs against float64 finite differences; float32 and half-precision networks are not affected.
+    `jvp_mode` includes it."""
+    with _time_embeddings_at_input_precision(), _Float64Mode():
+        yield
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     # Two gaps in torch's forward-mode rule of group_norm, closed here with the same result as the fused kernel:
     # - under autocast, group_norm runs in float32 but the tangent of a half-precision input is not cast with it:
     #   cast explicitly, as autocast's float32 policy for group_norm would;
@@ -111,60 +209,156 @@ def _group_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
     channels_last = (
         input.ndim == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
     )
-    out = torch.nn.functional.group_norm(input.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+    out = F.group_norm(input.contiguous(), num_groups, weight, bias, eps)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
-def _unsupported(name: str, module: nn.Module, why: str) -> ValueError:
-    return ValueError(
-        f"Module '{name}' ({type(module).__name__}) cannot run under a JVP: {why}. Replace it with a diffusers "
-        "`Attention` using the default processor (`model.set_default_attn_processor()`), or use "
-        "`jvp(..., method='finite_difference')`."
+def _sdpa_with_jvp(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, _mode=None
+):
+    # F.scaled_dot_product_attention's arguments, computed by `attention` (SPEC.md section 6)
+    if dropout_p:
+        raise ValueError(
+            f"Attention dropout (dropout_p={dropout_p}) inside a JVP pass: the JVP attention has no dropout. Set the "
+            "attention dropout of the network to 0 (e.g. `model.eval()` for processors that use it only in training)."
+        )
+    if is_causal:  # SDPA's causal mask: query i sees keys j <= i (top-left aligned)
+        n_q, n_k = query.shape[-2], key.shape[-2]
+        causal = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril()
+        attn_mask = causal if attn_mask is None else _combine_masks(attn_mask, causal, query.dtype)
+    if enable_gqa and key.shape[-3] != query.shape[-3]:  # grouped-query attention: repeat the key/value heads
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
+    return attention(
+        query, key, value, attn_mask=attn_mask, scale=scale, backend=_mode.backend, block_size=_mode.block_size
     )
 
 
-@contextlib.contextmanager
-def jvp_mode(model: nn.Module, backend: str = "auto", block_size: int | None = None):
-    """Install JVP-capable attention on every attention module of `model` for the duration of the block.
+def _combine_masks(attn_mask, causal, dtype):
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.to(dtype).masked_fill(~causal, float("-inf"))
+
+
+class JVPFunctionMode(TorchFunctionMode):
+    """Routes `F.scaled_dot_product_attention` to the JVP-capable `attention` and `F.group_norm` to a version whose
+    forward-mode rule handles channels-last inputs and autocast, and keeps float64 activations float64 (see
+    `jvp_mode`).
 
     Args:
-        model (`nn.Module`): any module (a diffusers network, a `TrigFlowDenoiser`, ...).
-        backend (`str`, defaults to "auto"): JVP attention backend.
+        backend (`str`, defaults to "auto"): the JVP attention backend ("math", "blocked", "triton", "auto").
         block_size (`int`, *optional*): key block length of the "blocked" backend.
     """
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.embeddings import Timesteps
 
-    try:
-        from diffusers.models.attention import AttentionModuleMixin
-    except ImportError:  # older diffusers
-        AttentionModuleMixin = ()
+    def __init__(self, backend: str = "auto", block_size: int | None = None):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"Unknown JVP attention backend {backend!r}: choose one of {BACKENDS}.")
+        self.backend, self.block_size = backend, block_size
+        self.attention_calls = 0
 
-    processor = JVPAttnProcessor(backend=backend, block_size=block_size)
-    swapped, patched = [], []
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _CASTS:
+            kept = _keep_float64(func, args, kwargs)
+            if kept is not None:
+                return kept
+        if func is F.scaled_dot_product_attention:
+            self.attention_calls += 1
+            return _sdpa_with_jvp(*args, **kwargs, _mode=self)
+        if func is F.group_norm:
+            return _group_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _native_attention_dispatch():
+    """Send every backend of diffusers' `dispatch_attention_fn` (the active one and those set per module) to the
+    "native" route, which calls `F.scaled_dot_product_attention`."""
     try:
-        for name, module in model.named_modules():
-            if isinstance(module, Attention):
-                current = module.processor
-                if isinstance(current, JVPAttnProcessor):
-                    continue
-                if type(current).__name__ not in SUPPORTED_PROCESSORS:
-                    raise _unsupported(name, module, f"its processor {type(current).__name__} has no JVP version")
-                swapped.append((module, current))
-                module.set_processor(processor)
-            elif AttentionModuleMixin and isinstance(module, AttentionModuleMixin):
-                raise _unsupported(name, module, "attention dispatched by diffusers' attention backends")
-            elif isinstance(module, nn.MultiheadAttention):
-                raise _unsupported(name, module, "nn.MultiheadAttention uses fused attention without forward AD")
-            elif isinstance(module, Timesteps) and "forward" not in module.__dict__:
-                module.forward = _timesteps_forward.__get__(module)
-                patched.append(module)
-            elif isinstance(module, nn.GroupNorm) and "forward" not in module.__dict__:
-                module.forward = _group_norm_forward.__get__(module)
-                patched.append(module)
-        yield model
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    except ImportError:  # older diffusers: no dispatcher
+        yield
+        return
+    registry, native = _AttentionBackendRegistry, AttentionBackendName.NATIVE
+    saved = {k: getattr(registry, k) for k in ("_active_backend", "_backends", "_constraints", "_supported_arg_names")}
+    names = list(saved["_backends"])
+    registry._active_backend = native
+    registry._backends = dict.fromkeys(names, saved["_backends"][native])
+    registry._constraints = {name: [] for name in names}
+    registry._supported_arg_names = dict.fromkeys(names, saved["_supported_arg_names"][native])
+    try:
+        yield
     finally:
-        for module, original in swapped:
-            module.set_processor(original)
-        for module in patched:
-            del module.forward
+        for k, v in saved.items():
+            setattr(registry, k, v)
+
+
+def _sdpa_equivalent(processor):
+    """The SDPA processor that computes what `processor` (which calls xformers or an NPU kernel directly) computes,
+    or None when there is none that can be built without weights of its own."""
+    from diffusers.models import attention_processor
+
+    name = type(processor).__name__
+    if not any(tag in name for tag in ("XFormers", "NPU")):
+        return None
+    base = name.replace("XFormers", "").replace("_NPU", "").replace("NPU", "")
+    for candidate in (base + "2_0", base.replace("2_0", "") + "2_0", base):
+        cls = getattr(attention_processor, candidate, None)
+        if cls is not None and candidate != name:
+            try:
+                return cls()
+            except TypeError:  # needs arguments (e.g. IP-Adapter weights)
+                return None
+    return None
+
+
+def _direct_kernel_processor(processor) -> bool:
+    name = type(processor).__name__
+    return any(tag in name for tag in ("XFormers", "NPU", "FlashAttn", "SageAttn"))
+
+
+@contextlib.contextmanager
+def _sdpa_processors(model: nn.Module | None):
+    """Switch processors that call xformers / NPU kernels directly to their SDPA equivalent for the block."""
+    swapped = []
+    try:
+        for name, module in model.named_modules() if model is not None else ():
+            processor = getattr(module, "processor", None)
+            if processor is None or not hasattr(module, "set_processor") or not _direct_kernel_processor(processor):
+                continue
+            replacement = _sdpa_equivalent(processor)
+            if replacement is None:
+                raise ValueError(
+                    f"Module '{name}' ({type(module).__name__}) uses {type(processor).__name__}, which calls an "
+                    "attention kernel without forward-mode AD and has no SDPA equivalent here. Give it an SDPA "
+                    "processor for training (e.g. `module.set_processor(AttnProcessor2_0())`, or "
+                    "`model.set_default_attn_processor()` where the model has it), or use "
+                    "`jvp(..., method='finite_difference')`."
+                )
+            swapped.append((module, processor))
+            module.processor = replacement
+        yield
+    finally:
+        for module, processor in swapped:
+            module.processor = processor
+
+
+@contextlib.contextmanager
+def jvp_mode(model: nn.Module | None = None, backend: str = "auto", block_size: int | None = None):
+    """Forward-mode AD through any diffusers attention for the duration of the block (see the module docstring).
+
+    Args:
+        model (`nn.Module`, *optional*): the network (a diffusers model, a `TrigFlowDenoiser`, ...); only needed to
+            switch processors that call xformers or NPU kernels directly. Attention interception, the dispatcher
+            route and the time-embedding precision apply to everything called inside the block.
+        backend (`str`, defaults to "auto"): JVP attention backend ("math", "blocked", "triton", "auto").
+        block_size (`int`, *optional*): key block length of the "blocked" backend.
+    """
+    mode = JVPFunctionMode(backend=backend, block_size=block_size)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_sdpa_processors(model))
+        stack.enter_context(_native_attention_dispatch())
+        stack.enter_context(_time_embeddings_at_input_precision())
+        stack.enter_context(mode)
+        yield mode

@@ -1,0 +1,311 @@
+"""Network adapters: how each diffusers network family is called (DESIGN.md, k-diffusion style).
+
+A parameterization (SPEC.md section 2) gives the network's input `sample` and its time in the convention of the
+family's diffusers scheduler (`scheduler.timesteps`: 1000 s for flow matching, the DDPM step index, ln(sigma) / 4 for
+EDM, ...). The adapter turns them into the keyword call the family's own pipeline makes, and the network's output back
+into the scheduler's convention:
+
+    adapter(model, sample, timestep, **conditioning) -> prediction with the shape of `sample`
+
+`sample` is always the unpacked latent image (B, C, H, W), or (B, C, F, H, W) for video: families that take 2x2-packed
+token sequences (Flux, Chroma, Qwen-Image) are packed and unpacked here, with their position ids built from the
+latent size when not given. Learned-variance channels are dropped. Each adapter overrides one small method;
+`get_adapter(model)` chooses one by the network's class (its MRO), with a fallback for unknown networks that passes
+the timestep by keyword. Nothing outside this module special-cases a family.
+
+| family (class)                          | time the network takes        | conditioning (keywords)                        |
+| --------------------------------------- | ----------------------------- | ---------------------------------------------- |
+| UNet2DModel                             | scheduler timestep            | class_labels                                   |
+| UNet2DConditionModel (SD 1.5, SDXL)     | scheduler timestep            | encoder_hidden_states, added_cond_kwargs, ...  |
+| DiTTransformer2DModel                   | scheduler timestep            | class_labels (learned variance dropped)        |
+| PixArtTransformer2DModel                | scheduler timestep            | encoder_hidden_states, encoder_attention_mask  |
+| SD3Transformer2DModel                   | 1000 s                        | encoder_hidden_states, pooled_projections      |
+| FluxTransformer2DModel (packed)         | s                             | encoder_hidden_states, pooled_projections, guidance |
+| ChromaTransformer2DModel (packed)       | s                             | encoder_hidden_states, encoder_attention_mask  |
+| QwenImageTransformer2DModel (packed)    | s                             | encoder_hidden_states, encoder_hidden_states_mask |
+| SanaTransformer2DModel                  | timestep * config.timestep_scale | encoder_hidden_states, encoder_attention_mask, guidance |
+| WanTransformer3DModel (video)           | 1000 s                        | encoder_hidden_states                          |
+| Lumina2Transformer2DModel               | 1 - s, output negated         | encoder_hidden_states, encoder_attention_mask  |
+| AuraFlowTransformer2DModel              | s                             | encoder_hidden_states                          |
+"""
+
+import inspect
+
+import torch
+
+
+__all__ = [
+    "NetworkAdapter",
+    "KeywordAdapter",
+    "UNetAdapter",
+    "PixArtAdapter",
+    "FluxAdapter",
+    "ChromaAdapter",
+    "QwenImageAdapter",
+    "SanaAdapter",
+    "UnitTimeAdapter",
+    "Lumina2Adapter",
+    "get_adapter",
+    "register_adapter",
+    "pack_latents",
+    "unpack_latents",
+]
+
+
+def _first_output(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if hasattr(output, "sample"):
+        return output.sample
+    raise TypeError(f"Cannot read a tensor from a network output of type {type(output).__name__}.")
+
+
+def _per_sample(timestep, sample: torch.Tensor) -> torch.Tensor:
+    timestep = torch.as_tensor(timestep, device=sample.device)
+    return timestep.expand(sample.shape[0]) if timestep.ndim == 0 else timestep
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): the 2x2 patch tokens of Flux, Chroma and Qwen-Image (their pipelines'
+    `_pack_latents`)."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Packed-token networks need an even latent height and width, got {h}x{w}.")
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H/2 * W/2, 4C) -> (B, C, H, W), the inverse of `pack_latents`."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """Position ids (H/2 * W/2, 3) of the packed tokens: (0, row, column), as Flux's pipeline builds them."""
+    rows = torch.arange(height // 2, device=device, dtype=dtype)[:, None].expand(height // 2, width // 2)
+    cols = torch.arange(width // 2, device=device, dtype=dtype)[None, :].expand(height // 2, width // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+
+
+class NetworkAdapter:
+    """
+    How one network family is called. `__call__` builds the keyword call with `inputs`, runs the network and reads
+    its output with `output`; subclasses override one of `network_time`, `inputs` or `output`.
+
+    Attributes:
+        sample_keyword (`str`): the name of the network's input (e.g. "sample" for UNets, "hidden_states").
+        timestep_keyword (`str`): the name of its time input.
+    """
+
+    sample_keyword = "hidden_states"
+    timestep_keyword = "timestep"
+
+    def network_time(self, model, timestep: torch.Tensor) -> torch.Tensor:
+        """The network's time input from the scheduler's timestep (identity by default)."""
+        return timestep
+
+    def inputs(self, model, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> dict:
+        """The keyword arguments of the network call."""
+        return {
+            self.sample_keyword: sample,
+            self.timestep_keyword: self.network_time(model, timestep),
+            **conditioning,
+        }
+
+    def output(self, model, out: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The prediction in the scheduler's convention, shaped as `sample`: learned-variance channels (twice the
+        input channels, as DiT, PixArt and improved DDPM predict) are dropped."""
+        if out.ndim >= 2 and out.shape[1] == 2 * sample.shape[1] and out.shape[2:] == sample.shape[2:]:
+            out = out[:, : sample.shape[1]]
+        return out
+
+    def __call__(self, model, sample: torch.Tensor, timestep, **conditioning) -> torch.Tensor:
+        kwargs = self.inputs(model, sample, _per_sample(timestep, sample), dict(conditioning))
+        if _accepts(model, "return_dict"):
+            kwargs["return_dict"] = False
+        try:
+            out = model(**kwargs)
+        except TypeError as e:
+            if "argument" not in str(e):
+                raise
+            raise TypeError(
+                f"Cannot call {type(model).__name__} with {sorted(kwargs)} through {type(self).__name__} ({e}). "
+                "Pass the conditioning under the names of its forward() arguments, or register an adapter for this "
+                "network with `diffusers_scm.adapters.register_adapter`."
+            ) from e
+        return self.output(model, _first_output(out), sample)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        params = inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+class UNetAdapter(NetworkAdapter):
+    """UNet2DModel, UNet2DConditionModel (SD 1.5, SDXL with `added_cond_kwargs`), SCMUNet2DModel: `sample=`."""
+
+    sample_keyword = "sample"
+
+
+class PixArtAdapter(NetworkAdapter):
+    """PixArt-Alpha/Sigma: `added_cond_kwargs` defaults to no resolution/aspect-ratio conditioning, as the pipeline
+    passes for models without additional conditions."""
+
+    def inputs(self, model, sample, timestep, conditioning):
+        conditioning.setdefault("added_cond_kwargs", {"resolution": None, "aspect_ratio": None})
+        return super().inputs(model, sample, timestep, conditioning)
+
+
+class UnitTimeAdapter(NetworkAdapter):
+    """Flow networks that take the flow time s in [0, 1] (their pipelines pass `timestep / 1000`): AuraFlow."""
+
+    def network_time(self, model, timestep):
+        return timestep / 1000
+
+
+class FluxAdapter(UnitTimeAdapter):
+    """Flux.1: 2x2-packed tokens, time s, `img_ids` / `txt_ids` built from the latent size and the text length when
+    not given; `guidance` (guidance-distilled models) is passed through, one value per sample."""
+
+    def inputs(self, model, sample, timestep, conditioning):
+        h, w = sample.shape[-2:]
+        conditioning.setdefault("img_ids", latent_image_ids(h, w, sample.device, sample.dtype))
+        text = conditioning.get("encoder_hidden_states")
+        if text is not None:
+            conditioning.setdefault("txt_ids", torch.zeros(text.shape[1], 3, device=sample.device, dtype=sample.dtype))
+        if "guidance" in conditioning and conditioning["guidance"] is not None:
+            conditioning["guidance"] = _per_sample(conditioning["guidance"], sample).to(sample.dtype)
+        return super().inputs(model, pack_latents(sample), timestep, conditioning)
+
+    def output(self, model, out, sample):
+        return unpack_latents(out, *sample.shape[-2:])
+
+
+class ChromaAdapter(FluxAdapter):
+    """Chroma: Flux's packing and ids, no pooled projections or guidance input. A text padding mask given as
+    `encoder_attention_mask` (B, L) is extended with the image tokens into the joint `attention_mask`, as its pipeline
+    does."""
+
+    def inputs(self, model, sample, timestep, conditioning):
+        text_mask = conditioning.pop("encoder_attention_mask", None)
+        if text_mask is not None:
+            image_tokens = sample.shape[-2] * sample.shape[-1] // 4
+            ones = torch.ones(sample.shape[0], image_tokens, device=text_mask.device, dtype=torch.bool)
+            conditioning["attention_mask"] = torch.cat([text_mask.bool(), ones], dim=1)
+        return super().inputs(model, sample, timestep, conditioning)
+
+
+class QwenImageAdapter(UnitTimeAdapter):
+    """Qwen-Image: 2x2-packed tokens, time s, `img_shapes` from the latent size when not given."""
+
+    def inputs(self, model, sample, timestep, conditioning):
+        h, w = sample.shape[-2:]
+        conditioning.setdefault("img_shapes", [[(1, h // 2, w // 2)]] * sample.shape[0])
+        if conditioning.get("guidance") is not None:
+            conditioning["guidance"] = _per_sample(conditioning["guidance"], sample).to(sample.dtype)
+        return super().inputs(model, pack_latents(sample), timestep, conditioning)
+
+    def output(self, model, out, sample):
+        return unpack_latents(out, *sample.shape[-2:])
+
+
+class SanaAdapter(NetworkAdapter):
+    """Sana: the pipeline multiplies the scheduler's timestep by `config.timestep_scale`; `guidance` (guidance
+    embeddings) one value per sample."""
+
+    def network_time(self, model, timestep):
+        return timestep * model.config.get("timestep_scale", 1.0)
+
+    def inputs(self, model, sample, timestep, conditioning):
+        if conditioning.get("guidance") is not None:
+            conditioning["guidance"] = _per_sample(conditioning["guidance"], sample).to(sample.dtype)
+        return super().inputs(model, sample, timestep, conditioning)
+
+
+class Lumina2Adapter(NetworkAdapter):
+    """Lumina-Image 2.0: time 1 - s (data at 1) and the negated velocity x0 - n (its pipeline negates it)."""
+
+    def network_time(self, model, timestep):
+        return 1 - timestep / 1000
+
+    def inputs(self, model, sample, timestep, conditioning):
+        text = conditioning.get("encoder_hidden_states")
+        if text is not None and conditioning.get("encoder_attention_mask") is None:  # a required argument
+            conditioning["encoder_attention_mask"] = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        return super().inputs(model, sample, timestep, conditioning)
+
+    def output(self, model, out, sample):
+        return -super().output(model, out, sample)
+
+
+class KeywordAdapter(NetworkAdapter):
+    """Fallback for networks without an adapter: the sample positionally, the time by keyword (`timestep`, or
+    `timesteps`), or positionally when the network names it otherwise (plain modules `forward(x, t)`)."""
+
+    def __call__(self, model, sample, timestep, **conditioning):
+        timestep = _per_sample(timestep, sample)
+        kwargs = dict(conditioning)
+        if _accepts(model, "return_dict"):
+            kwargs["return_dict"] = False
+        try:
+            params = inspect.signature(getattr(model, "forward", model)).parameters
+        except (TypeError, ValueError):
+            params = {}
+        keyword = next((k for k in ("timestep", "timesteps") if k in params), None)
+        try:
+            out = model(sample, **{keyword: timestep}, **kwargs) if keyword else model(sample, timestep, **kwargs)
+        except TypeError as e:
+            if "argument" not in str(e):
+                raise
+            raise TypeError(
+                f"Cannot call {type(model).__name__} as model(sample, timestep, **{sorted(kwargs)}) ({e}): it has no "
+                "adapter in diffusers_scm.adapters. Register one with `register_adapter`, or pass the conditioning "
+                "under the names of its forward() arguments."
+            ) from e
+        return self.output(model, _first_output(out), sample)
+
+
+_ADAPTERS: dict[str, NetworkAdapter] = {
+    "UNet2DModel": UNetAdapter(),
+    "UNet2DConditionModel": UNetAdapter(),
+    "SCMUNet2DModel": UNetAdapter(),
+    "DiTTransformer2DModel": NetworkAdapter(),
+    "Transformer2DModel": NetworkAdapter(),
+    "PixArtTransformer2DModel": PixArtAdapter(),
+    "SD3Transformer2DModel": NetworkAdapter(),
+    "FluxTransformer2DModel": FluxAdapter(),
+    "ChromaTransformer2DModel": ChromaAdapter(),
+    "QwenImageTransformer2DModel": QwenImageAdapter(),
+    "SanaTransformer2DModel": SanaAdapter(),
+    "WanTransformer3DModel": NetworkAdapter(),
+    "Lumina2Transformer2DModel": Lumina2Adapter(),
+    "AuraFlowTransformer2DModel": UnitTimeAdapter(),
+}
+_FALLBACK = KeywordAdapter()
+
+
+def register_adapter(network_class: str | type, adapter: NetworkAdapter):
+    """Use `adapter` for networks of `network_class` (a class or its name) and its subclasses."""
+    name = network_class if isinstance(network_class, str) else network_class.__name__
+    _ADAPTERS[name] = adapter
+
+
+def get_adapter(model) -> NetworkAdapter:
+    """The adapter of `model`'s class or its nearest registered base class (DDP / compiled wrappers are looked
+    through), else the keyword fallback."""
+    from .jvp import unwrap_model
+
+    for cls in type(unwrap_model(model)).__mro__:
+        if cls.__name__ in _ADAPTERS:
+            return _ADAPTERS[cls.__name__]
+    return _FALLBACK
