@@ -20,7 +20,7 @@ install_requires = [
 ]
 
 extras = {
-    "test": ["pytest>=7", "scipy", "scikit-learn", "accelerate>=0.30", "matplotlib"],
+    "test": ["pytest>=7", "scipy", "scikit-learn", "accelerate>=0.30", "matplotlib", "transformers>=4.41"],
     "training": ["accelerate>=0.30", "datasets>=2.19", "tensorboard", "scikit-learn", "tqdm", "matplotlib"],
     "flash": ["flash-attn", "xformers", "jvp-flash-attention"],
     "metrics": ["scipy", "torch-fidelity", "matplotlib"],

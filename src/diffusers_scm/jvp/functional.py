@@ -164,12 +164,14 @@ def jvp(
         if not create_graph:
             stack.enter_context(torch.no_grad())
         if method == "finite_difference":  # plain forward passes: no attention interception needed
-            stack.enter_context(float64_precision())
             fd_dtype = dtype or torch.float64
+            if fd_dtype == torch.float64:
+                stack.enter_context(float64_precision())
             eps = fd_eps if fd_eps is not None else (1e-6 if fd_dtype == torch.float64 else 1e-3)
             stack.enter_context(torch.autocast(device_type, enabled=False))
             stack.enter_context(_module_dtype(inner, fd_dtype))
             out, tangent_out = _finite_difference(call, primals, tangents, eps, fd_dtype)
+            stack.close()  # cast back outside float64_precision
             out_dtype = tensors[0].dtype if tensors else out.dtype
             return out.to(out_dtype), tangent_out.to(out_dtype)
         stack.enter_context(

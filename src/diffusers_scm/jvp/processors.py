@@ -248,18 +248,20 @@ class JVPFunctionMode(TorchFunctionMode):
     Args:
         backend (`str`, defaults to "auto"): the JVP attention backend ("math", "blocked", "triton", "auto").
         block_size (`int`, *optional*): key block length of the "blocked" backend.
+        keep_float64 (`bool`, defaults to `False`): keep float64 tensors float64 where the network casts them to
+            float32 (for float64 networks only: see `float64_precision`).
     """
 
-    def __init__(self, backend: str = "auto", block_size: int | None = None):
+    def __init__(self, backend: str = "auto", block_size: int | None = None, keep_float64: bool = False):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"Unknown JVP attention backend {backend!r}: choose one of {BACKENDS}.")
-        self.backend, self.block_size = backend, block_size
+        self.backend, self.block_size, self.keep_float64 = backend, block_size, keep_float64
         self.attention_calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _CASTS:
+        if self.keep_float64 and func in _CASTS:
             kept = _keep_float64(func, args, kwargs)
             if kept is not None:
                 return kept
@@ -344,8 +346,18 @@ def _sdpa_processors(model: nn.Module | None):
             module.processor = processor
 
 
+def _is_float64(model: nn.Module | None) -> bool:
+    param = next((p for p in model.parameters() if p.is_floating_point()), None) if model is not None else None
+    return param is not None and param.dtype == torch.float64
+
+
 @contextlib.contextmanager
-def jvp_mode(model: nn.Module | None = None, backend: str = "auto", block_size: int | None = None):
+def jvp_mode(
+    model: nn.Module | None = None,
+    backend: str = "auto",
+    block_size: int | None = None,
+    keep_float64: bool | None = None,
+):
     """Forward-mode AD through any diffusers attention for the duration of the block (see the module docstring).
 
     Args:
@@ -354,8 +366,11 @@ def jvp_mode(model: nn.Module | None = None, backend: str = "auto", block_size: 
             route and the time-embedding precision apply to everything called inside the block.
         backend (`str`, defaults to "auto"): JVP attention backend ("math", "blocked", "triton", "auto").
         block_size (`int`, *optional*): key block length of the "blocked" backend.
+        keep_float64 (`bool`, *optional*): keep float64 activations float64 where the network casts them to float32
+            (`float64_precision`); default: when `model`'s parameters are float64.
     """
-    mode = JVPFunctionMode(backend=backend, block_size=block_size)
+    keep_float64 = _is_float64(model) if keep_float64 is None else keep_float64
+    mode = JVPFunctionMode(backend=backend, block_size=block_size, keep_float64=keep_float64)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_sdpa_processors(model))
         stack.enter_context(_native_attention_dispatch())
