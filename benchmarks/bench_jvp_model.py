@@ -74,7 +74,13 @@ def build(name, b):
             norm_eps=1e-6,
         )
         mask = torch.ones(b, TEXT)
-        return net, (b, 4, 32, 32), {"encoder_hidden_states": _text(b, W), "encoder_attention_mask": mask}, "vp_epsilon", 256
+        return (
+            net,
+            (b, 4, 32, 32),
+            {"encoder_hidden_states": _text(b, W), "encoder_attention_mask": mask},
+            "vp_epsilon",
+            256,
+        )
     if name == "sd3":
         net = d.SD3Transformer2DModel(
             sample_size=32,
@@ -171,7 +177,13 @@ def build(name, b):
             cap_feat_dim=W,
         )
         mask = torch.ones(b, TEXT, dtype=torch.bool)
-        return net, (b, 16, 32, 32), {"encoder_hidden_states": _text(b, W), "encoder_attention_mask": mask}, "flow_matching", 256
+        return (
+            net,
+            (b, 16, 32, 32),
+            {"encoder_hidden_states": _text(b, W), "encoder_attention_mask": mask},
+            "flow_matching",
+            256,
+        )
     if name == "auraflow":
         net = d.AuraFlowTransformer2DModel(
             sample_size=32,
@@ -265,7 +277,9 @@ def main():
     worst = max((r for r in rows if r["family"] != "unet_sd"), key=lambda r: r["ratio"], default=None)
     if worst is not None:
         verdict = "meets" if worst["ratio"] <= 3.0 else "misses"
-        print(f"worst transformer ratio: {worst['ratio']:.2f} ({worst['family']}, {worst['backend']}): {verdict} <= 3.0")
+        print(
+            f"worst transformer ratio: {worst['ratio']:.2f} ({worst['family']}, {worst['backend']}): {verdict} <= 3.0"
+        )
     write_results(args.json, {"batch_size": args.batch_size, "rows": rows})
 
 

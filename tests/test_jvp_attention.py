@@ -180,3 +180,37 @@ def test_attention_dropout_inside_a_jvp_pass_is_a_clear_error():
     q = torch.randn(1, 1, 4, 8)
     with jvp_mode(), pytest.raises(ValueError, match="Attention dropout.*dropout_p=0.1"):
         F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x: F.layer_norm(x, (8,), torch.linspace(0.5, 2, 8, dtype=x.dtype), torch.ones(8, dtype=x.dtype)),
+        lambda x: F.layer_norm(x, (5, 8), eps=1e-6),
+        lambda x: F.group_norm(x.reshape(2, 4, 5, 2), 2, torch.linspace(0.5, 2, 4, dtype=x.dtype)),
+        lambda x: F.silu(x),
+        lambda x: F.gelu(x),
+        lambda x: F.gelu(x, approximate="tanh"),
+        lambda x: F.linear(x, torch.linspace(-1, 1, 24, dtype=x.dtype).reshape(3, 8), torch.ones(3, dtype=x.dtype)),
+    ],
+)
+def test_direct_forward_mode_rules_equal_pytorchs(op):
+    """`jvp_mode`'s direct rules for linear, layer/group norm, SiLU and GELU (used in JVP passes without gradients)
+    give PyTorch's own forward-mode derivative."""
+    from diffusers_scm.jvp import jvp_mode
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    dx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    fwad = torch.autograd.forward_ad
+
+    def tangent(mode):
+        with torch.no_grad(), fwad.dual_level():
+            if mode:
+                with jvp_mode():
+                    return fwad.unpack_dual(op(fwad.make_dual(x, dx)))
+            return fwad.unpack_dual(op(fwad.make_dual(x, dx)))
+
+    ours, theirs = tangent(True), tangent(False)
+    torch.testing.assert_close(ours.primal, theirs.primal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.tangent, theirs.tangent, rtol=1e-10, atol=1e-10)

@@ -234,10 +234,161 @@ def _sdpa_with_jvp(
     )
 
 
+class _JVPLinear(torch.autograd.Function):
+    """`F.linear` with the forward-mode rule d(x W^T + b) = dx W^T (+ x dW^T + db): one extra matmul. PyTorch's own
+    rule for batched (3-D) inputs costs about 4.7x a forward matmul on CPU, this one 2x."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.has_bias, ctx.out_dtype = bias is not None, output.dtype
+        ctx.save_for_forward(x, weight)
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias):
+        x, weight = ctx.saved_tensors
+        out = None if dx is None else F.linear(dx, weight)
+        if dweight is not None:
+            out = F.linear(x, dweight) if out is None else out + F.linear(x, dweight)
+        if dbias is not None:
+            out = dbias.expand(*x.shape[:-1], dbias.shape[-1]) if out is None else out + dbias
+        return out.to(ctx.out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_x = (grad @ weight.to(grad.dtype)) if need_x else None
+        grad_w = (flat.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)) if need_w else None
+        grad_b = flat.sum(0) if ctx.has_bias and need_b else None
+        return grad_x, grad_w, grad_b
+
+
+class _JVPOnly(torch.autograd.Function):
+    """Elementwise and normalization ops with a direct forward-mode rule, for JVP passes without gradients (the
+    stop-gradient JVP of sCD/sCT). PyTorch's generic rules for them cost 10-40x the op on CPU; these cost 2-4x.
+    `op` names the rule; the primal is PyTorch's own op."""
+
+    @staticmethod
+    def forward(x, op, args):
+        return _PRIMAL[op](x, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, op, args = inputs
+        ctx.op, ctx.args, ctx.out_dtype = op, args, output.dtype
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def jvp(ctx, dx, _op, _args):
+        (x,) = ctx.saved_tensors
+        work = torch.promote_types(x.dtype, torch.float32)
+        return _TANGENT[ctx.op](x.to(work), dx.to(work), *ctx.args).to(ctx.out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("This JVP-only op has no backward: it is used only in JVP passes without gradients.")
+
+
+def _norm_tangent(x, dx, dims, eps):
+    # d((x - mean) / std) = (dx - mean(dx) - xhat mean(dx xhat)) / std over the normalized dims
+    mean = x.mean(dims, keepdim=True)
+    rstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    xhat = (x - mean) * rstd
+    return rstd * (dx - dx.mean(dims, keepdim=True) - xhat * (dx * xhat).mean(dims, keepdim=True))
+
+
+def _layer_norm_tangent(x, dx, normalized_shape, weight, bias, eps):
+    dims = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    out = _norm_tangent(x, dx, dims, eps)
+    return out if weight is None else out * weight
+
+
+def _group_norm_tangent(x, dx, num_groups, weight, bias, eps):
+    n, c = x.shape[:2]
+    out = _norm_tangent(x.reshape(n, num_groups, -1), dx.reshape(n, num_groups, -1), (2,), eps).reshape(x.shape)
+    return out if weight is None else out * weight.reshape(1, c, *([1] * (x.ndim - 2)))
+
+
+def _silu_tangent(x, dx):
+    s = torch.sigmoid(x)
+    return dx * s * (1 + x * (1 - s))
+
+
+def _gelu_tangent(x, dx, approximate="none"):
+    if approximate == "tanh":  # 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
+        k = math.sqrt(2 / math.pi)
+        th = torch.tanh(k * (x + 0.044715 * x**3))
+        return dx * (0.5 * (1 + th) + 0.5 * x * (1 - th * th) * k * (1 + 3 * 0.044715 * x * x))
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))  # x Phi(x): Phi(x) + x phi(x)
+    return dx * (cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+
+
+_PRIMAL = {
+    "layer_norm": lambda x, *a: F.layer_norm(x, *a),
+    "group_norm": lambda x, *a: _group_norm(x, *a),
+    "silu": lambda x: F.silu(x),
+    "gelu": lambda x, approximate: F.gelu(x, approximate=approximate),
+}
+_TANGENT = {
+    "layer_norm": _layer_norm_tangent,
+    "group_norm": _group_norm_tangent,
+    "silu": _silu_tangent,
+    "gelu": _gelu_tangent,
+}
+
+
+def _bind(func, args, kwargs):
+    """`(op name, x, the op's other arguments in order)` for the ops with a direct rule, or None."""
+    if func is F.layer_norm:
+        names, defaults = ("normalized_shape", "weight", "bias", "eps"), (None, None, None, 1e-5)
+    elif func is F.group_norm:
+        names, defaults = ("num_groups", "weight", "bias", "eps"), (None, None, None, 1e-5)
+    elif func is F.silu:
+        names, defaults = ("inplace",), (False,)
+    elif func is F.gelu:
+        names, defaults = ("approximate",), ("none",)
+    else:
+        return None
+    x = args[0] if args else kwargs.get("input")
+    rest = list(args[1:]) + [kwargs.get(n, d) for n, d in zip(names[len(args) - 1 :], defaults[len(args) - 1 :])]
+    if func is F.silu:
+        if rest[0]:  # in-place: PyTorch's own rule
+            return None
+        rest = []
+    return func.__name__, x, tuple(rest)
+
+
+def _fast_jvp(func, args, kwargs):
+    """The op through `_JVPOnly` when its input carries a tangent and no gradient is recorded; else None."""
+    if torch.is_grad_enabled():
+        return None
+    bound = _bind(func, args, kwargs)
+    if bound is None or torch.autograd.forward_ad.unpack_dual(bound[1]).tangent is None:
+        return None
+    op, x, rest = bound
+    return _JVPOnly.apply(x, op, rest)
+
+
+def _linear(input, weight, bias=None):
+    if torch.autograd.forward_ad.unpack_dual(input).tangent is None:
+        return F.linear(input, weight, bias)
+    return _JVPLinear.apply(input, weight, bias)
+
+
 def _combine_masks(attn_mask, causal, dtype):
     if attn_mask.dtype == torch.bool:
         return attn_mask & causal
     return attn_mask.to(dtype).masked_fill(~causal, float("-inf"))
+
+
+_FAST_JVP_OPS = (F.layer_norm, F.group_norm, F.silu, F.gelu)
 
 
 class JVPFunctionMode(TorchFunctionMode):
@@ -268,6 +419,12 @@ class JVPFunctionMode(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             self.attention_calls += 1
             return _sdpa_with_jvp(*args, **kwargs, _mode=self)
+        if func is F.linear:
+            return _linear(*args, **kwargs)
+        if func in _FAST_JVP_OPS:
+            out = _fast_jvp(func, args, kwargs)
+            if out is not None:
+                return out
         if func is F.group_norm:
             return _group_norm(*args, **kwargs)
         return func(*args, **kwargs)
