@@ -97,16 +97,16 @@ def build(name, b):
         cond = {"encoder_hidden_states": _text(b, W), "pooled_projections": torch.randn(b, 256)}
         return net, (b, 16, 32, 32), cond, "flow_matching", 256
     if name in ("flux", "chroma"):
-        common = dict(
-            patch_size=1,
-            in_channels=64,
-            num_layers=2,
-            num_single_layers=5,
-            attention_head_dim=64,
-            num_attention_heads=6,
-            joint_attention_dim=W,
-            axes_dims_rope=(16, 24, 24),
-        )
+        common = {
+            "patch_size": 1,
+            "in_channels": 64,
+            "num_layers": 2,
+            "num_single_layers": 5,
+            "attention_head_dim": 64,
+            "num_attention_heads": 6,
+            "joint_attention_dim": W,
+            "axes_dims_rope": (16, 24, 24),
+        }
         if name == "flux":
             net = d.FluxTransformer2DModel(pooled_projection_dim=256, guidance_embeds=True, **common)
             cond = {"encoder_hidden_states": _text(b, W), "pooled_projections": torch.randn(b, 256), "guidance": 3.5}
