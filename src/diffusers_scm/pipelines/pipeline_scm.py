@@ -10,6 +10,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..conditioning import FAMILY_PIPELINES, TEXT_COMPONENTS, LatentCodec, prompt_encoding
 from ..denoiser import call_network
 
 
@@ -41,18 +42,48 @@ class SCMPipeline(DiffusionPipeline):
         unet (`UNet2DModel`, *optional*): the network, for UNet models.
         transformer (`DiTTransformer2DModel`, *optional*): the network, for transformer models.
         vae (`AutoencoderKL`, *optional*): decodes latents for latent models.
+        text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3 (*optional*): the text
+            encoders and tokenizers of a text-to-image family (transformers classes), as the family pipeline names
+            them.
+        family_pipeline (`str`, *optional*): the family's diffusers pipeline class (e.g. "StableDiffusion3Pipeline");
+            prompts are encoded through its own `encode_prompt`.
     """
 
-    model_cpu_offload_seq = "unet->transformer->vae"
-    _optional_components = ["unet", "transformer", "vae"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
+    _optional_components = ["unet", "transformer", "vae", *TEXT_COMPONENTS]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, scheduler, unet=None, transformer=None, vae=None):
+    def __init__(
+        self,
+        scheduler,
+        unet=None,
+        transformer=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        family_pipeline: str | None = None,
+    ):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("SCMPipeline needs exactly one network: pass `unet` or `transformer`.")
+        if family_pipeline is not None and family_pipeline not in FAMILY_PIPELINES:
+            raise ValueError(f"Unknown family_pipeline {family_pipeline!r}: use one of {sorted(FAMILY_PIPELINES)}.")
         self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae)
+        self.register_modules(
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+        )
+        self.register_to_config(family_pipeline=family_pipeline)
         self.image_processor = VaeImageProcessor(do_normalize=True)
+        self._family = None  # the family pipeline object, built on first use (prompt encoding)
 
     # `from_pretrained` arguments that only concern finding the files
     _hub_kwargs = ("revision", "cache_dir", "token", "local_files_only", "force_download")
@@ -98,7 +129,8 @@ class SCMPipeline(DiffusionPipeline):
         hub_kwargs = {k: kwargs.pop(k) for k in cls._hub_kwargs if k in kwargs}
         path = local_folder(pretrained_model_name_or_path)  # a path that does not exist is named here
         if path is not None:
-            passed = [name for name in ("unet", "transformer", "scheduler", "vae") if kwargs.get(name) is not None]
+            names = ("unet", "transformer", "scheduler", "vae", *TEXT_COMPONENTS)
+            passed = [name for name in names if kwargs.get(name) is not None]
             check_pipeline_folder(path, pipeline_class=cls.__name__, exclude=passed)
         else:
             for key in ("variant", "use_safetensors"):
@@ -122,10 +154,22 @@ class SCMPipeline(DiffusionPipeline):
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
-    def _sample_shape(self, batch_size: int) -> tuple[int, ...]:
+    def _sample_shape(self, batch_size: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         config = self.network.config
-        channels = config.get("in_channels")
         size = config.get("sample_size")
+        if getattr(self, "vae", None) is not None:  # the unpacked latent image of the VAE
+            codec = LatentCodec(self.vae)
+            channels, factor = codec.latent_channels, codec.scale_factor
+            size = size if size is not None else 64
+            default = (size, size) if isinstance(size, int) else tuple(size)
+            if (height is None) != (width is None):
+                raise ValueError("Pass both `height` and `width` (pixels), or neither.")
+            if height is not None:
+                if height % factor or width % factor:
+                    raise ValueError(f"`height` and `width` must be multiples of {factor} (the VAE's scale).")
+                return (batch_size, channels, height // factor, width // factor)
+            return (batch_size, channels, *default)
+        channels = config.get("in_channels")
         if channels is None or size is None:
             raise ValueError(
                 f"Cannot infer the sample shape from {type(self.network).__name__}'s config (in_channels, "
@@ -133,6 +177,57 @@ class SCMPipeline(DiffusionPipeline):
             )
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, channels, height, width)
+
+    def family_pipeline(self):
+        """The family's own diffusers pipeline over this pipeline's components (for its `encode_prompt`)."""
+        family = self.config.get("family_pipeline")
+        if family is None:
+            raise ValueError(
+                "This SCMPipeline has no text-to-image family (`family_pipeline` in its config): prompts need one. "
+                "Pass `class_labels` or nothing for unconditional models."
+            )
+        if self._family is None:
+            import inspect
+
+            import diffusers
+
+            cls = getattr(diffusers, family)
+            params = inspect.signature(cls.__init__).parameters
+            parts = {**self.components, self.network_name: self.network}
+            kwargs = {
+                name: parts.get(name)
+                for name in params
+                if name != "self" and params[name].default is params[name].empty
+            }
+            kwargs.update({k: v for k, v in parts.items() if k in params and v is not None})
+            if "requires_safety_checker" in params:
+                kwargs["requires_safety_checker"] = False
+            self._family = cls(**kwargs)
+        return self._family
+
+    @property
+    def network_name(self) -> str:
+        return "unet" if getattr(self, "unet", None) is not None else "transformer"
+
+    def encode_prompt(
+        self, prompt=None, negative_prompt=None, guidance: bool = False, height=None, width=None, **embeds
+    ):
+        """`(cond, uncond)`: the network's conditioning for `prompt` (or `prompt_embeds=` and the family's other
+        embedding inputs), through the family pipeline's own `encode_prompt`; `uncond` for classifier-free guidance."""
+        encoding = prompt_encoding(self.family_pipeline())
+        return encoding.encode(
+            prompt,
+            negative_prompt,
+            device=self._execution_device,
+            guidance=guidance,
+            height=height,
+            width=width,
+            **embeds,
+        )
+
+    def _guidance_input(self) -> bool:
+        """Whether the network takes a guidance value of its own (Flux's and Sana's `guidance_embeds`)."""
+        return bool(self.network.config.get("guidance_embeds", False))
 
     def _class_labels(self, class_labels, batch_size: int, device) -> torch.Tensor | None:
         config = self.network.config
@@ -191,7 +286,8 @@ class SCMPipeline(DiffusionPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        batch_size: int = 1,
+        prompt: str | list[str] | None = None,
+        batch_size: int | None = None,
         num_inference_steps: int = 1,
         timesteps: list[float] | None = None,
         class_labels: int | list[int] | torch.Tensor | None = None,
@@ -201,12 +297,19 @@ class SCMPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        **prompt_embeds,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images.
 
         Args:
-            batch_size (`int`, defaults to 1): number of images.
+            prompt (`str` or `list[str]`, *optional*): for text-to-image students: one image per prompt, encoded
+                through the family pipeline's own `encode_prompt`.
+            batch_size (`int`, *optional*): number of images (default: one per prompt, else 1).
             num_inference_steps (`int`, defaults to 1): network evaluations (consistency steps, or ODE steps for
                 a `TrigFlowODEScheduler`).
             timesteps (`list[float]`, *optional*): explicit TrigFlow times in (0, pi/2]; overrides
@@ -223,12 +326,39 @@ class SCMPipeline(DiffusionPipeline):
                 each step; it may return a dict that replaces tensors named in
                 `callback_on_step_end_tensor_inputs`.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to it.
+            guidance_scale (`float`, *optional*): for networks with a guidance input of their own (Flux, Sana with
+                guidance embeddings; guidance-conditioned students) the value fed to it (default: the one recorded
+                in the config, else 3.5); otherwise, with an ODE scheduler (a teacher), classifier-free guidance
+                F_u + w (F_c - F_u) against `negative_prompt` (default: the empty prompt). A consistency student
+                distilled with guidance samples without it (one network call per step).
+            negative_prompt (`str` or `list[str]`, *optional*): the unconditional prompt of classifier-free guidance.
+            height, width (`int`, *optional*): image size in pixels (latent models; default: the network's).
+            prompt_embeds: precomputed inputs of the family's `encode_prompt` instead of `prompt` (`prompt_embeds`,
+                `pooled_prompt_embeds`, `prompt_attention_mask`, `negative_prompt_embeds`, ...).
 
         Examples:
 
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the images (first element of the tuple).
         """
+        text = prompt is not None or prompt_embeds.get("prompt_embeds") is not None
+        unknown = [k for k in prompt_embeds if not (k.endswith("prompt_embeds") or k.endswith("attention_mask"))]
+        if unknown:
+            raise TypeError(f"SCMPipeline.__call__ got unexpected keyword arguments {unknown}.")
+        if text:
+            n = (
+                (1 if isinstance(prompt, str) else len(prompt))
+                if prompt is not None
+                else prompt_embeds["prompt_embeds"].shape[0]
+            )
+            if batch_size is not None and batch_size != n:
+                raise ValueError(f"`batch_size` {batch_size} differs from the number of prompts ({n}): drop it.")
+            batch_size = n
+            if isinstance(generator, list) and len(generator) != n:
+                raise ValueError(
+                    f"Got {len(generator)} generators for {n} prompts: pass one generator per prompt, or a single one."
+                )
+        batch_size = 1 if batch_size is None else batch_size
         self._check_call_arguments(batch_size, num_inference_steps, timesteps)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"Unknown output_type {output_type!r}: use 'pil', 'np', 'pt' or 'latent'.")
@@ -242,7 +372,7 @@ class SCMPipeline(DiffusionPipeline):
 
         network, device = self.network, self._execution_device
         dtype = network.dtype
-        shape = self._sample_shape(batch_size)
+        shape = self._sample_shape(batch_size, height, width)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
@@ -250,6 +380,30 @@ class SCMPipeline(DiffusionPipeline):
         latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
         labels = self._class_labels(class_labels, batch_size, device)
         conditioning = {} if labels is None else {"class_labels": labels}
+        uncond = None
+        from ..schedulers import TrigFlowODEScheduler
+
+        cfg = (
+            guidance_scale is not None
+            and guidance_scale != 1.0
+            and not self._guidance_input()
+            and isinstance(self.scheduler, TrigFlowODEScheduler)
+        )
+        if text:
+            pixels = (shape[-2] * LatentCodec(self.vae).scale_factor, shape[-1] * LatentCodec(self.vae).scale_factor)
+            conditioning, uncond = self.encode_prompt(
+                prompt, negative_prompt, guidance=cfg, height=pixels[0], width=pixels[1], **prompt_embeds
+            )
+        elif cfg:
+            raise ValueError("Classifier-free guidance needs `prompt` (or `prompt_embeds`).")
+        if self._guidance_input():
+            value = guidance_scale if guidance_scale is not None else self.config.get("guidance_scale") or 3.5
+            conditioning["guidance"] = torch.full((batch_size,), float(value), device=device)
+        elif guidance_scale not in (None, 1.0) and not cfg:
+            logger.warning(
+                "guidance_scale is ignored: the network has no guidance input, and a consistency student distilled "
+                "with guidance samples without classifier-free guidance."
+            )
 
         if timesteps is not None:
             self.scheduler.set_timesteps(timesteps=timesteps, device=device)
@@ -262,6 +416,9 @@ class SCMPipeline(DiffusionPipeline):
             for i, t in enumerate(self.scheduler.timesteps):
                 sample_in, t_in = self.scheduler.model_inputs(latents, t)
                 model_output = call_network(network, sample_in.to(dtype), t_in, **conditioning)
+                if uncond is not None:  # classifier-free guidance of a teacher: raw_u + w (raw_c - raw_u)
+                    uncond_output = call_network(network, sample_in.to(dtype), t_in, **uncond)
+                    model_output = uncond_output + guidance_scale * (model_output - uncond_output)
                 bad_per_step.append((~torch.isfinite(model_output)).flatten(1).any(1).sum())
                 latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
                 if callback_on_step_end is not None:
@@ -277,9 +434,7 @@ class SCMPipeline(DiffusionPipeline):
         else:
             image = latents
             if getattr(self, "vae", None) is not None:
-                vae_config = self.vae.config
-                image = image / vae_config.get("scaling_factor", 1.0) + (vae_config.get("shift_factor") or 0.0)
-                image = self.vae.decode(image.to(self.vae.dtype), return_dict=False)[0]
+                image = LatentCodec(self.vae).decode(image)
             image = self.image_processor.postprocess(image.float(), output_type=output_type)
 
         self.maybe_free_model_hooks()

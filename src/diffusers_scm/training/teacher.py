@@ -9,7 +9,14 @@ from ..parameterizations import PARAMETERIZATIONS, get_parameterization, paramet
 from ..utils import read_json
 
 
-__all__ = ["load_teacher", "infer_parameterization", "NETWORK_COMPONENTS"]
+__all__ = [
+    "load_teacher",
+    "infer_parameterization",
+    "NETWORK_COMPONENTS",
+    "load_text_to_image_teacher",
+    "teacher_from_pipeline",
+    "TextToImageTeacher",
+]
 
 NETWORK_COMPONENTS = ("unet", "transformer")
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
@@ -47,6 +54,13 @@ def infer_parameterization(scheduler_config: dict, sigma_data: float | None = No
             "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
         }
     if cls in FLOW_SCHEDULERS:
+        return "flow_matching", {
+            "sigma_data": 0.5 if sigma_data is None else sigma_data,
+            "timestep_scale": float(scheduler_config.get("num_train_timesteps", 1000)),
+        }
+    if cls in VP_SCHEDULERS and (
+        scheduler_config.get("prediction_type") == "flow_prediction" or scheduler_config.get("use_flow_sigmas")
+    ):  # DPM-Solver / UniPC sampling a flow-matching model (Sana): the network is a rectified-flow one
         return "flow_matching", {
             "sigma_data": 0.5 if sigma_data is None else sigma_data,
             "timestep_scale": float(scheduler_config.get("num_train_timesteps", 1000)),
@@ -166,3 +180,102 @@ def load_teacher(
     p = get_parameterization(name, **params)
     network = _load_network(network_folder, torch_dtype=torch_dtype).eval().requires_grad_(False)
     return TrigFlowDenoiser(network, p, sigma_data=p.sigma_data)
+
+
+def teacher_from_pipeline(pipe, parameterization: str | None = None, sigma_data: float | None = None):
+    """The network of a loaded diffusers pipeline as a frozen `TrigFlowDenoiser`, its parameterization inferred from
+    the pipeline's scheduler (as `load_teacher` does)."""
+    network = next((getattr(pipe, n, None) for n in NETWORK_COMPONENTS if getattr(pipe, n, None) is not None), None)
+    if network is None:
+        raise ValueError(f"{type(pipe).__name__} has no network component ({' or '.join(NETWORK_COMPONENTS)}).")
+    name, params = parameterization, {}
+    config = {**dict(pipe.scheduler.config), "_class_name": type(pipe.scheduler).__name__}
+    inferred, inferred_params = infer_parameterization(config, sigma_data)
+    if parameterization is None or parameterization == inferred:
+        name, params = inferred, inferred_params
+    if sigma_data is not None:
+        params["sigma_data"] = sigma_data
+    p = get_parameterization(name, **params)
+    return TrigFlowDenoiser(network.eval().requires_grad_(False), p, sigma_data=p.sigma_data)
+
+
+class TextToImageTeacher:
+    """
+    A text-to-image (or latent) teacher: the family's diffusers pipeline, its network as a `TrigFlowDenoiser`, the
+    prompt encoding through the pipeline's own `encode_prompt`, and the VAE's latent codec (SPEC.md section 8).
+
+    Attributes:
+        pipeline (`DiffusionPipeline`): the family pipeline (network, VAE, text encoders, tokenizers, scheduler).
+        denoiser (`TrigFlowDenoiser`): the frozen network in TrigFlow coordinates.
+        encoding (`PromptEncoding`): prompts to conditioning (cond and unconditional).
+        codec (`LatentCodec`): images to latents x0 and back.
+        family (`str`): the pipeline's class name.
+    """
+
+    def __init__(self, pipeline, parameterization: str | None = None, sigma_data: float | None = None):
+        from ..conditioning import LatentCodec, prompt_encoding
+
+        self.pipeline = pipeline
+        self.family = type(pipeline).__name__
+        self.encoding = prompt_encoding(pipeline)
+        if getattr(pipeline, "vae", None) is None:
+            raise ValueError(f"The {self.family} teacher has no VAE: a latent teacher needs its `vae` component.")
+        self.codec = LatentCodec(pipeline.vae)
+        self.denoiser = teacher_from_pipeline(pipeline, parameterization, sigma_data)
+
+    def text_components(self) -> dict:
+        """The text encoders and tokenizers of the pipeline (what a student's pipeline folder keeps)."""
+        from ..conditioning import TEXT_COMPONENTS
+
+        return {name: getattr(self.pipeline, name) for name in TEXT_COMPONENTS if getattr(self.pipeline, name, None)}
+
+    def release_text_encoders(self):
+        """Drop the text encoders (after caching prompt embeddings) to free their memory."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self.pipeline, name, None) is not None:
+                setattr(self.pipeline, name, None)
+
+
+def load_text_to_image_teacher(
+    path_or_id: str,
+    parameterization: str | None = None,
+    sigma_data: float | None = None,
+    torch_dtype: torch.dtype | None = None,
+    **hub_kwargs,
+) -> TextToImageTeacher:
+    """
+    Load a text-to-image pipeline folder or Hub id (StableDiffusion3Pipeline, FluxPipeline, SanaPipeline,
+    PixArtSigmaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline) as a `TextToImageTeacher`: every
+    component through `DiffusionPipeline.from_pretrained` (frozen, eval mode, `torch_dtype` for the network, VAE and
+    text encoders), the parameterization inferred from its scheduler as `load_teacher` does.
+    """
+    from diffusers import DiffusionPipeline
+
+    from ..conditioning import FAMILY_PIPELINES
+    from ..hub import local_folder
+
+    folder = local_folder(path_or_id)
+    if folder is not None:
+        index_path = os.path.join(folder, "model_index.json")
+        if not os.path.isfile(index_path):
+            raise ValueError(
+                f"{path_or_id} is not a text-to-image pipeline folder (no model_index.json); it contains "
+                f"{sorted(os.listdir(folder))}."
+            )
+        index = read_json(index_path)
+        family = index.get("_class_name")
+        if family not in FAMILY_PIPELINES:
+            raise ValueError(
+                f"{path_or_id} is a {family}, not a supported text-to-image family ({', '.join(FAMILY_PIPELINES)})."
+            )
+        missing = [n for n in ("text_encoder", "tokenizer") if not (isinstance(index.get(n), list) and index[n][0])]
+        if missing:
+            raise ValueError(
+                f"{path_or_id} ({family}) has no {' or '.join(missing)}: a text-to-image teacher needs its text "
+                "encoder and tokenizer to encode the captions (or train from a cache made by prepare_data.py)."
+            )
+    pipe = DiffusionPipeline.from_pretrained(folder or path_or_id, torch_dtype=torch_dtype, **hub_kwargs)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    return TextToImageTeacher(pipe, parameterization, sigma_data)

@@ -1,0 +1,286 @@
+"""Conditioning of text-to-image and latent teachers (SPEC.md section 8): prompts through the family pipeline's own
+`encode_prompt`, the unconditional (empty or negative prompt) embeddings for classifier-free guidance, guidance inputs,
+and the VAE's latent scaling, each in one place.
+
+    encoding = prompt_encoding(pipe)                   # pipe: the family's diffusers pipeline (text encoders loaded)
+    cond, uncond = encoding.encode(["a red fox"], device=device)   # keyword conditioning for the network's adapter
+    codec = LatentCodec(pipe.vae)
+    x0 = codec.encode(images)                          # latents in the teacher's data space (TrigFlow x0)
+    images = codec.decode(x0)
+
+Families (the pipeline class names): StableDiffusion3Pipeline, FluxPipeline, SanaPipeline, PixArtSigmaPipeline /
+PixArtAlphaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline. Each `PromptEncoding` subclass overrides one
+method: how the tuple that its pipeline's `encode_prompt` returns maps to the network's keyword conditioning.
+"""
+
+import abc
+
+import torch
+
+
+__all__ = [
+    "LatentCodec",
+    "PromptEncoding",
+    "prompt_encoding",
+    "FAMILY_PIPELINES",
+    "TEXT_COMPONENTS",
+    "concat_conditioning",
+    "repeat_conditioning",
+]
+
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+
+
+class LatentCodec:
+    """
+    Images in [-1, 1] to the teacher's latents and back (SPEC.md section 8): x0 = (z - shift_factor) * scaling_factor,
+    or (z - latents_mean) / latents_std for VAEs that carry them; decode inverts it.
+
+    Args:
+        vae (`AutoencoderKL`, `AutoencoderDC`, ...): the pipeline's VAE.
+        sample (`bool`, defaults to `True`): draw z from the latent distribution (else its mode), where the VAE has one.
+    """
+
+    def __init__(self, vae, sample: bool = True):
+        self.vae, self.sample = vae, sample
+        config = vae.config
+        self.scaling_factor = float(config.get("scaling_factor", 1.0) or 1.0)
+        self.shift_factor = float(config.get("shift_factor", 0.0) or 0.0)
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        self.latents_mean = None if mean is None else torch.tensor(mean)
+        self.latents_std = None if std is None else torch.tensor(std)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.get("latent_channels", 4))
+
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent, from the VAE's number of resolution levels."""
+        config = self.vae.config
+        if config.get("block_out_channels") is not None and "encoder_block_types" not in config:
+            return 2 ** (len(config["block_out_channels"]) - 1)
+        return 2 ** (len(config.get("encoder_block_out_channels", [0])) - 1)
+
+    def _stats(self, z):
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        return self.latents_mean.reshape(shape).to(z), self.latents_std.reshape(shape).to(z)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents x0 (B, C, h, w) of images (B, 3, H, W) in [-1, 1]."""
+        out = self.vae.encode(images.to(self.vae.device, self.vae.dtype))
+        if hasattr(out, "latent_dist"):
+            z = out.latent_dist.sample(generator) if self.sample else out.latent_dist.mode()
+        else:  # AutoencoderDC: a deterministic latent
+            z = out.latent if hasattr(out, "latent") else out[0]
+        z = z.float()
+        if self.latents_mean is not None and self.latents_std is not None:
+            mean, std = self._stats(z)
+            return (z - mean) / std * self.scaling_factor
+        return (z - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in about [-1, 1] from latents x0."""
+        if self.latents_mean is not None and self.latents_std is not None:
+            mean, std = self._stats(latents)
+            z = latents / self.scaling_factor * std + mean
+        else:
+            z = latents / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+
+
+def _batched(value, n: int):
+    """Expand a conditioning value with batch 1 to batch n (tensors and nested dicts)."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 1 and n > 1:
+        return value.expand(n, *value.shape[1:])
+    if isinstance(value, dict):
+        return {k: _batched(v, n) for k, v in value.items()}
+    return value
+
+
+def repeat_conditioning(cond: dict, n: int) -> dict:
+    """`cond` with each batched tensor repeated n times along the batch (one entry per image of a prompt)."""
+
+    def rep(v):
+        if isinstance(v, torch.Tensor) and v.ndim > 0:
+            return v.repeat_interleave(n, dim=0)
+        if isinstance(v, dict):
+            return {k: rep(x) for k, x in v.items()}
+        return v
+
+    return {k: rep(v) for k, v in cond.items()}
+
+
+def concat_conditioning(conds: list[dict]) -> dict:
+    """Batches of conditioning concatenated along the batch (tensors padded to the longest text where lengths
+    differ are not supported: encode batches with the same `max_sequence_length`)."""
+    first = conds[0]
+    out = {}
+    for key, value in first.items():
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            out[key] = torch.cat([c[key] for c in conds], dim=0)
+        elif isinstance(value, dict):
+            out[key] = concat_conditioning([c[key] for c in conds])
+        else:
+            out[key] = value
+    return out
+
+
+class PromptEncoding(abc.ABC):
+    """
+    Prompts to the network's keyword conditioning through the family pipeline's own `encode_prompt` (never rewritten
+    per family). Subclasses override `_encode`.
+
+    Args:
+        pipeline (`DiffusionPipeline`): the family's pipeline with its text encoders and tokenizers.
+    """
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    @abc.abstractmethod
+    def _encode(self, prompts, negative, device, guidance: bool, embeds: dict) -> tuple[dict, dict | None]:
+        """The family's `encode_prompt` call; `embeds`: precomputed `prompt_embeds=`-style inputs passed to it."""
+
+    @torch.no_grad()
+    def encode(
+        self,
+        prompts: list[str] | str | None,
+        negative_prompts: list[str] | str | None = None,
+        device=None,
+        guidance: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+        **embeds,
+    ) -> tuple[dict, dict | None]:
+        """
+        `(cond, uncond)`: the conditioning of `prompts` and, with `guidance`, of the negative prompts (default: the
+        empty prompt) for classifier-free guidance (None without). `height`/`width` (pixels) are the image size for
+        families that condition on it (SDXL's micro-conditioning). `embeds`: precomputed inputs of the family's
+        `encode_prompt` (`prompt_embeds`, `pooled_prompt_embeds`, `prompt_attention_mask`, ...) instead of prompts.
+        """
+        if prompts is None and embeds.get("prompt_embeds") is None:
+            raise ValueError("Pass `prompt` (a string or a list) or `prompt_embeds`.")
+        n = embeds["prompt_embeds"].shape[0] if prompts is None else (1 if isinstance(prompts, str) else len(prompts))
+        prompts = None if prompts is None else ([prompts] if isinstance(prompts, str) else list(prompts))
+        if isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * n
+        if negative_prompts is not None and len(negative_prompts) != n:  # None: the family's default (empty prompt)
+            raise ValueError(f"Got {len(negative_prompts)} negative prompts for {n} prompts.")
+        if any(k.startswith("negative_") for k in embeds):
+            negative_prompts = None  # the family's encode_prompt takes the negative embeddings as given
+        self.height, self.width = height, width
+        device = device or self.pipeline._execution_device
+        self.num_prompts = n
+        embeds = {k: v for k, v in embeds.items() if v is not None}
+        return self._encode(prompts, negative_prompts, device, guidance, embeds)
+
+
+class SD3PromptEncoding(PromptEncoding):
+    def _encode(self, prompts, negative, device, guidance, embeds):
+        pe, npe, ppe, nppe = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=negative,
+            **embeds,
+        )
+        cond = {"encoder_hidden_states": pe, "pooled_projections": ppe}
+        return cond, ({"encoder_hidden_states": npe, "pooled_projections": nppe} if guidance else None)
+
+
+class FluxPromptEncoding(PromptEncoding):
+    """Flux.1: no negative branch in the guidance-distilled model; the unconditional conditioning (true CFG) is the
+    negative prompt encoded the same way."""
+
+    def _encode(self, prompts, negative, device, guidance, embeds):
+        positive = {k: v for k, v in embeds.items() if not k.startswith("negative_")}
+        pe, ppe, _ = self.pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=device, **positive)
+        cond = {"encoder_hidden_states": pe, "pooled_projections": ppe}
+        if not guidance:
+            return cond, None
+        given = {k[len("negative_") :]: v for k, v in embeds.items() if k.startswith("negative_")}
+        if not given:
+            negative = negative if negative is not None else [""] * self.num_prompts
+        npe, nppe, _ = self.pipeline.encode_prompt(
+            prompt=None if given else negative, prompt_2=None, device=device, **given
+        )
+        return cond, {"encoder_hidden_states": npe, "pooled_projections": nppe}
+
+
+class MaskedT5PromptEncoding(PromptEncoding):
+    """Sana and PixArt: embeddings with a padding mask, `encoder_attention_mask`."""
+
+    def _encode(self, prompts, negative, device, guidance, embeds):
+        pe, mask, npe, nmask = self.pipeline.encode_prompt(
+            prompts,
+            do_classifier_free_guidance=guidance,
+            negative_prompt="" if negative is None else negative,
+            device=device,
+            clean_caption=False,
+            **embeds,
+        )
+        cond = {"encoder_hidden_states": pe, "encoder_attention_mask": mask}
+        return cond, ({"encoder_hidden_states": npe, "encoder_attention_mask": nmask} if guidance else None)
+
+
+class SanaPromptEncoding(MaskedT5PromptEncoding):
+    """Sana: prompts get the pipeline's default `complex_human_instruction`, as its `__call__` gives them."""
+
+    def _encode(self, prompts, negative, device, guidance, embeds):
+        import inspect
+
+        default = inspect.signature(type(self.pipeline).__call__).parameters.get("complex_human_instruction")
+        if default is not None and "complex_human_instruction" not in embeds and prompts is not None:
+            embeds = {**embeds, "complex_human_instruction": default.default}
+        return super()._encode(prompts, negative, device, guidance, embeds)
+
+
+class SDPromptEncoding(PromptEncoding):
+    def _encode(self, prompts, negative, device, guidance, embeds):
+        pe, npe = self.pipeline.encode_prompt(prompts, device, 1, guidance, negative_prompt=negative, **embeds)
+        return {"encoder_hidden_states": pe}, ({"encoder_hidden_states": npe} if guidance else None)
+
+
+class SDXLPromptEncoding(PromptEncoding):
+    """SDXL: pooled text embeddings and the size micro-conditioning (`time_ids`) in `added_cond_kwargs`."""
+
+    def _encode(self, prompts, negative, device, guidance, embeds):
+        pipe = self.pipeline
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=prompts, device=device, do_classifier_free_guidance=guidance, negative_prompt=negative, **embeds
+        )
+        size_default = pipe.default_sample_size * pipe.vae_scale_factor
+        size = (self.height or size_default, self.width or size_default)
+        projection = int(ppe.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=projection)
+        time_ids = time_ids.to(device).repeat(pe.shape[0], 1)
+        cond = {"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": ppe, "time_ids": time_ids}}
+        if not guidance:
+            return cond, None
+        return cond, {"encoder_hidden_states": npe, "added_cond_kwargs": {"text_embeds": nppe, "time_ids": time_ids}}
+
+
+FAMILY_PIPELINES = {
+    "StableDiffusion3Pipeline": SD3PromptEncoding,
+    "FluxPipeline": FluxPromptEncoding,
+    "SanaPipeline": SanaPromptEncoding,
+    "PixArtSigmaPipeline": MaskedT5PromptEncoding,
+    "PixArtAlphaPipeline": MaskedT5PromptEncoding,
+    "StableDiffusionPipeline": SDPromptEncoding,
+    "StableDiffusionXLPipeline": SDXLPromptEncoding,
+}
+
+
+def prompt_encoding(pipeline) -> PromptEncoding:
+    """The `PromptEncoding` of a family pipeline (by its class or nearest registered base class)."""
+    for cls in type(pipeline).__mro__:
+        if cls.__name__ in FAMILY_PIPELINES:
+            return FAMILY_PIPELINES[cls.__name__](pipeline)
+    raise ValueError(
+        f"{type(pipeline).__name__} is not a supported text-to-image family: use one of {sorted(FAMILY_PIPELINES)}."
+    )
