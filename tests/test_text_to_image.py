@@ -125,3 +125,80 @@ def test_latent_codec_round_trip_uses_scaling_and_shift(family):
     decoded = codec.decode(x0)
     reference = pipe.vae.decode(raw, return_dict=False)[0]
     torch.testing.assert_close(decoded, reference, rtol=1e-5, atol=1e-5)
+
+
+def _student_folder(family, tmp_path):
+    """A flow student saved as a pipeline folder: the teacher's network (any weights do for sampling checks), VAE,
+    text encoders and tokenizers, with the consistency scheduler of a flow-matching student (t_max = pi/2)."""
+    import math
+
+    from diffusers_scm import TrigFlowScheduler
+
+    pipe = tiny_pipeline(family)
+    scheduler = TrigFlowScheduler(parameterization="flow_matching", max_timesteps=math.pi / 2)
+    folder = tmp_path / f"{family}-student"
+    scm_pipeline(pipe, scheduler).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("family", ["sd3", "sana", "flux"])
+def test_student_folder_samples_the_same_in_scm_pipeline_and_the_family_pipeline(family, steps, tmp_path):
+    """One folder, two samplers: SCMPipeline.from_pretrained(folder) and the family's own pipeline class with
+    diffusers' FlowMatchLCMScheduler (the consistency step in flow coordinates) give the same image from the same
+    noise and prompts."""
+    import diffusers
+    from diffusers import FlowMatchLCMScheduler, FluxPipeline
+
+    if family == "flux" and steps == 2:
+        pytest.skip("FluxPipeline draws the re-noising noise in its packed token layout: not the same draws")
+    folder = _student_folder(family, tmp_path)
+    ours = SCMPipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    family_cls = getattr(diffusers, ours.config.family_pipeline)
+    theirs = family_cls.from_pretrained(folder, scheduler=FlowMatchLCMScheduler(shift=1.0))
+    theirs.set_progress_bar_config(disable=True)
+    noise = torch.randn(_latent_shape(theirs), generator=torch.Generator().manual_seed(2))
+    sigmas = ours.scheduler.flow_sigmas(steps)
+    kwargs = {**call_kwargs(family), "guidance_scale": 1.0}  # a student samples without classifier-free guidance
+    latents = noise
+    if family == "flux":
+        latents = FluxPipeline._pack_latents(noise, *noise.shape)
+        kwargs["guidance_scale"] = 3.5
+    torch.manual_seed(7)  # the re-noising draws of both schedulers (the family pipelines pass no generator)
+    reference = theirs(
+        prompt=PROMPTS, num_inference_steps=steps, sigmas=sigmas, latents=latents, output_type="pt", **kwargs
+    )
+    torch.manual_seed(7)
+    image = ours(
+        prompt=PROMPTS,
+        num_inference_steps=steps,
+        latents=noise,
+        output_type="pt",
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+        guidance_scale=kwargs["guidance_scale"] if family == "flux" else None,
+    ).images
+    torch.testing.assert_close(image, reference.images, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_embeds_guidance_and_bad_inputs(tmp_path):
+    folder = _student_folder("flux", tmp_path)  # Flux.1-dev style: guidance embeddings
+    pipe = SCMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    common = {"num_inference_steps": 1, "output_type": "pt", "height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    a = pipe(prompt=PROMPTS, generator=gens, guidance_scale=2.0, **common).images
+    family = pipe.family_pipeline()
+    pe, ppe, _ = family.encode_prompt(prompt=PROMPTS, prompt_2=None, device="cpu")
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    b = pipe(prompt_embeds=pe, pooled_prompt_embeds=ppe, generator=gens, guidance_scale=2.0, **common).images
+    torch.testing.assert_close(a, b)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    c = pipe(prompt=PROMPTS, generator=gens, guidance_scale=6.0, **common).images
+    assert not torch.allclose(a, c, atol=1e-4)  # the guidance input is live
+    assert torch.isfinite(a).all() and a.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with pytest.raises(ValueError, match="Got 3 generators for 2 prompts"):
+        pipe(prompt=PROMPTS, generator=[torch.Generator()] * 3, **common)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pipe(prompt=PROMPTS, num_inference_steps=1, height=30, width=30)

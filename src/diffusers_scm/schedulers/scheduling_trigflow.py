@@ -244,6 +244,19 @@ class TrigFlowScheduler(TrigFlowSchedulerMixin, SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
+    def flow_sigmas(self, num_inference_steps: int) -> list[float]:
+        """
+        The flow times s = sigma_data sin t / (cos t + sigma_data sin t) (SPEC.md section 2) of the times that
+        `set_timesteps(num_inference_steps)` gives: the `sigmas=` with which a flow family's own pipeline and
+        diffusers' `FlowMatchLCMScheduler(shift=1.0)` sample a flow-matching student at the same times.
+        """
+        saved = (self.timesteps, self.num_inference_steps, self._step_index, self._begin_index)
+        self.set_timesteps(num_inference_steps)
+        t = self.timesteps.double()
+        self.timesteps, self.num_inference_steps, self._step_index, self._begin_index = saved
+        sd = self.config.sigma_data
+        return (sd * torch.sin(t) / (torch.cos(t) + sd * torch.sin(t))).tolist()
+
     def step(
         self,
         model_output: torch.Tensor,
