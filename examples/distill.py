@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
 from diffusers_scm.training import ConsistencyLoss, SCMLoss, TCMLoss, load_teacher, lognormal_times
-from diffusers_scm.training.data import load_image_dataset, to_model_channels
+from diffusers_scm.training.data import load_image_dataset, load_text_image_dataset, to_model_channels
 from diffusers_scm.training.script_utils import (
     add_common_args,
     finish_training,
@@ -38,6 +38,8 @@ from diffusers_scm.training.script_utils import (
     publish_pipeline,
     train_loop,
 )
+from diffusers_scm.training.teacher import load_text_to_image_teacher
+from diffusers_scm.training.text_to_image import TextBatches
 
 
 logger = get_logger(__name__)
@@ -60,7 +62,34 @@ def parse_args(argv=None):
     p.add_argument("--tangent_norm", choices=["l2", "rms"], default="l2")
     p.add_argument("--prior_weighting", choices=["none", "inverse_sigma"], default="none")
     p.add_argument("--no_adaptive_weighting", action="store_true")
-    p.add_argument("--guidance_scale", type=float, default=1.0)
+    p.add_argument("--guidance_scale", type=float, default=1.0, help="teacher CFG F_c + (w - 1)(F_c - F_u)")
+    p.add_argument(
+        "--guidance_scale_range",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="draw w per sample and feed it to a student with a guidance input (Flux, Sana guidance embeddings)",
+    )
+    # text-to-image teachers (SPEC.md section 8)
+    p.add_argument("--caption_column", type=str, default="text")
+    p.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="prompts of the validation grids")
+    p.add_argument(
+        "--teacher_dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="frozen teacher, VAE and text encoders (the student keeps float32 master weights)",
+    )
+    p.add_argument(
+        "--teacher_ode_steps", type=int, default=16, help="prompt-only data: ODE steps of the teacher's own x0"
+    )
+    p.add_argument(
+        "--cache_dir",
+        type=str,
+        default=None,
+        help="latents and prompt embeddings cached once (examples/prepare_data.py); training from it loads neither "
+        "the VAE nor the text encoders",
+    )
     p.add_argument("--jvp_method", choices=["forward_ad", "func", "finite_difference"], default="forward_ad")
     p.add_argument("--jvp_dtype", choices=["float32", "auto"], default="float32", help="'auto': the step's dtype")
     p.add_argument("--jvp_backend", choices=["auto", "math", "blocked", "triton"], default="auto")
@@ -130,18 +159,65 @@ def parse_args(argv=None):
     if args.teacher is None and args.student is None and args.method != "tcm":
         p.error(f"--method {args.method} needs --student or --teacher to initialize the student")
     args.tangent_norm_c = None if args.tangent_norm_c.lower() == "none" else float(args.tangent_norm_c)
+    if args.guidance_scale_range is not None and args.guidance_scale_range[0] > args.guidance_scale_range[1]:
+        p.error(f"--guidance_scale_range {args.guidance_scale_range}: LO must not exceed HI")
+    args.text_to_image = args.teacher is not None and text_to_image_family(args.teacher, args.teacher_revision)
+    if args.text_to_image and args.dataset_name == "digits":
+        p.error("A text-to-image teacher needs captioned data: --dataset_name FOLDER_OR_DATASET (--caption_column)")
     return args
 
 
+def text_to_image_family(teacher: str, revision: str | None = None) -> str | None:
+    """The family pipeline class of a text-to-image teacher (its model_index.json), else None."""
+    from diffusers_scm.conditioning import FAMILY_PIPELINES
+    from diffusers_scm.hub import local_folder
+    from diffusers_scm.utils import read_json
+
+    folder = local_folder(teacher)
+    if folder is not None:
+        index = os.path.join(folder, "model_index.json")
+        name = read_json(index).get("_class_name") if os.path.isfile(index) else None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            name = read_json(hf_hub_download(teacher, "model_index.json", revision=revision)).get("_class_name")
+        except Exception:  # a network repository without model_index.json: not a pipeline
+            name = None
+    return name if name in FAMILY_PIPELINES else None
+
+
 def student_scheduler(student, **kwargs) -> TrigFlowScheduler:
-    """The consistency sampler of the student's parameterization (`kwargs`: e.g. TCM's dividing time)."""
+    """The consistency sampler of the student's parameterization (`kwargs`: e.g. TCM's dividing time). Flow-matching
+    students start at t = pi/2 (s = 1, pure noise), as their family's own samplers do."""
     p = student.parameterization
+    if p.name == "flow_matching":
+        kwargs.setdefault("max_timesteps", math.pi / 2)
     return TrigFlowScheduler(parameterization=p.name, **p.config(), **kwargs)
 
 
 def build_models(args):
     teacher = None
-    if args.teacher:
+    if args.text_to_image and getattr(args, "cache", None) is not None:  # the network only
+        teacher = load_teacher(
+            args.teacher,
+            args.teacher_parameterization,
+            args.sigma_data,
+            torch_dtype=getattr(torch, args.teacher_dtype),
+            revision=args.teacher_revision,
+        )
+        args.teacher_network = teacher.inner_model
+    elif args.text_to_image:
+        dtype = getattr(torch, args.teacher_dtype)
+        args.t2i = load_text_to_image_teacher(
+            args.teacher,
+            args.teacher_parameterization,
+            args.sigma_data,
+            torch_dtype=dtype,
+            revision=args.teacher_revision,
+        )
+        teacher = args.t2i.denoiser
+    elif args.teacher:
         teacher = load_teacher(
             args.teacher, args.teacher_parameterization, args.sigma_data, revision=args.teacher_revision
         )
@@ -153,8 +229,13 @@ def build_models(args):
         logger.warning(
             "Student and teacher parameterizations differ: %s vs %s", init.parameterization, teacher.parameterization
         )
-    network = copy.deepcopy(init.inner_model).requires_grad_(True).train()
+    network = copy.deepcopy(init.inner_model).float().requires_grad_(True).train()  # float32 master weights
     student = TrigFlowDenoiser(network, init.parameterization, sigma_data=init.sigma_data)
+    if args.guidance_scale_range is not None and not network.config.get("guidance_embeds", False):
+        raise ValueError(
+            f"--guidance_scale_range feeds w to the student's guidance input, but {type(network).__name__} has none "
+            "(Flux, and Sana with guidance_embeds=True, have one): use --guidance_scale W instead."
+        )
     return teacher, student
 
 
@@ -222,14 +303,19 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         args.dataset_name == "digits"
         and (config.get("num_class_embeds") or config.get("num_embeds_ada_norm") or config.get("num_classes"))
     )
-    dataset = load_image_dataset(
-        args.dataset_name,
-        args.resolution,
-        channels,
-        args.image_column,
-        args.label_column,
-        skip_bad_images=args.skip_bad_images,
-    )
+    text = text_batches(args) if args.text_to_image else None
+    if text is not None:
+        dataset = text_dataset(args, accelerator)
+        conditional = False
+    else:
+        dataset = load_image_dataset(
+            args.dataset_name,
+            args.resolution,
+            channels,
+            args.image_column,
+            args.label_column,
+            skip_bad_images=args.skip_bad_images,
+        )
     student, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
         args, accelerator, student, dataset, "student"
     )
@@ -241,8 +327,18 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
     head = logvar_head if continuous and not args.no_adaptive_weighting else None
 
     def compute_loss(batch, step):
-        x0 = to_model_channels(batch["pixel_values"], channels)
-        cond = {"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}
+        extra = {}
+        if text is not None:  # latents, prompt conditioning, CFG's unconditional branch, w per sample
+            x0, cond, uncond, w = text(batch, accelerator.device, noise_generator)
+            extra = {"uncond_conditioning": uncond}
+            if isinstance(loss_fn, SCMLoss):
+                extra["teacher_guidance"] = w
+            elif isinstance(w, torch.Tensor):
+                raise ValueError("--guidance_scale_range is for --method scd/sct (and continuous TCM) only.")
+        else:
+            x0 = to_model_channels(batch["pixel_values"], channels)
+            cond = {"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}
+        cond = {**cond, **extra}
         g = noise_generator
         if method == "tcm":
             t, is_boundary = loss_fn.sample_times(x0.shape[0], device=x0.device, generator=g)
@@ -272,6 +368,9 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
             args.num_validation_images,
             conditional,
             tracker_step=step + getattr(args, "log_step_offset", 0),
+            components=student_components(args),
+            prompts=validation_prompts(args),
+            image_size=args.resolution,
         )
 
     global_step, counters = train_loop(
@@ -289,6 +388,84 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         pipeline_parts=ema_pipeline_parts,
     )
     return student, ema, global_step, counters
+
+
+def validation_prompts(args):
+    if not args.text_to_image:
+        return None
+    return args.validation_prompts or ["a photo"] * min(args.num_validation_images, 4)
+
+
+def text_batches(args) -> TextBatches:
+    """Captions to (x0, conditioning) for the losses: on the fly through the teacher, or from --cache_dir."""
+    uncond = None
+    if getattr(args, "cache", None) is not None:
+        uncond = args.cache[1]
+    teacher = getattr(args, "t2i", None)
+    network = teacher.denoiser.inner_model if teacher is not None else args.teacher_network
+    return TextBatches(
+        teacher,
+        guidance_scale=args.guidance_scale,
+        guidance_range=args.guidance_scale_range,
+        teacher_guidance_input=bool(network.config.get("guidance_embeds", False)),
+        uncond=uncond,
+        resolution=args.resolution,
+        ode_steps=args.teacher_ode_steps,
+    )
+
+
+def text_dataset(args, accelerator):
+    """The training rows: the --cache_dir cache (written first when missing), or captioned images on the fly."""
+    if getattr(args, "cache", None) is not None:
+        return args.cache[0]
+    dataset = load_text_image_dataset(
+        args.dataset_name, args.resolution, args.image_column, args.caption_column, args.skip_bad_images
+    )
+    if not dataset.has_images:
+        logger.info(
+            "Prompt-only data: x0 comes from the teacher's own ODE samples (%d steps).", args.teacher_ode_steps
+        )
+    return dataset
+
+
+def prepare_cache(args, accelerator):
+    """--cache_dir: write the cache (main process) unless it exists, then train from it without the VAE and text
+    encoders."""
+    from diffusers_scm.training.text_to_image import CACHE_INFO, load_cache, write_cache
+
+    if not os.path.isfile(os.path.join(args.cache_dir, CACHE_INFO)):
+        if accelerator.is_main_process:
+            teacher = load_text_to_image_teacher(
+                args.teacher, args.teacher_parameterization, args.sigma_data, revision=args.teacher_revision
+            )
+            dataset = load_text_image_dataset(
+                args.dataset_name, args.resolution, args.image_column, args.caption_column, args.skip_bad_images
+            )
+            write_cache(dataset, teacher, args.cache_dir, device=accelerator.device, resolution=args.resolution)
+            del teacher
+        accelerator.wait_for_everyone()
+    args.cache = load_cache(args.cache_dir)
+    logger.info("Training from the cache %s (%d rows).", args.cache_dir, len(args.cache[0]))
+
+
+def student_components(args) -> dict | None:
+    """What a text-to-image student's pipeline keeps of its teacher: VAE, text encoders, tokenizers, family. From a
+    cache they are loaded here (main process, for validation and saving), never during training steps."""
+    if not args.text_to_image:
+        return None
+    teacher = getattr(args, "t2i", None)
+    if teacher is None:
+        from diffusers import DiffusionPipeline
+
+        from diffusers_scm.conditioning import TEXT_COMPONENTS
+
+        names = ("vae", *TEXT_COMPONENTS)
+        skip = dict.fromkeys(("transformer", "unet"))
+        pipe = DiffusionPipeline.from_pretrained(args.teacher, revision=args.teacher_revision, **skip)
+        parts = {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
+        return {**parts, "family_pipeline": type(pipe).__name__}
+    parts = {"vae": teacher.pipeline.vae, **teacher.text_components(), "family_pipeline": teacher.family}
+    return parts
 
 
 def _stage1_finished(folder: str) -> bool:
@@ -328,7 +505,10 @@ def run_tcm(args, accelerator):
             method = args.tcm_stage1_method
             student, ema, steps, counters = train_stage(stage1_args, accelerator, method, teacher, init)
             scheduler = student_scheduler(accelerator.unwrap_model(student))
-            finish_training(accelerator, stage1_dir, student, ema, scheduler, steps, counters, end_training=False)
+            components = student_components(args) if accelerator.is_main_process else None
+            finish_training(
+                accelerator, stage1_dir, student, ema, scheduler, steps, counters, False, components=components
+            )
             accelerator.free_memory()
         accelerator.wait_for_everyone()  # the main process has written the Stage-1 pipeline
         with open(os.path.join(stage1_dir, "training_summary.json")) as f:
@@ -373,6 +553,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
+    if args.text_to_image and args.cache_dir:
+        prepare_cache(args, accelerator)
     if args.method == "tcm":
         student, ema, scheduler, global_step, counters = run_tcm(args, accelerator)
     else:
@@ -382,7 +564,10 @@ def main(argv=None):
         )
         mid = {} if args.intermediate_timestep is None else {"intermediate_timesteps": args.intermediate_timestep}
         scheduler = student_scheduler(accelerator.unwrap_model(student), **mid)
-    finish_training(accelerator, args.output_dir, student, ema, scheduler, global_step, counters)
+    components = student_components(args) if accelerator.is_main_process else None
+    finish_training(
+        accelerator, args.output_dir, student, ema, scheduler, global_step, counters, components=components
+    )
     publish_pipeline(args, accelerator, sample_steps=(1, 2))
 
 

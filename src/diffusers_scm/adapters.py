@@ -124,6 +124,11 @@ class NetworkAdapter:
         return out
 
     def __call__(self, model, sample: torch.Tensor, timestep, **conditioning) -> torch.Tensor:
+        work = _network_dtype(model, sample)
+        if work is not None:  # a half-precision network (a frozen bf16 teacher): its inputs in its dtype
+            out_dtype, sample = sample.dtype, sample.to(work)
+            conditioning = _cast_floating(conditioning, work)
+            return self(model, sample, timestep, **conditioning).to(out_dtype)
         kwargs = self.inputs(model, sample, _per_sample(timestep, sample), dict(conditioning))
         if _accepts(model, "return_dict"):
             kwargs["return_dict"] = False
@@ -141,6 +146,22 @@ class NetworkAdapter:
 
     def __repr__(self):
         return f"{type(self).__name__}()"
+
+
+def _network_dtype(model, sample: torch.Tensor):
+    """The dtype to cast inputs to: a half-precision network's own, where the sample is wider; else None."""
+    dtype = getattr(model, "dtype", None)
+    if dtype in (torch.float16, torch.bfloat16) and sample.dtype != dtype and not torch.is_autocast_enabled():
+        return dtype
+    return None
+
+
+def _cast_floating(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+    return value
 
 
 def _accepts(model, name: str) -> bool:

@@ -19,6 +19,7 @@ import argparse
 import importlib
 import importlib.resources
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -579,11 +580,14 @@ def push_pipeline_to_hub(
 # Sample grids and model cards
 
 
-def save_sample_grid(pipe, path: str, step_counts=(1, 2), num_images: int = 8, seed: int = 0) -> str:
+def save_sample_grid(
+    pipe, path: str, step_counts=(1, 2), num_images: int = 8, seed: int = 0, prompts=None, image_size=None
+) -> str:
     """
     Sample `num_images` images for each step count and save them as one grid (a row per step count; image i of each
-    row starts from the noise of seed `seed + i` and, for class-conditional networks, has class i). The step counts
-    are stored in the PNG, so the model card can caption the grid.
+    row starts from the noise of seed `seed + i` and, for class-conditional networks, has class i; for text-to-image
+    pipelines, prompt i of `prompts`, one image per prompt, `image_size` pixels). The step counts (and prompts) are
+    stored in the PNG, so the model card can caption the grid.
     """
     import torch
     from diffusers.utils import make_image_grid
@@ -591,14 +595,21 @@ def save_sample_grid(pipe, path: str, step_counts=(1, 2), num_images: int = 8, s
 
     num_classes = _num_classes(pipe.network.config)
     labels = [i % num_classes for i in range(num_images)] if num_classes else None
+    text = {"batch_size": num_images}
+    if pipe.config.get("family_pipeline") is not None:
+        prompts = list(prompts or ["a photo"])
+        num_images, labels = len(prompts), None
+        text = {"prompt": prompts, "height": image_size, "width": image_size}
     images = []
     with torch.no_grad():
         for steps in step_counts:
             generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-            out = pipe(batch_size=num_images, num_inference_steps=steps, class_labels=labels, generator=generators)
+            out = pipe(**text, num_inference_steps=steps, class_labels=labels, generator=generators)
             images += out.images
     info = PngInfo()
     info.add_text(_GRID_STEPS_KEY, ",".join(str(s) for s in step_counts))
+    if "prompt" in text:
+        info.add_text("diffusers_scm:prompts", json.dumps(text["prompt"]))
     make_image_grid(images, rows=len(step_counts), cols=num_images).save(path, pnginfo=info)
     return path
 

@@ -9,7 +9,14 @@ import torch
 from torch.utils.data import Dataset
 
 
-__all__ = ["DigitsDataset", "ImageDataset", "load_image_dataset", "to_model_channels"]
+__all__ = [
+    "DigitsDataset",
+    "ImageDataset",
+    "CaptionedImageDataset",
+    "load_image_dataset",
+    "load_text_image_dataset",
+    "to_model_channels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -207,3 +214,138 @@ def to_model_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         f"The data has {images.shape[1]} channels but the network takes {channels}: choose a matching data set or "
         "network."
     )
+
+
+class CaptionedImageDataset(Dataset):
+    """Images (or, for a prompt-only data set, none) with their captions: items `{"pixel_values", "caption"}` or
+    `{"caption"}`. Images are resized (shorter side) and center-cropped to `resolution`, scaled to [-1, 1], RGB."""
+
+    def __init__(self, items, resolution: int, image_column: str | None, caption_column: str):
+        self.items, self.resolution = items, resolution
+        self.image_column, self.caption_column = image_column, caption_column
+
+    @property
+    def has_images(self) -> bool:
+        return self.image_column is not None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        caption = item[self.caption_column]
+        if isinstance(caption, (list, tuple)):  # several captions per image: the first
+            caption = caption[0]
+        out = {"caption": str(caption)}
+        if self.has_images:
+            out["pixel_values"] = _center_crop(item[self.image_column], self.resolution)
+        return out
+
+
+def _center_crop(image, resolution: int) -> torch.Tensor:
+    """A PIL image (or a path) as an RGB (3, resolution, resolution) tensor in [-1, 1]: resized on its shorter side,
+    center-cropped."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as f:
+                image = f.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"Cannot read the image {image}: {e}. {_SKIP_HINT}") from e
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _metadata_rows(folder: str) -> list[dict]:
+    import json
+
+    path = os.path.join(folder, "metadata.jsonl")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}, line {number}, is not JSON ({e}): each line is one JSON object.") from e
+    return rows
+
+
+def load_text_image_dataset(
+    name: str,
+    resolution: int,
+    image_column: str | None = "image",
+    caption_column: str = "text",
+    skip_bad_images: bool = False,
+) -> CaptionedImageDataset:
+    """
+    Captioned images for text-to-image distillation (`datasets`' imagefolder convention), or captions alone:
+
+    - a local folder with images and `metadata.jsonl` lines `{"file_name": ..., "text": ...}`;
+    - a local `.txt` file (one prompt per line) or a `metadata.jsonl` without `file_name`: a prompt-only data set;
+    - a `datasets` name (its "train" split), with `image_column` and `caption_column`; without `image_column` in
+      it, prompt-only.
+
+    Args:
+        name (`str`): the folder, file or `datasets` name.
+        resolution (`int`): image size in pixels (resized on the shorter side, center-cropped).
+        image_column (`str`, *optional*), caption_column (`str`): column names.
+        skip_bad_images (`bool`, defaults to `False`): leave out images that cannot be read (else the first is an
+            error naming it), counted in `num_skipped`.
+    """
+    if os.path.isfile(name):
+        if name.endswith(".txt"):
+            with open(name, encoding="utf-8") as f:
+                rows = [{caption_column: line.strip()} for line in f if line.strip()]
+        else:
+            rows = _metadata_rows(os.path.dirname(name) or ".") if name.endswith("metadata.jsonl") else None
+            if rows is None:
+                raise ValueError(f"{name}: a prompt file must be .txt (one prompt per line) or a metadata.jsonl.")
+        return _captioned(rows, resolution, None, caption_column, name)
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "metadata.jsonl")):
+            raise ValueError(
+                f"{name} has no metadata.jsonl: a captioned image folder needs one line per image, "
+                '{"file_name": "0001.png", "text": "a red fox"} (the datasets imagefolder convention).'
+            )
+        rows = _metadata_rows(name)
+        if rows and "file_name" not in rows[0]:  # prompts only
+            return _captioned(rows, resolution, None, caption_column, name)
+        for row in rows:
+            row[image_column] = os.path.join(name, row.pop("file_name"))
+        dataset = _captioned(rows, resolution, image_column, caption_column, name)
+        paths = [row[image_column] for row in rows]
+        kept, bad = _readable_items(list(zip(paths, range(len(rows)))), name, skip_bad_images)
+        dataset.items = [rows[i] for _, i in kept]
+        dataset.num_skipped = len(bad)
+        return dataset
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"Loading {name!r} needs the `datasets` package: pip install datasets") from e
+    data = datasets.load_dataset(name, split="train")
+    images = image_column if image_column in data.column_names else None
+    return _captioned(data, resolution, images, caption_column, name)
+
+
+def _captioned(rows, resolution, image_column, caption_column, name) -> CaptionedImageDataset:
+    columns = rows.column_names if hasattr(rows, "column_names") else (list(rows[0]) if len(rows) else [])
+    if caption_column not in columns:
+        raise ValueError(
+            f"{name} has no caption column {caption_column!r} (its columns: {columns}); pass --caption_column."
+        )
+    if len(rows) == 0:
+        raise ValueError(f"{name} holds no captions.")
+    dataset = CaptionedImageDataset(rows, resolution, image_column, caption_column)
+    dataset.num_skipped = 0
+    if image_column is None:
+        logger.info("%s holds captions without images: x0 will come from the teacher's own ODE samples.", name)
+    return dataset

@@ -80,18 +80,21 @@ def noised_batch(x0, t, noise, sigma_data, P_mean, P_std, generator=None):
 def teacher_velocity(
     teacher, x_t, t, x0, z, sigma_data, guidance_scale=1.0, conditioning=None, uncond_conditioning=None
 ) -> torch.Tensor:
-    """dx_t/dt along the teacher's PF-ODE, sd F_teacher(x_t, t) with guidance F_c + (w - 1)(F_c - F_u), or, without a
-    teacher, the conditional velocity cos(t) z - sin(t) x0 of the noised sample (SPEC.md section 3)."""
+    """dx_t/dt along the teacher's PF-ODE, sd F_teacher(x_t, t) with guidance F_c + (w - 1)(F_c - F_u) (w a number, or
+    one per sample), or, without a teacher, the conditional velocity cos(t) z - sin(t) x0 of the noised sample
+    (SPEC.md sections 3 and 8)."""
     conditioning = conditioning or {}
     if teacher is None:
         tb = _bcast(t, x0)
         return torch.cos(tb) * z - torch.sin(tb) * x0
     with torch.no_grad():
         F_c = teacher(x_t, t, **conditioning).to(x_t.dtype)
-        if guidance_scale != 1.0:
+        per_sample = isinstance(guidance_scale, torch.Tensor)  # one w per sample (a guidance range)
+        if per_sample or guidance_scale != 1.0:
             uncond = uncond_conditioning or null_class_conditioning(teacher, conditioning)
             F_u = teacher(x_t, t, **uncond).to(x_t.dtype)
-            F_c = F_c + (guidance_scale - 1.0) * (F_c - F_u)
+            w = _bcast(guidance_scale.to(F_c), F_c) if per_sample else guidance_scale
+            F_c = F_c + (w - 1.0) * (F_c - F_u)
     return sigma_data * F_c
 
 
@@ -165,11 +168,11 @@ class SCMLoss:
         """r = min(1, step / H) (SPEC.md section 3)."""
         return 1.0 if self.tangent_warmup_steps <= 0 else min(1.0, step / self.tangent_warmup_steps)
 
-    def teacher_velocity(self, teacher, x_t, t, x0, z, conditioning, uncond_conditioning=None):
-        """dx_t/dt: sd F_teacher (with guidance F_c + (w - 1)(F_c - F_u)) for sCD; cos t z - sin t x0 for sCT."""
-        return teacher_velocity(
-            teacher, x_t, t, x0, z, self.sigma_data, self.guidance_scale, conditioning, uncond_conditioning
-        )
+    def teacher_velocity(self, teacher, x_t, t, x0, z, conditioning, uncond_conditioning=None, guidance_scale=None):
+        """dx_t/dt: sd F_teacher (with guidance F_c + (w - 1)(F_c - F_u)) for sCD; cos t z - sin t x0 for sCT.
+        `guidance_scale` (a number or one per sample) overrides the configured one."""
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        return teacher_velocity(teacher, x_t, t, x0, z, self.sigma_data, w, conditioning, uncond_conditioning)
 
     def tangent_targets(
         self,
@@ -181,6 +184,7 @@ class SCMLoss:
         noise: torch.Tensor | None = None,
         uncond_conditioning: dict | None = None,
         generator: torch.Generator | None = None,
+        teacher_guidance: torch.Tensor | float | None = None,
         **conditioning,
     ) -> dict:
         """
@@ -194,7 +198,7 @@ class SCMLoss:
         work = x0.dtype
         tb = _bcast(t, x0)
         cos, sin = torch.cos(tb), torch.sin(tb)
-        dxdt = self.teacher_velocity(teacher, x_t, t, x0, z, conditioning, uncond_conditioning)
+        dxdt = self.teacher_velocity(teacher, x_t, t, x0, z, conditioning, uncond_conditioning, teacher_guidance)
 
         # JVP pass on the unwrapped student, no gradients: F_minus and cos t sin t dF/dt (SPEC.md section 3)
         inner = unwrap_model(student)
@@ -270,6 +274,7 @@ class SCMLoss:
         logvar_head=None,
         uncond_conditioning: dict | None = None,
         generator: torch.Generator | None = None,
+        teacher_guidance: torch.Tensor | float | None = None,
         **conditioning,
     ):
         """
@@ -285,10 +290,12 @@ class SCMLoss:
             logvar_head (`LogVarHead`, *optional*): the adaptive-weighting head (required when adaptive_weighting).
             uncond_conditioning (`dict`, *optional*): the teacher's unconditional inputs for guidance.
             generator (`torch.Generator`, *optional*): for drawing t and noise.
+            teacher_guidance (`float` or `torch.Tensor`, *optional*): the teacher's classifier-free guidance scale for
+                this batch, one per sample for a guidance range (default: `guidance_scale`).
             conditioning: passed to student and teacher (class_labels, encoder_hidden_states, ...).
         """
         targets = self.tangent_targets(
-            student, x0, teacher, step, t, noise, uncond_conditioning, generator, **conditioning
+            student, x0, teacher, step, t, noise, uncond_conditioning, generator, teacher_guidance, **conditioning
         )
         # Gradient pass through the (possibly DDP-wrapped) student: same dropout masks as the JVP pass; samples whose
         # target is not finite are left out of it and counted (pitfall 9)

@@ -237,23 +237,41 @@ def time_bucket_logs(logs) -> dict:
 
 @torch.no_grad()
 def log_validation(
-    accelerator, output_dir, network, scheduler, step, step_counts, num_images, conditional, tracker_step=None
+    accelerator,
+    output_dir,
+    network,
+    scheduler,
+    step,
+    step_counts,
+    num_images,
+    conditional,
+    tracker_step=None,
+    components=None,
+    prompts=None,
+    image_size=None,
 ):
     """Sample grids from fixed noise for each step count; save them as PNG (named by `step`) and log them to the
-    trackers (at `tracker_step`, default `step`)."""
+    trackers (at `tracker_step`, default `step`). Text-to-image students: `components` (VAE, text encoders and
+    tokenizers, `family_pipeline`) and the validation `prompts` (one image each, `image_size` pixels)."""
     from diffusers.utils import numpy_to_pil
 
     from ..pipelines import SCMPipeline
     from ..utils import square_image_grid
 
-    pipe = SCMPipeline(scheduler=scheduler, **{network_component(network): network})
+    pipe = SCMPipeline(scheduler=scheduler, **{network_component(network): network}, **(components or {}))
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(num_images)] if conditional else None
+    text = {}
+    if prompts:
+        num_images = len(prompts)
+        text = {"prompt": list(prompts), "height": image_size, "width": image_size}
+    else:
+        text = {"batch_size": num_images}
     os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
     grids = {}
     for steps in step_counts:
         images = pipe(
-            batch_size=num_images,
+            **text,
             num_inference_steps=steps,
             class_labels=labels,
             output_type="np",
@@ -274,9 +292,12 @@ def log_validation(
             tracker.log({f"validation/{s}-step": [wandb.Image(i) for i in im] for s, im in grids.items()}, step=step)
 
 
-def finish_training(accelerator, output_dir, model, ema, scheduler, steps, counters, end_training=True):
+def finish_training(
+    accelerator, output_dir, model, ema, scheduler, steps, counters, end_training=True, components=None
+):
     """Check that every replica holds the same weights, write `training_summary.json` (with `counters` from
-    `train_loop`, or a number of skipped steps), and save the EMA network with `scheduler` as an SCMPipeline folder. `end_training=False` keeps the trackers and the process group for a
+    `train_loop`, or a number of skipped steps), and save the EMA network with `scheduler` (and `components`: a
+    text-to-image student's VAE, text encoders, tokenizers and `family_pipeline`) as an SCMPipeline folder. `end_training=False` keeps the trackers and the process group for a
     further stage (TCM)."""
     from ..pipelines import SCMPipeline
 
@@ -292,7 +313,8 @@ def finish_training(accelerator, output_dir, model, ema, scheduler, steps, count
             output_dir, accelerator, steps, counters, replicas_in_sync=in_sync, replica_checksums=checksums.tolist()
         )
         network = ema.averaged_model(unwrapped.inner_model).eval()
-        SCMPipeline(scheduler=scheduler, **{network_component(network): network}).save_pretrained(output_dir)
+        parts = {network_component(network): network, **(components or {})}
+        SCMPipeline(scheduler=scheduler, **parts).save_pretrained(output_dir)
         logger.info("Saved the EMA model to %s", output_dir)
     if end_training:
         accelerator.end_training()
@@ -337,7 +359,10 @@ def publish_pipeline(args, accelerator, sample_steps, num_sample_images: int = 8
 
     pipe = SCMPipeline.from_pretrained(args.output_dir).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
-    save_sample_grid(pipe, os.path.join(args.output_dir, SAMPLE_GRID), sample_steps, num_sample_images, args.seed)
+    prompts = getattr(args, "validation_prompts", None)
+    size = getattr(args, "resolution", None) if prompts else None
+    path = os.path.join(args.output_dir, SAMPLE_GRID)
+    save_sample_grid(pipe, path, sample_steps, num_sample_images, args.seed, prompts=prompts, image_size=size)
     card = save_model_card(args.output_dir, repo_id=args.hub_model_id, license=args.hub_license)
     logger.info("Wrote the model card %s", card)
     if not args.push_to_hub:
