@@ -463,9 +463,17 @@ def student_components(args) -> dict | None:
         skip = dict.fromkeys(("transformer", "unet"))
         pipe = DiffusionPipeline.from_pretrained(args.teacher, revision=args.teacher_revision, **skip)
         parts = {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
-        return {**parts, "family_pipeline": type(pipe).__name__}
+        return {**parts, "family_pipeline": type(pipe).__name__, **guidance_record(args)}
     parts = {"vae": teacher.pipeline.vae, **teacher.text_components(), "family_pipeline": teacher.family}
-    return parts
+    return {**parts, **guidance_record(args)}
+
+
+def guidance_record(args) -> dict:
+    """The guidance a student was distilled with, for its pipeline config and model card."""
+    if args.guidance_scale_range is not None:
+        lo, hi = args.guidance_scale_range
+        return {"guidance_scale_range": [lo, hi], "guidance_scale": (lo + hi) / 2}
+    return {}
 
 
 def _stage1_finished(folder: str) -> bool:

@@ -131,7 +131,10 @@ def _components(index: dict) -> dict[str, tuple[str, str]]:
     return {
         name: (value[0], value[1])
         for name, value in index.items()
-        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and None not in value
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, str) for v in value)  # not a config value such as guidance_scale_range
     }
 
 
@@ -822,10 +825,11 @@ def render_model_card(
     index_results = _model_index_results(evaluation, kind, dataset) if evaluation else []
     tags = ["diffusers", "diffusers-scm"]
     tags += ["trigflow", "diffusion-model"] if kind == "teacher" else ["consistency-model", method_key]
+    family = index.get("family_pipeline")
     card_data = ModelCardData(
         library_name="diffusers",
         license=license,
-        pipeline_tag="unconditional-image-generation",
+        pipeline_tag="text-to-image" if family else "unconditional-image-generation",
         tags=tags,
         base_model=base_model,
         model_name=title if index_results else None,
@@ -866,9 +870,12 @@ def render_model_card(
 
         with Image.open(os.path.join(folder, SAMPLE_GRID)) as im:
             steps = [int(s) for s in im.text.get(_GRID_STEPS_KEY, "").split(",") if s]
+            grid_prompts = json.loads(im.text.get("diffusers_scm:prompts", "null"))
         rows = ", ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps)
         caption = f"Rows: {rows}. " if rows else ""
         caption += "Each column starts from the same noise" + (", class = column index." if num_classes else ".")
+        if grid_prompts:
+            caption += " Prompts (by column): " + "; ".join(f'"{p}"' for p in grid_prompts) + "."
         grid = {"file": SAMPLE_GRID, "caption": caption}
 
     template = importlib.resources.files("diffusers_scm").joinpath("model_cards", f"{kind}_card.md").read_text()
@@ -901,6 +908,9 @@ def render_model_card(
         evaluation=evaluation,
         grid=grid,
         usage_steps=32 if kind == "teacher" else 2,
+        family=family,
+        flow_student=sched_config.get("parameterization") == "flow_matching",
+        guidance_range=index.get("guidance_scale_range"),
         usage_class_labels=f"[{', '.join(str(i % num_classes) for i in range(4))}]" if num_classes else None,
     )
 

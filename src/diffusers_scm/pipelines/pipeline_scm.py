@@ -47,6 +47,9 @@ class SCMPipeline(DiffusionPipeline):
             them.
         family_pipeline (`str`, *optional*): the family's diffusers pipeline class (e.g. "StableDiffusion3Pipeline");
             prompts are encoded through its own `encode_prompt`.
+        guidance_scale (`float`, *optional*): the default guidance value of a network with a guidance input.
+        guidance_scale_range (`list[float]`, *optional*): the range [LO, HI] a guidance-conditioned student was
+            distilled on (recorded for users and the model card).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
@@ -66,6 +69,8 @@ class SCMPipeline(DiffusionPipeline):
         text_encoder_3=None,
         tokenizer_3=None,
         family_pipeline: str | None = None,
+        guidance_scale: float | None = None,
+        guidance_scale_range: list[float] | None = None,
     ):
         super().__init__()
         if (unet is None) == (transformer is None):
@@ -81,7 +86,11 @@ class SCMPipeline(DiffusionPipeline):
             text_encoder_3=text_encoder_3,
             tokenizer_3=tokenizer_3,
         )
-        self.register_to_config(family_pipeline=family_pipeline)
+        self.register_to_config(
+            family_pipeline=family_pipeline,
+            guidance_scale=guidance_scale,
+            guidance_scale_range=None if guidance_scale_range is None else [float(w) for w in guidance_scale_range],
+        )
         self.image_processor = VaeImageProcessor(do_normalize=True)
         self._family = None  # the family pipeline object, built on first use (prompt encoding)
 

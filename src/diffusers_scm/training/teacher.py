@@ -220,7 +220,7 @@ class TextToImageTeacher:
         self.encoding = prompt_encoding(pipeline)
         if getattr(pipeline, "vae", None) is None:
             raise ValueError(f"The {self.family} teacher has no VAE: a latent teacher needs its `vae` component.")
-        self.codec = LatentCodec(pipeline.vae)
+        self.codec = LatentCodec(pipeline.vae, sample=False)  # the VAE's mode: x0 is a function of the image
         self.denoiser = teacher_from_pipeline(pipeline, parameterization, sigma_data)
 
     def text_components(self) -> dict:
