@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from t2i_pipelines import IMAGE_SIZE, save_tiny_pipeline
 from test_distill_script import _launch
+from test_hub import COMMIT_A, hub_cache, put_in_cache  # noqa: F401 (hub_cache is a fixture)
 
 from diffusers_scm import SCMPipeline
 
@@ -217,3 +218,64 @@ def test_bad_text_to_image_inputs_have_clear_errors(tmp_path, data_dir):
             ]
             + ["--output_dir", str(tmp_path / "x"), "--max_train_steps", "1", *COMMON]
         )
+
+
+@pytest.mark.parametrize(
+    "family, extra",
+    [
+        ("flux", ["--guidance_scale", "3.5"]),
+        ("sana", ["--guidance_scale", "4.5", "--method", "cd"]),
+        ("pixart_sigma", ["--guidance_scale", "4.5"]),
+        ("sd15", ["--guidance_scale", "7.5", "--teacher_dtype", "bfloat16"]),
+    ],
+)
+def test_two_process_distillation_of_each_family(family, extra, tmp_path, data_dir):
+    """`accelerate launch --multi_gpu --num_processes 2 examples/distill.py` for every family (sCD, discrete CD for
+    Sana, a bf16 teacher for SD 1.5): the student loads with SCMPipeline and gives finite images from prompts in 1
+    and 2 steps."""
+    teacher = tmp_path / family
+    save_tiny_pipeline(family, teacher)
+    out = tmp_path / "student"
+    _launch(
+        ["--teacher", str(teacher), "--dataset_name", str(data_dir), *COMMON, *extra]
+        + ["--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"]
+    )
+    student = SCMPipeline.from_pretrained(out)
+    student.set_progress_bar_config(disable=True)
+    assert student.transformer is not None or student.unet is not None
+    assert next(student.network.parameters()).dtype == torch.float32  # float32 master weights saved
+    for steps in (1, 2):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        out_images = student(
+            prompt=PROMPTS[:2], num_inference_steps=steps, generator=gens, output_type="pt", height=32, width=32
+        ).images
+        assert torch.isfinite(out_images).all()
+
+
+def test_text_to_image_student_publishes_every_component_and_loads_by_hub_id(tmp_path, data_dir, hub_cache):
+    """The push uploads the student network and scheduler with the unchanged components (VAE, text encoders,
+    tokenizers), so `SCMPipeline.from_pretrained("org/name")` needs nothing else; checked offline against a cache laid
+    out as the Hub's."""
+    from diffusers_scm.hub import pipeline_files
+
+    distill = _load_script("distill")
+    teacher = tmp_path / "sd3"
+    save_tiny_pipeline("sd3", teacher)
+    out = tmp_path / "student"
+    distill.main(
+        ["--teacher", str(teacher), "--dataset_name", str(data_dir), "--output_dir", str(out)]
+        + ["--max_train_steps", "1", *COMMON]
+    )
+    files = pipeline_files(str(out))
+    for component in ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_3", "tokenizer", "tokenizer_3"):
+        assert any(f.startswith(component + "/") for f in files), component
+    assert not any(f.startswith("checkpoint-") for f in files)
+    put_in_cache(hub_cache, "org/t2i-student", out, COMMIT_A)
+    by_id = SCMPipeline.from_pretrained("org/t2i-student")
+    local = SCMPipeline.from_pretrained(out)
+    for pipe in (by_id, local):
+        pipe.set_progress_bar_config(disable=True)
+    kwargs = {"prompt": PROMPTS[:2], "num_inference_steps": 1, "output_type": "pt", "height": 32, "width": 32}
+    a = by_id(**kwargs, generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    b = local(**kwargs, generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    torch.testing.assert_close(a, b)

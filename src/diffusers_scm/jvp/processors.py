@@ -239,20 +239,22 @@ class _JVPLinear(torch.autograd.Function):
     rule for batched (3-D) inputs costs about 4.7x a forward matmul on CPU, this one 2x."""
 
     @staticmethod
-    def forward(x, weight, bias):
+    def forward(x, weight, bias, params_dual):
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias = inputs
-        ctx.has_bias, ctx.out_dtype = bias is not None, output.dtype
+        x, weight, bias, params_dual = inputs
+        ctx.has_bias, ctx.out_dtype, ctx.params_dual = bias is not None, output.dtype, params_dual
         ctx.save_for_forward(x, weight)
         ctx.save_for_backward(x, weight)
 
     @staticmethod
-    def jvp(ctx, dx, dweight, dbias):
+    def jvp(ctx, dx, dweight, dbias, _):
         x, weight = ctx.saved_tensors
         out = None if dx is None else F.linear(dx, weight)
+        if not ctx.params_dual:  # weights without tangents (the sCM JVP): PyTorch passes zeros for them
+            return out.to(ctx.out_dtype)
         if dweight is not None:
             out = F.linear(x, dweight) if out is None else out + F.linear(x, dweight)
         if dbias is not None:
@@ -262,12 +264,12 @@ class _JVPLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
         flat = grad.reshape(-1, grad.shape[-1])
         grad_x = (grad @ weight.to(grad.dtype)) if need_x else None
         grad_w = (flat.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)) if need_w else None
         grad_b = flat.sum(0) if ctx.has_bias and need_b else None
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 class _JVPOnly(torch.autograd.Function):
@@ -377,9 +379,11 @@ def _fast_jvp(func, args, kwargs):
 
 
 def _linear(input, weight, bias=None):
-    if torch.autograd.forward_ad.unpack_dual(input).tangent is None:
+    unpack = torch.autograd.forward_ad.unpack_dual
+    if unpack(input).tangent is None:
         return F.linear(input, weight, bias)
-    return _JVPLinear.apply(input, weight, bias)
+    params_dual = unpack(weight).tangent is not None or (bias is not None and unpack(bias).tangent is not None)
+    return _JVPLinear.apply(input, weight, bias, params_dual)
 
 
 def _combine_masks(attn_mask, causal, dtype):
