@@ -249,7 +249,7 @@ def main():
     parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
     parser.add_argument("--backends", nargs="+", default=["math", "blocked"])
     parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default="benchmarks/results/jvp_model.json")
     args = parser.parse_args()
 

@@ -188,6 +188,8 @@ def test_attention_dropout_inside_a_jvp_pass_is_a_clear_error():
         lambda x: F.layer_norm(x, (8,), torch.linspace(0.5, 2, 8, dtype=x.dtype), torch.ones(8, dtype=x.dtype)),
         lambda x: F.layer_norm(x, (5, 8), eps=1e-6),
         lambda x: F.group_norm(x.reshape(2, 4, 5, 2), 2, torch.linspace(0.5, 2, 4, dtype=x.dtype)),
+        lambda x: F.rms_norm(x, (8,), torch.linspace(0.5, 2, 8, dtype=x.dtype), eps=1e-6),
+        lambda x: F.rms_norm(x, (5, 8)),
         lambda x: F.silu(x),
         lambda x: F.gelu(x),
         lambda x: F.gelu(x, approximate="tanh"),

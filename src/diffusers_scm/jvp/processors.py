@@ -318,6 +318,15 @@ def _group_norm_tangent(x, dx, num_groups, weight, bias, eps):
     return out if weight is None else out * weight.reshape(1, c, *([1] * (x.ndim - 2)))
 
 
+def _rms_norm_tangent(x, dx, normalized_shape, weight, eps):
+    # d(x / rms(x)) = (dx - x mean(x dx) / (mean(x^2) + eps)) / rms(x) over the normalized dims
+    dims = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    ms = x.pow(2).mean(dims, keepdim=True) + eps
+    out = (dx - x * (x * dx).mean(dims, keepdim=True) / ms) * torch.rsqrt(ms)
+    return out if weight is None else out * weight
+
+
 def _silu_tangent(x, dx):
     s = torch.sigmoid(x)
     return dx * s * (1 + x * (1 - s))
@@ -335,12 +344,14 @@ def _gelu_tangent(x, dx, approximate="none"):
 _PRIMAL = {
     "layer_norm": lambda x, *a: F.layer_norm(x, *a),
     "group_norm": lambda x, *a: _group_norm(x, *a),
+    "rms_norm": lambda x, *a: F.rms_norm(x, *a),
     "silu": lambda x: F.silu(x),
     "gelu": lambda x, approximate: F.gelu(x, approximate=approximate),
 }
 _TANGENT = {
     "layer_norm": _layer_norm_tangent,
     "group_norm": _group_norm_tangent,
+    "rms_norm": _rms_norm_tangent,
     "silu": _silu_tangent,
     "gelu": _gelu_tangent,
 }
@@ -352,6 +363,8 @@ def _bind(func, args, kwargs):
         names, defaults = ("normalized_shape", "weight", "bias", "eps"), (None, None, None, 1e-5)
     elif func is F.group_norm:
         names, defaults = ("num_groups", "weight", "bias", "eps"), (None, None, None, 1e-5)
+    elif func is F.rms_norm:
+        names, defaults = ("normalized_shape", "weight", "eps"), (None, None, None)
     elif func is F.silu:
         names, defaults = ("inplace",), (False,)
     elif func is F.gelu:
@@ -392,7 +405,7 @@ def _combine_masks(attn_mask, causal, dtype):
     return attn_mask.to(dtype).masked_fill(~causal, float("-inf"))
 
 
-_FAST_JVP_OPS = (F.layer_norm, F.group_norm, F.silu, F.gelu)
+_FAST_JVP_OPS = (F.layer_norm, F.group_norm, F.rms_norm, F.silu, F.gelu)
 
 
 class JVPFunctionMode(TorchFunctionMode):
