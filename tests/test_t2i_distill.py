@@ -255,7 +255,7 @@ def test_two_process_distillation_of_each_family(family, extra, tmp_path, data_d
         assert torch.isfinite(out_images).all()
 
 
-def test_text_to_image_student_publishes_every_component_and_loads_by_hub_id(tmp_path, data_dir, hub_cache):
+def test_text_to_image_student_publishes_every_component_and_loads_by_hub_id(tmp_path, data_dir, hub_cache):  # noqa: F811
     """The push uploads the student network and scheduler with the unchanged components (VAE, text encoders,
     tokenizers), so `SCMPipeline.from_pretrained("org/name")` needs nothing else; checked offline against a cache laid
     out as the Hub's."""
