@@ -20,8 +20,24 @@ install_requires = [
 ]
 
 extras = {
-    "test": ["pytest>=7", "scipy", "scikit-learn", "accelerate>=0.30", "matplotlib", "transformers>=4.41"],
-    "training": ["accelerate>=0.30", "datasets>=2.19", "tensorboard", "scikit-learn", "tqdm", "matplotlib"],
+    "test": [
+        "pytest>=7",
+        "scipy",
+        "scikit-learn",
+        "accelerate>=0.30",
+        "matplotlib",
+        "transformers>=4.41",  # text encoders of the text-to-image tests
+        "datasets>=2.19",  # latent / prompt-embedding caches
+    ],
+    "training": [
+        "accelerate>=0.30",
+        "datasets>=2.19",
+        "transformers>=4.41",
+        "tensorboard",
+        "scikit-learn",
+        "tqdm",
+        "matplotlib",
+    ],
     "flash": ["flash-attn", "xformers", "jvp-flash-attention"],
     "metrics": ["scipy", "torch-fidelity", "matplotlib"],
 }

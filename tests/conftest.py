@@ -64,6 +64,27 @@ def unet():
     return tiny_unet()
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread during the test (tests of whole runs: no oversubscription of small CPU machines)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(name: str):
+    """An example script (`examples/<name>.py`) as a module, for calling its `main(argv)` in the test's process."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()

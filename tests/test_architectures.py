@@ -16,12 +16,7 @@ NAMES = list(FAMILIES)
 SD = 0.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(family, dtype=torch.float64, seed=3):

@@ -3,15 +3,13 @@
 The scripts run in this process on one CPU process with tiny random networks (the two-process paths are covered by
 tests/test_distill_script.py)."""
 
-import importlib.util
 import json
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import load_script, tiny_unet
 from diffusers import DDPMPipeline, EDMEulerScheduler
 from safetensors.torch import load_file
 
@@ -20,23 +18,10 @@ from diffusers_scm.training import SCMLoss
 from diffusers_scm.training.losses import gradient_pass, select_samples
 
 
-ROOT = Path(__file__).resolve().parent.parent
 BAD_CLASS = 3
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"reliability_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nan_class_unet(bad_classes=(BAD_CLASS,)):
@@ -101,7 +86,7 @@ def test_gradient_pass_without_a_finite_sample_returns_none():
 
 
 def test_distill_with_a_nan_class_keeps_the_student_finite_and_counts_it(tmp_path, caplog):
-    distill = _load_script("distill")
+    distill = load_script("distill")
     teacher = save_edm_teacher(tmp_path / "teacher")
     out = tmp_path / "student"
     with caplog.at_level(logging.WARNING):
@@ -119,7 +104,7 @@ def test_distill_with_a_nan_class_keeps_the_student_finite_and_counts_it(tmp_pat
 
 
 def test_run_with_every_step_skipped_fails_and_saves_nothing(tmp_path):
-    distill = _load_script("distill")
+    distill = load_script("distill")
     teacher = save_edm_teacher(tmp_path / "teacher", bad_classes=range(10))
     out = tmp_path / "student"
     with pytest.raises(RuntimeError, match="Every one of the 2 training steps was skipped"):
@@ -145,7 +130,7 @@ def test_nonfinite_gradient_norm_skips_the_update(tmp_path, caplog):
 
     from diffusers_scm.training.script_utils import prepare_training, train_loop
 
-    distill = _load_script("distill")
+    distill = load_script("distill")
     args = distill.parse_args(
         ["--method", "sct", "--student", "unused", "--output_dir", str(tmp_path), "--max_train_steps", "3", *COMMON]
     )
@@ -191,7 +176,7 @@ def test_nonfinite_gradient_norm_skips_the_update(tmp_path, caplog):
     ],
 )
 def test_bad_numbers_are_argparse_errors(flag, value, capsys):
-    distill = _load_script("distill")
+    distill = load_script("distill")
     with pytest.raises(SystemExit) as e:
         distill.parse_args(["--teacher", "t", flag, value])
     assert e.value.code == 2
@@ -199,14 +184,14 @@ def test_bad_numbers_are_argparse_errors(flag, value, capsys):
 
 
 def test_train_teacher_validates_numbers(capsys):
-    train_teacher = _load_script("train_teacher")
+    train_teacher = load_script("train_teacher")
     with pytest.raises(SystemExit):
         train_teacher.parse_args(["--max_train_steps", "0"])
     assert "argument --max_train_steps: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_resume_rewrites_loss_log_and_never_overwrites_a_finished_student(tmp_path):
-    distill = _load_script("distill")
+    distill = load_script("distill")
     teacher = save_edm_teacher(tmp_path / "teacher", bad_classes=())
     out = tmp_path / "student"
     args = ["--teacher", teacher, "--output_dir", str(out), *COMMON]

@@ -2,13 +2,13 @@
 on CPU, resume, the saved student in SCMPipeline and in its family's own pipeline, TCM, the latent/embedding cache,
 guidance ranges, prompt-only data and the errors of bad inputs. Tiny random pipelines; nothing is downloaded."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 from t2i_pipelines import IMAGE_SIZE, save_tiny_pipeline
 from test_distill_script import _launch
@@ -17,7 +17,6 @@ from test_hub import COMMIT_A, hub_cache, put_in_cache  # noqa: F401 (hub_cache 
 from diffusers_scm import SCMPipeline
 
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red fox", "a bowl of soup", "a blue bird", "a small cat"]
 COMMON = [
     "--resolution", str(IMAGE_SIZE), "--train_batch_size", "2", "--tangent_warmup_steps", "2", "--report_to", "none",
@@ -25,19 +24,7 @@ COMMON = [
 ]  # fmt: skip
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"t2i_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +85,7 @@ def test_two_process_sd3_distillation_resume_and_both_pipelines(tmp_path, data_d
 
 
 def test_tcm_with_a_text_to_image_teacher(tmp_path, data_dir):
-    distill = _load_script("distill")
+    distill = load_script("distill")
     teacher = tmp_path / "sana"
     save_tiny_pipeline("sana", teacher)
     out = tmp_path / "tcm"
@@ -123,7 +110,7 @@ def test_cache_round_trip_and_training_without_vae_or_text_encoders(family, tmp_
     teacher_dir = tmp_path / family
     save_tiny_pipeline(family, teacher_dir)
     cache = tmp_path / "cache"
-    prepare = _load_script("prepare_data")
+    prepare = load_script("prepare_data")
     prepare.main(
         ["--teacher", str(teacher_dir), "--dataset_name", str(data_dir), "--resolution", str(IMAGE_SIZE)]
         + ["--cache_dir", str(cache), "--batch_size", "3"]
@@ -149,7 +136,7 @@ def test_cache_round_trip_and_training_without_vae_or_text_encoders(family, tmp_
 
     if family != "sdxl":
         return
-    distill = _load_script("distill")
+    distill = load_script("distill")
 
     def refuse(*args, **kwargs):
         raise AssertionError("the text encoders were loaded although the cache exists")
@@ -166,7 +153,7 @@ def test_cache_round_trip_and_training_without_vae_or_text_encoders(family, tmp_
 def test_guidance_range_student_and_prompt_only_data(tmp_path):
     """A Flux.1-dev-like teacher (guidance input), w drawn per sample from [1, 5]: the student records the range and
     its output follows `guidance_scale`; the data are prompts only (x0 from the teacher's ODE)."""
-    distill = _load_script("distill")
+    distill = load_script("distill")
     teacher = tmp_path / "flux"
     save_tiny_pipeline("flux", teacher)
     prompts = tmp_path / "prompts.txt"
@@ -204,7 +191,7 @@ def test_bad_text_to_image_inputs_have_clear_errors(tmp_path, data_dir):
     (teacher / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="has no text_encoder: a text-to-image teacher needs"):
         load_text_to_image_teacher(str(teacher))
-    distill = _load_script("distill")
+    distill = load_script("distill")
     with pytest.raises(SystemExit):
         distill.parse_args(["--teacher", str(teacher), "--dataset_name", "digits"])
     save_tiny_pipeline("sd15", tmp_path / "sd15-ok")
@@ -261,7 +248,7 @@ def test_text_to_image_student_publishes_every_component_and_loads_by_hub_id(tmp
     out as the Hub's."""
     from diffusers_scm.hub import pipeline_files
 
-    distill = _load_script("distill")
+    distill = load_script("distill")
     teacher = tmp_path / "sd3"
     save_tiny_pipeline("sd3", teacher)
     out = tmp_path / "student"

@@ -18,12 +18,7 @@ FLOW = ("sd3", "flux", "sana")
 FAMILIES = ("sd3", "flux", "sana", "pixart_sigma", "sd15", "sdxl")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scm_pipeline(pipe, scheduler, network=None) -> SCMPipeline:

@@ -46,6 +46,7 @@ __all__ = [
     "UnitTimeAdapter",
     "Lumina2Adapter",
     "get_adapter",
+    "cast_floating",
     "register_adapter",
     "pack_latents",
     "unpack_latents",
@@ -127,22 +128,11 @@ class NetworkAdapter:
         work = _network_dtype(model, sample)
         if work is not None:  # a half-precision network (a frozen bf16 teacher): its inputs in its dtype
             out_dtype, sample = sample.dtype, sample.to(work)
-            conditioning = _cast_floating(conditioning, work)
+            conditioning = cast_floating(conditioning, work)
             return self(model, sample, timestep, **conditioning).to(out_dtype)
         kwargs = self.inputs(model, sample, _per_sample(timestep, sample), dict(conditioning))
-        if _accepts(model, "return_dict"):
-            kwargs["return_dict"] = False
-        try:
-            out = model(**kwargs)
-        except TypeError as e:
-            if "argument" not in str(e):
-                raise
-            raise TypeError(
-                f"Cannot call {type(model).__name__} with {sorted(kwargs)} through {type(self).__name__} ({e}). "
-                "Pass the conditioning under the names of its forward() arguments, or register an adapter for this "
-                "network with `diffusers_scm.adapters.register_adapter`."
-            ) from e
-        return self.output(model, _first_output(out), sample)
+        how = f"with {sorted(kwargs)} through {type(self).__name__}"
+        return self.output(model, _call(model, (), kwargs, how), sample)
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -156,12 +146,29 @@ def _network_dtype(model, sample: torch.Tensor):
     return None
 
 
-def _cast_floating(value, dtype):
+def cast_floating(value, dtype):
+    """`value` (a tensor or a nested dict of them) with its floating tensors cast to `dtype`."""
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() else value
     if isinstance(value, dict):
-        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+        return {k: cast_floating(v, dtype) for k, v in value.items()}
     return value
+
+
+def _call(model, args: tuple, kwargs: dict, how: str) -> torch.Tensor:
+    """`model(*args, **kwargs)` (with `return_dict=False` where it takes one) and its prediction tensor; a call with
+    arguments the network does not take is an error naming the network and the fix."""
+    if _accepts(model, "return_dict"):
+        kwargs = {**kwargs, "return_dict": False}
+    try:
+        return _first_output(model(*args, **kwargs))
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise TypeError(
+            f"Cannot call {type(model).__name__} {how} ({e}). Pass the conditioning under the names of its forward() "
+            "arguments, or register an adapter for this network with `diffusers_scm.adapters.register_adapter`."
+        ) from e
 
 
 def _accepts(model, name: str) -> bool:
@@ -276,24 +283,16 @@ class KeywordAdapter(NetworkAdapter):
     def __call__(self, model, sample, timestep, **conditioning):
         timestep = _per_sample(timestep, sample)
         kwargs = dict(conditioning)
-        if _accepts(model, "return_dict"):
-            kwargs["return_dict"] = False
         try:
             params = inspect.signature(getattr(model, "forward", model)).parameters
         except (TypeError, ValueError):
             params = {}
         keyword = next((k for k in ("timestep", "timesteps") if k in params), None)
-        try:
-            out = model(sample, **{keyword: timestep}, **kwargs) if keyword else model(sample, timestep, **kwargs)
-        except TypeError as e:
-            if "argument" not in str(e):
-                raise
-            raise TypeError(
-                f"Cannot call {type(model).__name__} as model(sample, timestep, **{sorted(kwargs)}) ({e}): it has no "
-                "adapter in diffusers_scm.adapters. Register one with `register_adapter`, or pass the conditioning "
-                "under the names of its forward() arguments."
-            ) from e
-        return self.output(model, _first_output(out), sample)
+        args = (sample,) if keyword else (sample, timestep)
+        if keyword:
+            kwargs[keyword] = timestep
+        how = f"as model(sample, timestep, **{sorted(conditioning)}) (it has no adapter in diffusers_scm.adapters)"
+        return self.output(model, _call(model, args, kwargs, how), sample)
 
 
 _ADAPTERS: dict[str, NetworkAdapter] = {

@@ -10,6 +10,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..adapters import cast_floating
 from ..conditioning import FAMILY_PIPELINES, TEXT_COMPONENTS, LatentCodec, prompt_encoding
 from ..denoiser import call_network
 
@@ -403,6 +404,9 @@ class SCMPipeline(DiffusionPipeline):
             conditioning, uncond = self.encode_prompt(
                 prompt, negative_prompt, guidance=cfg, height=pixels[0], width=pixels[1], **prompt_embeds
             )
+            # the text encoders' dtype may differ from the network's (a bf16 teacher's encoders, a float32 student)
+            conditioning = cast_floating(conditioning, dtype)
+            uncond = None if uncond is None else cast_floating(uncond, dtype)
         elif cfg:
             raise ValueError("Classifier-free guidance needs `prompt` (or `prompt_embeds`).")
         if self._guidance_input():
