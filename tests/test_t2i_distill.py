@@ -210,6 +210,7 @@ def test_bad_text_to_image_inputs_have_clear_errors(tmp_path, data_dir):
         )
 
 
+@pytest.mark.slow  # about 80 s: `python -m pytest -m slow`; the SD3 two-process test above runs by default
 @pytest.mark.parametrize(
     "family, extra",
     [
