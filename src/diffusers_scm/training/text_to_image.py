@@ -136,6 +136,9 @@ class TextBatches:
             uncond = None
         if x0 is None:  # prompt-only data: x0 from the teacher's own guided ODE
             x0 = self.ode_latents(cond, uncond, teacher_guidance, n, device, generator)
+        if not getattr(self, "_logged_std", False):  # sigma_data is a property of the latents (SPEC.md section 8)
+            self._logged_std = True
+            logger.info("Latent std of the first batch: %.4f (sigma_data is set separately).", float(x0.float().std()))
         return x0.float(), cond, uncond, teacher_guidance
 
     def _guidance(self, n, device, generator):
