@@ -28,11 +28,13 @@ extras = {
         "matplotlib",
         "transformers>=4.41",  # text encoders of the text-to-image tests
         "datasets>=2.19",  # latent / prompt-embedding caches
+        "peft>=0.14",  # LoRA students
     ],
     "training": [
         "accelerate>=0.30",
         "datasets>=2.19",
         "transformers>=4.41",
+        "peft>=0.14",
         "tensorboard",
         "scikit-learn",
         "tqdm",

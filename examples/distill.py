@@ -27,6 +27,7 @@ from accelerate.utils import set_seed
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
 from diffusers_scm.training import ConsistencyLoss, SCMLoss, TCMLoss, load_teacher, lognormal_times
 from diffusers_scm.training.data import load_image_dataset, load_text_image_dataset, to_model_channels
+from diffusers_scm.training.lora import BaseModelDenoiser, add_lora
 from diffusers_scm.training.script_utils import (
     add_common_args,
     finish_training,
@@ -82,6 +83,15 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--teacher_ode_steps", type=int, default=16, help="prompt-only data: ODE steps of the teacher's own x0"
+    )
+    # LoRA students (SPEC.md section 9)
+    p.add_argument("--lora_rank", type=positive_int, default=None, help="train a LoRA adapter of this rank only")
+    p.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
+    p.add_argument(
+        "--lora_target_modules", type=str, default=None, help="comma-separated layer names (default: attention)"
+    )
+    p.add_argument(
+        "--fuse_lora", action="store_true", help="save only the merged student (not the adapter file as well)"
     )
     p.add_argument(
         "--cache_dir",
@@ -142,6 +152,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.method in ("scd", "cd") and args.teacher is None:
         p.error(f"--method {args.method} needs --teacher")
+    if args.lora_rank is not None and args.method == "tcm":
+        p.error("--lora_rank trains one adapter of one stage: use it with --method scd, sct, cd or ct")
     if args.stage1_model is not None and args.method != "tcm":
         p.error("--stage1_model is for --method tcm")
     if args.method == "tcm":
@@ -229,6 +241,17 @@ def build_models(args):
         logger.warning(
             "Student and teacher parameterizations differ: %s vs %s", init.parameterization, teacher.parameterization
         )
+    if args.lora_rank is not None:  # one copy: the teacher is the student's network with its adapters off
+        network = init.inner_model
+        targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
+        add_lora(network, args.lora_rank, args.lora_alpha, targets)
+        network.train()
+        student = TrigFlowDenoiser(network, init.parameterization, sigma_data=init.sigma_data)
+        if teacher is not None and teacher.inner_model is network:
+            teacher = BaseModelDenoiser(network, teacher.parameterization, sigma_data=teacher.sigma_data)
+            if getattr(args, "t2i", None) is not None:
+                args.t2i.denoiser = teacher
+        return teacher, student
     network = copy.deepcopy(init.inner_model).float().requires_grad_(True).train()  # float32 master weights
     student = TrigFlowDenoiser(network, init.parameterization, sigma_data=init.sigma_data)
     if args.guidance_scale_range is not None and not network.config.get("guidance_embeds", False):
@@ -573,8 +596,9 @@ def main(argv=None):
         mid = {} if args.intermediate_timestep is None else {"intermediate_timesteps": args.intermediate_timestep}
         scheduler = student_scheduler(accelerator.unwrap_model(student), **mid)
     components = student_components(args) if accelerator.is_main_process else None
+    lora = None if args.lora_rank is None else {"save_adapter": not args.fuse_lora}
     finish_training(
-        accelerator, args.output_dir, student, ema, scheduler, global_step, counters, components=components
+        accelerator, args.output_dir, student, ema, scheduler, global_step, counters, components=components, lora=lora
     )
     publish_pipeline(args, accelerator, sample_steps=(1, 2))
 

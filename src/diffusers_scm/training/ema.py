@@ -18,10 +18,15 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 
 
 class _ShadowEMA:
-    """Shadow copy of a module's floating parameters and buffers, kept in float32."""
+    """Shadow copy of a module's floating parameters and buffers, kept in float32 (with `trainable_only`, of the
+    parameters that require gradients: a LoRA student's adapter)."""
 
-    def __init__(self, model: nn.Module):
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
+    def __init__(self, model: nn.Module, trainable_only: bool = False):
+        if trainable_only:
+            self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+        else:
+            state = model.state_dict()
+            self.shadow = {k: v.detach().clone().float() for k, v in state.items() if v.is_floating_point()}
         self.num_updates = 0
 
     def beta(self) -> float:
@@ -63,8 +68,8 @@ class _ShadowEMA:
 class PowerFunctionEMA(_ShadowEMA):
     """EDM2's power-function EMA: beta_n = (1 - 1/n)^(gamma + 1) after n updates, gamma from `sigma_rel`."""
 
-    def __init__(self, model: nn.Module, sigma_rel: float = 0.05):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, sigma_rel: float = 0.05, trainable_only: bool = False):
+        super().__init__(model, trainable_only)
         if not 0 < sigma_rel < 0.28:
             raise ValueError(f"sigma_rel must lie in (0, 0.28), got {sigma_rel}.")
         self.sigma_rel = sigma_rel
@@ -77,8 +82,8 @@ class PowerFunctionEMA(_ShadowEMA):
 class ConstantDecayEMA(_ShadowEMA):
     """EMA with a constant decay (the first update copies the weights)."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, decay: float = 0.9999, trainable_only: bool = False):
+        super().__init__(model, trainable_only)
         if not 0 <= decay < 1:
             raise ValueError(f"decay must lie in [0, 1), got {decay}.")
         self.decay = decay
@@ -87,10 +92,11 @@ class ConstantDecayEMA(_ShadowEMA):
         return 0.0 if self.num_updates == 1 else self.decay
 
 
-def make_ema(model: nn.Module, sigma_rel: float | None = None, decay: float | None = None):
-    """The EMA the training scripts use: power-function when `sigma_rel` is given, else constant `decay`."""
+def make_ema(model: nn.Module, sigma_rel: float | None = None, decay: float | None = None, trainable_only=False):
+    """The EMA the training scripts use: power-function when `sigma_rel` is given, else constant `decay`;
+    `trainable_only` averages only the parameters that require gradients (a LoRA student's adapter)."""
     if sigma_rel is not None and decay is not None:
         raise ValueError("Give either sigma_rel (power-function EMA) or decay (constant EMA), not both.")
     if decay is not None:
-        return ConstantDecayEMA(model, decay)
-    return PowerFunctionEMA(model, 0.05 if sigma_rel is None else sigma_rel)
+        return ConstantDecayEMA(model, decay, trainable_only)
+    return PowerFunctionEMA(model, 0.05 if sigma_rel is None else sigma_rel, trainable_only)

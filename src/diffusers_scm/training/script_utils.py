@@ -195,7 +195,7 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
     )
     logvar_head = LogVarHead()
     optimizer = torch.optim.Adam(
-        list(model.parameters()) + list(logvar_head.parameters()),
+        [p for p in model.parameters() if p.requires_grad] + list(logvar_head.parameters()),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -206,7 +206,8 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
     )
     model, logvar_head, optimizer, loader = accelerator.prepare(model, logvar_head, optimizer, loader)
-    ema = make_ema(accelerator.unwrap_model(model).inner_model, args.ema_sigma_rel, args.ema_decay)
+    lora = getattr(args, "lora_rank", None) is not None  # LoRA student: the EMA of the adapter only
+    ema = make_ema(accelerator.unwrap_model(model).inner_model, args.ema_sigma_rel, args.ema_decay, lora)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
     state = {
         "modules": {module_name: model, "logvar_head": logvar_head},
@@ -293,11 +294,12 @@ def log_validation(
 
 
 def finish_training(
-    accelerator, output_dir, model, ema, scheduler, steps, counters, end_training=True, components=None
+    accelerator, output_dir, model, ema, scheduler, steps, counters, end_training=True, components=None, lora=None
 ):
     """Check that every replica holds the same weights, write `training_summary.json` (with `counters` from
     `train_loop`, or a number of skipped steps), and save the EMA network with `scheduler` (and `components`: a
-    text-to-image student's VAE, text encoders, tokenizers and `family_pipeline`) as an SCMPipeline folder. `end_training=False` keeps the trackers and the process group for a
+    text-to-image student's VAE, text encoders, tokenizers and `family_pipeline`) as an SCMPipeline folder. A LoRA
+    student (`lora`: `{"save_adapter": bool}`) is saved merged, beside its adapter in diffusers' LoRA format. `end_training=False` keeps the trackers and the process group for a
     further stage (TCM)."""
     from ..pipelines import SCMPipeline
 
@@ -313,6 +315,12 @@ def finish_training(
             output_dir, accelerator, steps, counters, replicas_in_sync=in_sync, replica_checksums=checksums.tolist()
         )
         network = ema.averaged_model(unwrapped.inner_model).eval()
+        if lora is not None:  # the adapter in diffusers' LoRA format, then the merged network for SCMPipeline
+            from .lora import fuse_lora, save_lora
+
+            if lora.get("save_adapter", True):
+                save_lora(network, output_dir, (components or {}).get("family_pipeline"))
+            network = fuse_lora(network)
         parts = {network_component(network): network, **(components or {})}
         SCMPipeline(scheduler=scheduler, **parts).save_pretrained(output_dir)
         logger.info("Saved the EMA model to %s", output_dir)
