@@ -1,0 +1,237 @@
+"""Memory planner for sCD distillation (SPEC.md section 9): per-GPU memory by part, and whether it fits.
+
+    python -m diffusers_scm.memory --model CONFIG_OR_FOLDER --method scd --gpus 8 --gpu_memory_gb 80 \
+        --mode ddp|fsdp|lora [--lora_rank 64] [--gradient_checkpointing] [--resolution 1024]
+
+The network is built on PyTorch's meta device from its diffusers config (nothing is allocated or downloaded), which
+gives the exact parameter count and the shapes the activation estimate needs.
+
+Per parameter (SPEC.md section 9): student weights 4 bytes (float32 master), gradients 4, Adam's moments 8, EMA 4,
+frozen teacher 2 (bf16). FSDP2 divides the student's share (and a sharded teacher's) by the number of GPUs and adds
+the all-gather buffers of two blocks; a LoRA student keeps the base weights once (the teacher: 2 bytes per parameter)
+and 20 bytes per adapter parameter. Activations of the gradient pass: `activation_factor` values of `act_bytes` per
+token per hidden unit per block (34 bytes in 16-bit, the figure of Korthikanti et al. 2022 without the attention
+matrix, which fused attention does not store), or, with gradient checkpointing, each block's input plus one block's
+activations. The JVP and teacher passes run without gradients: their peak is a few tensors of one block.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+
+import torch
+
+
+__all__ = ["MemoryPlan", "plan_memory", "count_parameters", "main"]
+
+GB = 1024**3
+_LAYER_KEYS = ("num_layers", "num_single_layers", "num_mmdit_layers", "num_single_dit_layers", "num_refiner_layers")
+_PACKED = ("FluxTransformer2DModel", "ChromaTransformer2DModel", "QwenImageTransformer2DModel")
+_TEXT_TOKENS = {  # the families' default prompt lengths
+    "SD3Transformer2DModel": 333,  # 77 CLIP + 256 T5
+    "FluxTransformer2DModel": 512,
+    "ChromaTransformer2DModel": 512,
+    "QwenImageTransformer2DModel": 512,
+    "SanaTransformer2DModel": 300,
+    "PixArtTransformer2DModel": 300,
+    "WanTransformer3DModel": 512,
+}
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Per-GPU bytes by part (`parts`), their `total`, the GPU's memory and whether the plan fits."""
+
+    parts: dict
+    gpu_memory: float
+    parameters: int
+    trainable: int
+    tokens: int
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+    def table(self) -> str:
+        rows = [f"{'part':34} {'GB':>9}"]
+        rows += [f"{name:34} {value / GB:>9.2f}" for name, value in self.parts.items()]
+        rows.append(f"{'total':34} {self.total / GB:>9.2f}")
+        verdict = "fits" if self.fits else "does NOT fit"
+        rows.append(f"{verdict} in {self.gpu_memory / GB:.0f} GB per GPU")
+        return "\n".join(rows)
+
+
+def _build_meta(config: dict):
+    import diffusers
+
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None:
+        raise ValueError(
+            f"The config's _class_name {config.get('_class_name')!r} is not a diffusers network class: pass a "
+            "diffusers config.json (a network folder's, or a pipeline's transformer/ or unet/ subfolder)."
+        )
+    with torch.device("meta"):
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def count_parameters(network) -> int:
+    return sum(p.numel() for p in network.parameters())
+
+
+def _lora_parameters(network, rank: int) -> int:
+    """rank (in + out) per attention projection (the default LoRA targets)."""
+    from .training.lora import default_lora_targets
+
+    targets = default_lora_targets(network)
+    total = 0
+    for name, module in network.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+def _hidden(config: dict) -> int:
+    heads, dim = config.get("num_attention_heads"), config.get("attention_head_dim")
+    if heads and dim:
+        return int(heads * dim)
+    for key in ("hidden_size", "inner_dim", "cross_attention_dim"):
+        if config.get(key):
+            return int(config[key])
+    raise ValueError("Cannot tell the network's width from its config (num_attention_heads x attention_head_dim).")
+
+
+def _image_tokens(config: dict, resolution: int, vae_scale_factor: int, frames: int) -> int:
+    patch = config.get("patch_size") or 1
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+    if config.get("_class_name") in _PACKED:
+        patch = 2 if config.get("_class_name") != "QwenImageTransformer2DModel" else patch
+    side = resolution // vae_scale_factor // patch
+    return side * side * max(1, frames)
+
+
+def plan_memory(
+    config: dict | str,
+    method: str = "scd",
+    gpus: int = 1,
+    gpu_memory_gb: float = 80,
+    mode: str = "ddp",
+    lora_rank: int = 64,
+    gradient_checkpointing: bool = False,
+    batch_size: int = 1,
+    resolution: int = 1024,
+    vae_scale_factor: int = 8,
+    frames: int = 1,
+    text_tokens: int | None = None,
+    act_bytes: int = 2,
+    teacher_bytes: int = 2,
+    activation_factor: float = 17.0,
+    overhead_gb: float = 1.0,
+    teacher_sharded: bool = True,
+) -> MemoryPlan:
+    """
+    Per-GPU memory of sCD (or sCT: no teacher) training by part (see the module docstring).
+
+    Args:
+        config (`dict` or `str`): a diffusers network config (or the path of a config.json or a network folder).
+        method (`str`): "scd" (a frozen teacher) or "sct" (none).
+        gpus (`int`), gpu_memory_gb (`float`): the machine.
+        mode (`str`): "ddp" (replicated), "fsdp" (FSDP2: student, EMA and optimizer sharded) or "lora".
+        lora_rank (`int`): adapter rank for "lora".
+        gradient_checkpointing (`bool`): store block inputs only in the gradient pass.
+        batch_size (`int`): per GPU.
+        resolution (`int`): image size in pixels; `vae_scale_factor`, `frames` (video) give the latent tokens.
+        text_tokens (`int`, *optional*): prompt tokens joined to the image tokens (default: the family's).
+        act_bytes (`int`): bytes per activation (2 for bf16 autocast, 4 for float32).
+        teacher_bytes (`int`): bytes per frozen teacher (and LoRA base) parameter.
+        activation_factor (`float`): stored values per token per hidden unit per block in the gradient pass.
+        overhead_gb (`float`): CUDA context and allocator reserve.
+        teacher_sharded (`bool`): with FSDP, shard the frozen teacher as well.
+    """
+    if mode not in ("ddp", "fsdp", "lora"):
+        raise ValueError(f"Unknown mode {mode!r}: use ddp, fsdp or lora.")
+    if method not in ("scd", "sct", "cd", "ct", "tcm"):
+        raise ValueError(f"Unknown method {method!r}.")
+    if isinstance(config, str):
+        path = os.path.join(config, "config.json") if os.path.isdir(config) else config
+        with open(path) as f:
+            config = json.load(f)
+    network = _build_meta(config)
+    params = count_parameters(network)
+    name = config.get("_class_name")
+    width = _hidden(config)
+    layers = sum(int(config.get(k) or 0) for k in _LAYER_KEYS) or 1
+    text = _TEXT_TOKENS.get(name, 0) if text_tokens is None else text_tokens
+    tokens = _image_tokens(config, resolution, vae_scale_factor, frames) + text
+    has_teacher = method in ("scd", "cd", "tcm")
+    shard = gpus if mode == "fsdp" else 1
+    parts = {}
+    if mode == "lora":
+        trainable = _lora_parameters(network, lora_rank)
+        parts["base weights (student = teacher)"] = params * teacher_bytes
+        parts["adapter weights (float32)"] = trainable * 4
+        parts["adapter gradients"] = trainable * 4
+        parts["adapter Adam moments"] = trainable * 8
+        parts["adapter EMA"] = trainable * 4
+    else:
+        trainable = params
+        parts["student weights (float32)"] = params * 4 / shard
+        parts["gradients"] = params * 4 / shard
+        parts["Adam moments"] = params * 8 / shard
+        parts["EMA"] = params * 4 / shard
+        if has_teacher:
+            parts["frozen teacher"] = params * teacher_bytes / (shard if teacher_sharded else 1)
+        if mode == "fsdp":  # two blocks gathered at a time (prefetch), 16-bit
+            parts["FSDP all-gather buffers"] = 2 * params / layers * 2
+    per_block = activation_factor * tokens * width * act_bytes * batch_size
+    if gradient_checkpointing:
+        parts["activations, gradient pass"] = layers * tokens * width * act_bytes * batch_size + per_block
+    else:
+        parts["activations, gradient pass"] = layers * per_block
+    # the JVP and teacher passes: primal and tangent of a block's widest tensors (the MLP's 4x width)
+    parts["JVP / teacher pass peak"] = 2 * 2 * tokens * 4 * width * act_bytes * batch_size
+    parts["CUDA context and allocator"] = overhead_gb * GB
+    return MemoryPlan(parts, gpu_memory_gb * GB, params, trainable, tokens)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m diffusers_scm.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a diffusers network config.json, or a folder holding one")
+    p.add_argument("--method", default="scd", choices=["scd", "sct", "cd", "ct", "tcm"])
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu_memory_gb", type=float, default=80)
+    p.add_argument("--mode", default="ddp", choices=["ddp", "fsdp", "lora"])
+    p.add_argument("--lora_rank", type=int, default=64)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--batch_size", type=int, default=1, help="per GPU")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--frames", type=int, default=1, help="latent frames (video)")
+    p.add_argument("--text_tokens", type=int, default=None)
+    args = p.parse_args(argv)
+    plan = plan_memory(
+        args.model,
+        args.method,
+        args.gpus,
+        args.gpu_memory_gb,
+        args.mode,
+        args.lora_rank,
+        args.gradient_checkpointing,
+        args.batch_size,
+        args.resolution,
+        frames=args.frames,
+        text_tokens=args.text_tokens,
+    )
+    print(
+        f"{os.path.basename(args.model)}: {plan.parameters / 1e9:.2f}B parameters ({plan.trainable / 1e6:.1f}M "
+        f"trainable), {plan.tokens} tokens, {args.mode}, {args.gpus} GPU(s), batch {args.batch_size} per GPU"
+    )
+    print(plan.table())
+    return plan
+
+
+if __name__ == "__main__":
+    main()
