@@ -28,6 +28,9 @@ def measure(family, mode, queue):
     torch.manual_seed(0)
     net, shape, cond, parameterization, tokens = build(family, 1)
     config = json.loads(net.to_json_string())  # plain JSON types: the result crosses a process queue
+    if mode == "lora" and not hasattr(net, "add_adapter"):  # no PeftAdapterMixin (DiT): no LoRA row
+        queue.put(None)
+        return
     if mode == "lora":
         add_lora(net, 16)
         student, teacher = TrigFlowDenoiser(net.train(), parameterization), BaseModelDenoiser(net, parameterization)
@@ -69,6 +72,8 @@ def main():
             proc.start()
             row = queue.get(timeout=900)  # a crashed child would leave the queue empty
             proc.join()
+            if row is None:
+                continue
             latent, _ = sizes.get(family, (32, 2))
             plan = plan_memory(
                 row.pop("config"),

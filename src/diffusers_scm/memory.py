@@ -10,9 +10,10 @@ Per parameter (SPEC.md section 9): student weights 4 bytes (float32 master), gra
 frozen teacher 2 (bf16). FSDP2 divides the student's share (and a sharded teacher's) by the number of GPUs and adds
 the all-gather buffers of two blocks; a LoRA student keeps the base weights once (the teacher: 2 bytes per parameter)
 and 20 bytes per adapter parameter. Activations of the gradient pass: `activation_factor` values of `act_bytes` per
-token per hidden unit per block (34 bytes in 16-bit, the figure of Korthikanti et al. 2022 without the attention
-matrix, which fused attention does not store), or, with gradient checkpointing, each block's input plus one block's
-activations. The JVP and teacher passes run without gradients: their peak is a few tensors of one block.
+token per hidden unit per block, or, with gradient checkpointing, each block's input plus one block's activations. The
+default 48 is measured (`benchmarks/bench_memory.py`: 40-56 for DiT, PixArt, SD3, Flux and Qwen-Image blocks): more
+than the 17 of a plain GPT block (Korthikanti et al. 2022, without the attention matrix), since MM-DiT blocks carry
+two streams and adaptive-norm modulations. The JVP and teacher passes run without gradients: their peak is a few tensors of one block.
 """
 
 import argparse
@@ -129,7 +130,7 @@ def plan_memory(
     text_tokens: int | None = None,
     act_bytes: int = 2,
     teacher_bytes: int = 2,
-    activation_factor: float = 17.0,
+    activation_factor: float = 48.0,
     overhead_gb: float = 1.0,
     teacher_sharded: bool = True,
 ) -> MemoryPlan:
