@@ -24,10 +24,19 @@ def test_public_api_at_package_root():
 
 
 def test_import_and_sample_without_accelerate_datasets_or_gpu_packages(tmp_path):
-    """Simulate an environment where the training and GPU extras are not installed at all."""
+    """Simulate an environment where the training and GPU extras (accelerate, datasets, peft, ...) are not installed."""
     import diffusers_scm
 
-    blocked = {"accelerate", "datasets", "flash_attn", "xformers", "jvp_flash_attention", "triton", "tensorboard"}
+    blocked = {
+        "accelerate",
+        "datasets",
+        "peft",
+        "flash_attn",
+        "xformers",
+        "jvp_flash_attention",
+        "triton",
+        "tensorboard",
+    }
     site_dir = os.path.dirname(os.path.dirname(torch.__file__))
     env_dir = tmp_path / "site"
     env_dir.mkdir()
