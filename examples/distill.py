@@ -241,6 +241,11 @@ def build_models(args):
         logger.warning(
             "Student and teacher parameterizations differ: %s vs %s", init.parameterization, teacher.parameterization
         )
+    if args.guidance_scale_range is not None and not init.inner_model.config.get("guidance_embeds", False):
+        raise ValueError(
+            f"--guidance_scale_range feeds w to the student's guidance input, but {type(init.inner_model).__name__} "
+            "has none (Flux, and Sana with guidance_embeds=True, have one): use --guidance_scale W instead."
+        )
     if args.lora_rank is not None:  # one copy: the teacher is the student's network with its adapters off
         network = init.inner_model
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
@@ -254,11 +259,6 @@ def build_models(args):
         return teacher, student
     network = copy.deepcopy(init.inner_model).float().requires_grad_(True).train()  # float32 master weights
     student = TrigFlowDenoiser(network, init.parameterization, sigma_data=init.sigma_data)
-    if args.guidance_scale_range is not None and not network.config.get("guidance_embeds", False):
-        raise ValueError(
-            f"--guidance_scale_range feeds w to the student's guidance input, but {type(network).__name__} has none "
-            "(Flux, and Sana with guidance_embeds=True, have one): use --guidance_scale W instead."
-        )
     return teacher, student
 
 
@@ -477,7 +477,7 @@ def student_components(args) -> dict | None:
     if not args.text_to_image:
         return None
     teacher = getattr(args, "t2i", None)
-    if teacher is None:
+    if teacher is None and getattr(args, "cached_components", None) is None:  # loaded once, kept for later calls
         from diffusers import DiffusionPipeline
 
         from diffusers_scm.conditioning import TEXT_COMPONENTS
@@ -486,7 +486,9 @@ def student_components(args) -> dict | None:
         skip = dict.fromkeys(("transformer", "unet"))
         pipe = DiffusionPipeline.from_pretrained(args.teacher, revision=args.teacher_revision, **skip)
         parts = {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
-        return {**parts, "family_pipeline": type(pipe).__name__, **guidance_record(args)}
+        args.cached_components = {**parts, "family_pipeline": type(pipe).__name__}
+    if teacher is None:
+        return {**args.cached_components, **guidance_record(args)}
     parts = {"vae": teacher.pipeline.vae, **teacher.text_components(), "family_pipeline": teacher.family}
     return {**parts, **guidance_record(args)}
 

@@ -44,6 +44,7 @@ __all__ = [
     "QwenImageAdapter",
     "SanaAdapter",
     "UnitTimeAdapter",
+    "PackedTokensAdapter",
     "Lumina2Adapter",
     "get_adapter",
     "cast_floating",
@@ -110,7 +111,9 @@ class NetworkAdapter:
         return timestep
 
     def inputs(self, model, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> dict:
-        """The keyword arguments of the network call."""
+        """The keyword arguments of the network call (a `guidance` input, where given, as one value per sample)."""
+        if conditioning.get("guidance") is not None:
+            conditioning["guidance"] = _per_sample(conditioning["guidance"], sample).to(sample.dtype)
         return {
             self.sample_keyword: sample,
             self.timestep_keyword: self.network_time(model, timestep),
@@ -201,22 +204,32 @@ class UnitTimeAdapter(NetworkAdapter):
         return timestep / 1000
 
 
-class FluxAdapter(UnitTimeAdapter):
-    """Flux.1: 2x2-packed tokens, time s, `img_ids` / `txt_ids` built from the latent size and the text length when
-    not given; `guidance` (guidance-distilled models) is passed through, one value per sample."""
+class PackedTokensAdapter(UnitTimeAdapter):
+    """Networks that take 2x2-packed token sequences and the flow time s: the sample is packed, the prediction
+    unpacked; `position_inputs` adds the family's position inputs built from the latent size."""
+
+    def position_inputs(self, sample, conditioning: dict) -> dict:
+        return conditioning
 
     def inputs(self, model, sample, timestep, conditioning):
+        conditioning = self.position_inputs(sample, conditioning)
+        return super().inputs(model, pack_latents(sample), timestep, conditioning)
+
+    def output(self, model, out, sample):
+        return unpack_latents(out, *sample.shape[-2:])
+
+
+class FluxAdapter(PackedTokensAdapter):
+    """Flux.1: `img_ids` / `txt_ids` built from the latent size and the text length when not given; `guidance`
+    (guidance-distilled models) is passed through, one value per sample."""
+
+    def position_inputs(self, sample, conditioning):
         h, w = sample.shape[-2:]
         conditioning.setdefault("img_ids", latent_image_ids(h, w, sample.device, sample.dtype))
         text = conditioning.get("encoder_hidden_states")
         if text is not None:
             conditioning.setdefault("txt_ids", torch.zeros(text.shape[1], 3, device=sample.device, dtype=sample.dtype))
-        if "guidance" in conditioning and conditioning["guidance"] is not None:
-            conditioning["guidance"] = _per_sample(conditioning["guidance"], sample).to(sample.dtype)
-        return super().inputs(model, pack_latents(sample), timestep, conditioning)
-
-    def output(self, model, out, sample):
-        return unpack_latents(out, *sample.shape[-2:])
+        return conditioning
 
 
 class ChromaAdapter(FluxAdapter):
@@ -224,40 +237,29 @@ class ChromaAdapter(FluxAdapter):
     `encoder_attention_mask` (B, L) is extended with the image tokens into the joint `attention_mask`, as its pipeline
     does."""
 
-    def inputs(self, model, sample, timestep, conditioning):
+    def position_inputs(self, sample, conditioning):
         text_mask = conditioning.pop("encoder_attention_mask", None)
         if text_mask is not None:
             image_tokens = sample.shape[-2] * sample.shape[-1] // 4
             ones = torch.ones(sample.shape[0], image_tokens, device=text_mask.device, dtype=torch.bool)
             conditioning["attention_mask"] = torch.cat([text_mask.bool(), ones], dim=1)
-        return super().inputs(model, sample, timestep, conditioning)
+        return super().position_inputs(sample, conditioning)
 
 
-class QwenImageAdapter(UnitTimeAdapter):
-    """Qwen-Image: 2x2-packed tokens, time s, `img_shapes` from the latent size when not given."""
+class QwenImageAdapter(PackedTokensAdapter):
+    """Qwen-Image: `img_shapes` from the latent size when not given."""
 
-    def inputs(self, model, sample, timestep, conditioning):
+    def position_inputs(self, sample, conditioning):
         h, w = sample.shape[-2:]
         conditioning.setdefault("img_shapes", [[(1, h // 2, w // 2)]] * sample.shape[0])
-        if conditioning.get("guidance") is not None:
-            conditioning["guidance"] = _per_sample(conditioning["guidance"], sample).to(sample.dtype)
-        return super().inputs(model, pack_latents(sample), timestep, conditioning)
-
-    def output(self, model, out, sample):
-        return unpack_latents(out, *sample.shape[-2:])
+        return conditioning
 
 
 class SanaAdapter(NetworkAdapter):
-    """Sana: the pipeline multiplies the scheduler's timestep by `config.timestep_scale`; `guidance` (guidance
-    embeddings) one value per sample."""
+    """Sana: the pipeline multiplies the scheduler's timestep by `config.timestep_scale`."""
 
     def network_time(self, model, timestep):
         return timestep * model.config.get("timestep_scale", 1.0)
-
-    def inputs(self, model, sample, timestep, conditioning):
-        if conditioning.get("guidance") is not None:
-            conditioning["guidance"] = _per_sample(conditioning["guidance"], sample).to(sample.dtype)
-        return super().inputs(model, sample, timestep, conditioning)
 
 
 class Lumina2Adapter(NetworkAdapter):

@@ -24,8 +24,6 @@ __all__ = [
     "prompt_encoding",
     "FAMILY_PIPELINES",
     "TEXT_COMPONENTS",
-    "concat_conditioning",
-    "repeat_conditioning",
 ]
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
@@ -89,43 +87,6 @@ class LatentCodec:
         else:
             z = latents / self.scaling_factor + self.shift_factor
         return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-
-
-def _batched(value, n: int):
-    """Expand a conditioning value with batch 1 to batch n (tensors and nested dicts)."""
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 1 and n > 1:
-        return value.expand(n, *value.shape[1:])
-    if isinstance(value, dict):
-        return {k: _batched(v, n) for k, v in value.items()}
-    return value
-
-
-def repeat_conditioning(cond: dict, n: int) -> dict:
-    """`cond` with each batched tensor repeated n times along the batch (one entry per image of a prompt)."""
-
-    def rep(v):
-        if isinstance(v, torch.Tensor) and v.ndim > 0:
-            return v.repeat_interleave(n, dim=0)
-        if isinstance(v, dict):
-            return {k: rep(x) for k, x in v.items()}
-        return v
-
-    return {k: rep(v) for k, v in cond.items()}
-
-
-def concat_conditioning(conds: list[dict]) -> dict:
-    """Batches of conditioning concatenated along the batch (tensors padded to the longest text where lengths
-    differ are not supported: encode batches with the same `max_sequence_length`)."""
-    first = conds[0]
-    out = {}
-    for key, value in first.items():
-        if isinstance(value, torch.Tensor) and value.ndim > 0:
-            out[key] = torch.cat([c[key] for c in conds], dim=0)
-        elif isinstance(value, dict):
-            out[key] = concat_conditioning([c[key] for c in conds])
-        else:
-            out[key] = value
-    return out
 
 
 class PromptEncoding(abc.ABC):

@@ -2,13 +2,12 @@
 
 from .attention import BACKENDS, attention, available_backends, jvp_attention, resolve_backend
 from .functional import METHODS, jvp, unwrap_model
-from .processors import JVPAttnProcessor, JVPFunctionMode, float64_precision, jvp_mode
+from .processors import JVPFunctionMode, float64_precision, jvp_mode
 
 
 __all__ = [
     "BACKENDS",
     "METHODS",
-    "JVPAttnProcessor",
     "JVPFunctionMode",
     "attention",
     "available_backends",

@@ -32,69 +32,7 @@ from torch.overrides import TorchFunctionMode
 from .attention import BACKENDS, attention
 
 
-__all__ = ["JVPAttnProcessor", "JVPFunctionMode", "jvp_mode", "float64_precision"]
-
-
-class JVPAttnProcessor:
-    """Attention processor equivalent to diffusers' `AttnProcessor2_0`, with attention through `attention`.
-
-    Args:
-        backend (`str`, defaults to "auto"): the JVP attention backend ("math", "blocked", "triton", "auto").
-        block_size (`int`, *optional*): key block length of the "blocked" backend.
-    """
-
-    def __init__(self, backend: str = "auto", block_size: int | None = None):
-        if backend not in BACKENDS:
-            raise ValueError(f"Unknown JVP attention backend {backend!r}: choose one of {BACKENDS}.")
-        self.backend = backend
-        self.block_size = block_size
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, Nq, d)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        scale = getattr(attn, "scale", None) if getattr(attn, "scale_qk", True) else 1.0
-        hidden_states = attention(
-            query, key, value, attn_mask=attention_mask, scale=scale, backend=self.backend, block_size=self.block_size
-        )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:  # channels-last layout, as diffusers' processor returns (dropout masks follow layout)
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+__all__ = ["JVPFunctionMode", "jvp_mode", "float64_precision"]
 
 
 def get_timestep_embedding_at_input_precision(

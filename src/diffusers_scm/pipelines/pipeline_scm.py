@@ -158,7 +158,7 @@ class SCMPipeline(DiffusionPipeline):
 
     @property
     def network(self) -> torch.nn.Module:
-        return self.unet if getattr(self, "unet", None) is not None else self.transformer
+        return getattr(self, self.network_name)
 
     @property
     def num_timesteps(self) -> int:
@@ -400,9 +400,14 @@ class SCMPipeline(DiffusionPipeline):
             and isinstance(self.scheduler, TrigFlowODEScheduler)
         )
         if text:
-            pixels = (shape[-2] * LatentCodec(self.vae).scale_factor, shape[-1] * LatentCodec(self.vae).scale_factor)
+            factor = LatentCodec(self.vae).scale_factor
             conditioning, uncond = self.encode_prompt(
-                prompt, negative_prompt, guidance=cfg, height=pixels[0], width=pixels[1], **prompt_embeds
+                prompt,
+                negative_prompt,
+                guidance=cfg,
+                height=shape[-2] * factor,
+                width=shape[-1] * factor,
+                **prompt_embeds,
             )
             # the text encoders' dtype may differ from the network's (a bf16 teacher's encoders, a float32 student)
             conditioning = cast_floating(conditioning, dtype)

@@ -206,8 +206,9 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
     )
     model, logvar_head, optimizer, loader = accelerator.prepare(model, logvar_head, optimizer, loader)
-    lora = getattr(args, "lora_rank", None) is not None  # LoRA student: the EMA of the adapter only
-    ema = make_ema(accelerator.unwrap_model(model).inner_model, args.ema_sigma_rel, args.ema_decay, lora)
+    network = accelerator.unwrap_model(model).inner_model
+    frozen_parts = not all(p.requires_grad for p in network.parameters())  # a LoRA student: average what trains
+    ema = make_ema(network, args.ema_sigma_rel, args.ema_decay, trainable_only=frozen_parts)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
     state = {
         "modules": {module_name: model, "logvar_head": logvar_head},
@@ -262,7 +263,6 @@ def log_validation(
     pipe = SCMPipeline(scheduler=scheduler, **{network_component(network): network}, **(components or {}))
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(num_images)] if conditional else None
-    text = {}
     if prompts:
         num_images = len(prompts)
         text = {"prompt": list(prompts), "height": image_size, "width": image_size}
@@ -299,7 +299,8 @@ def finish_training(
     """Check that every replica holds the same weights, write `training_summary.json` (with `counters` from
     `train_loop`, or a number of skipped steps), and save the EMA network with `scheduler` (and `components`: a
     text-to-image student's VAE, text encoders, tokenizers and `family_pipeline`) as an SCMPipeline folder. A LoRA
-    student (`lora`: `{"save_adapter": bool}`) is saved merged, beside its adapter in diffusers' LoRA format. `end_training=False` keeps the trackers and the process group for a
+    student (`lora`: `{"save_adapter": bool}`) is saved merged, beside its adapter in diffusers' LoRA format.
+    `end_training=False` keeps the trackers and the process group for a
     further stage (TCM)."""
     from ..pipelines import SCMPipeline
 

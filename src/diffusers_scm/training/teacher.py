@@ -229,12 +229,6 @@ class TextToImageTeacher:
 
         return {name: getattr(self.pipeline, name) for name in TEXT_COMPONENTS if getattr(self.pipeline, name, None)}
 
-    def release_text_encoders(self):
-        """Drop the text encoders (after caching prompt embeddings) to free their memory."""
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            if getattr(self.pipeline, name, None) is not None:
-                setattr(self.pipeline, name, None)
-
 
 def load_text_to_image_teacher(
     path_or_id: str,

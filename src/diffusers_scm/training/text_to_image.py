@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from ..adapters import cast_floating
+
 
 __all__ = ["TextBatches", "flatten_conditioning", "unflatten_conditioning", "write_cache", "load_cache", "sample_ode"]
 
@@ -120,7 +122,7 @@ class TextBatches:
             cond, uncond = self.encode(batch["caption"], device)
             x0 = None if "pixel_values" not in batch else self.teacher.codec.encode(batch["pixel_values"].to(device))
         # float32 conditioning for the float32 student (a bf16 teacher's adapter casts its own inputs down)
-        cond, uncond = _float32(cond), _float32(uncond)
+        cond, uncond = cast_floating(cond, torch.float32), cast_floating(uncond, torch.float32)
         n = next(iter(flatten_conditioning(cond).values())).shape[0]
         w = self._guidance(n, device, generator)
         teacher_guidance = self.guidance_scale
@@ -160,15 +162,6 @@ class TextBatches:
         if isinstance(w, torch.Tensor):  # a range: one ODE per distinct w is too costly; use the batch mean
             w = float(w.mean())
         return sample_ode(denoiser, denoiser.sigma_data * noise, cond, uncond, w, self.ode_steps)
-
-
-def _float32(cond):
-    if cond is None:
-        return None
-    return {
-        k: (_float32(v) if isinstance(v, dict) else (v.float() if v.is_floating_point() else v))
-        for k, v in cond.items()
-    }
 
 
 def _to(cond, device):
