@@ -376,8 +376,8 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
 
     def ema_pipeline_parts():
         unwrapped = accelerator.unwrap_model(student)
-        network = ema.averaged_model(unwrapped.inner_model).eval()
-        return network, student_scheduler(unwrapped, **(scheduler_kwargs or {}))
+        network = ema.averaged_model(unwrapped.inner_model)  # FSDP: gathered on the main process, None elsewhere
+        return network and network.eval(), student_scheduler(unwrapped, **(scheduler_kwargs or {}))
 
     def validate(step):
         network, scheduler = ema_pipeline_parts()

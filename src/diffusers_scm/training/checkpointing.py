@@ -1,6 +1,7 @@
 """Training checkpoints without pickle: safetensors for weights, EMA and RNG states, JSON for counters, and the
 optimizer state loaded with `torch.load(weights_only=True)`. Folders are written atomically (a temporary folder,
-then a rename), so an interrupted save never damages an existing checkpoint."""
+then a rename), so an interrupted save never damages an existing checkpoint. A sharded (FSDP2) student's weights,
+optimizer state and EMA are written shard by shard with torch.distributed.checkpoint (`fsdp.save_sharded_state`)."""
 
 import json
 import os
@@ -9,6 +10,8 @@ import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .fsdp import SHARDED_STATE, is_sharded, load_sharded_state, save_sharded_state
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "rotate_checkpoints", "CHECKPOINT_PATTERN"]
@@ -47,6 +50,17 @@ def rotate_checkpoints(output_dir: str, total_limit: int | None):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _sharded_root(accelerator, modules: dict):
+    """The first sharded (FSDP2) module of `modules`, unwrapped: its state, with its optimizer and EMA, goes through
+    torch.distributed.checkpoint; None when nothing is sharded. (A sharded student holds the adaptive-weighting head
+    as a submodule, so the one root covers every module.)"""
+    for module in modules.values():
+        unwrapped = accelerator.unwrap_model(module)
+        if is_sharded(unwrapped):
+            return unwrapped
+    return None
+
+
 def _contiguous(state: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
@@ -74,15 +88,24 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
+    sharded = _sharded_root(accelerator, modules)
+    if sharded is not None:  # FSDP2: every process writes its shards of the weights, optimizer state and EMA
+        save_sharded_state(tmp, sharded, optimizer, ema)
     if accelerator.is_main_process:
-        for name, module in modules.items():
-            save_file(
-                _contiguous(accelerator.unwrap_model(module).state_dict()), os.path.join(tmp, f"{name}.safetensors")
-            )
-        if ema is not None:
-            save_file(_contiguous(ema.state_dict()["shadow"]), os.path.join(tmp, "ema.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        meta = {"step": step, "ema_num_updates": None if ema is None else ema.num_updates}
+        if sharded is None:
+            for name, module in modules.items():
+                save_file(
+                    _contiguous(accelerator.unwrap_model(module).state_dict()),
+                    os.path.join(tmp, f"{name}.safetensors"),
+                )
+            if ema is not None:
+                save_file(_contiguous(ema.state_dict()["shadow"]), os.path.join(tmp, "ema.safetensors"))
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        meta = {
+            "step": step,
+            "ema_num_updates": None if ema is None else ema.num_updates,
+            "sharded": sharded is not None,
+        }
         if counters is not None:  # e.g. skipped steps: totals that a resumed run goes on counting
             meta["counters"] = dict(counters)
         if lr_scheduler is not None:  # LambdaLR: counters and learning rates (its lambdas are rebuilt from the flags)
@@ -135,21 +158,38 @@ def load_checkpoint(
 ) -> int:
     """Restore what `save_checkpoint` wrote; returns the step. A damaged folder is an error that names the file that
     failed and, where there is one, the previous checkpoint to resume instead."""
-    needed = [f"{name}.safetensors" for name in modules] + ["optimizer.pt", "training_state.json"]
+    sharded = _sharded_root(accelerator, modules)
+    if sharded is not None:
+        needed = [os.path.join(SHARDED_STATE, ".metadata"), "training_state.json"]
+    else:
+        needed = [f"{name}.safetensors" for name in modules] + ["optimizer.pt", "training_state.json"]
     missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
     if missing:
+        kind = "unsharded" if sharded is not None and os.path.isfile(os.path.join(folder, "optimizer.pt")) else None
+        if kind or (sharded is None and os.path.isdir(os.path.join(folder, SHARDED_STATE))):
+            written = "without --fsdp" if kind else "by a sharded (FSDP) run"
+            raise ValueError(
+                f"Checkpoint {folder} was written {written}: resume it with the same sharding (add or drop --fsdp, "
+                "or the accelerate FSDP config)."
+            )
         raise ValueError(f"Checkpoint {folder} is incomplete or corrupted: missing {missing}. {_resume_hint(folder)}")
     path = folder  # the file being read, for the error
     try:
-        for name, module in modules.items():
-            path = os.path.join(folder, f"{name}.safetensors")
-            accelerator.unwrap_model(module).load_state_dict(load_file(path))
-        path = os.path.join(folder, "optimizer.pt")
-        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if sharded is not None:
+            path = os.path.join(folder, SHARDED_STATE)
+            load_sharded_state(folder, sharded, optimizer, ema)
+        else:
+            for name, module in modules.items():
+                path = os.path.join(folder, f"{name}.safetensors")
+                accelerator.unwrap_model(module).load_state_dict(load_file(path))
+            path = os.path.join(folder, "optimizer.pt")
+            optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         path = os.path.join(folder, "training_state.json")
         with open(path) as f:
             meta = json.load(f)
         if ema is not None:
+            ema.num_updates = int(meta["ema_num_updates"])
+        if ema is not None and sharded is None:
             path = os.path.join(folder, "ema.safetensors")
             ema.load_state_dict({"shadow": load_file(path), "num_updates": meta["ema_num_updates"]})
         if counters is not None:  # updated in place

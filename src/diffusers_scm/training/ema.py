@@ -42,16 +42,26 @@ class _ShadowEMA:
                 self.shadow[k].lerp_(v.detach().float(), 1.0 - beta)
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module):
-        """Write the averaged weights into `model` (in its own dtypes)."""
+    def copy_to(self, model: nn.Module, shadow: dict | None = None):
+        """Write the averaged weights (or `shadow`, gathered ones) into `model` (in its own dtypes)."""
         state = model.state_dict()
-        for k, v in self.shadow.items():
+        for k, v in (self.shadow if shadow is None else shadow).items():
             state[k].copy_(v.to(state[k].dtype))
 
-    def averaged_model(self, model: nn.Module) -> nn.Module:
-        """A copy of `model` holding the averaged weights."""
-        out = copy.deepcopy(model)
-        self.copy_to(out)
+    def averaged_model(self, model: nn.Module) -> nn.Module | None:
+        """A copy of `model` holding the averaged weights. A sharded (FSDP2) `model` and average are gathered one
+        tensor at a time into an unsharded copy on the main process (a collective: every process calls it, and the
+        others get None); nothing is gathered between these calls, so the average stays sharded while training."""
+        from .fsdp import full_tensors, is_sharded, unsharded_copy
+
+        if not is_sharded(model):
+            out = copy.deepcopy(model)
+            self.copy_to(out)
+            return out
+        out = unsharded_copy(model)
+        shadow = full_tensors(self.shadow)
+        if out is not None:
+            self.copy_to(out, shadow)
         return out
 
     def state_dict(self) -> dict:

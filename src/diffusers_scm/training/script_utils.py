@@ -83,6 +83,20 @@ def add_common_args(p, output_dir: str):
         "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config"
     )
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the student, its optimizer state and EMA per block with FSDP2 (torch's fully_shard) where "
+        "accelerate does not (e.g. CPU processes over gloo); under `accelerate launch --use_fsdp --fsdp_version 2` "
+        "accelerate shards it and this flag is implied",
+    )
+    p.add_argument(
+        "--fsdp_block_classes",
+        type=str,
+        default=None,
+        help="with --fsdp: comma-separated block classes, one FSDP unit each (default: the network's "
+        "_no_split_modules, else its down/up/mid/transformer blocks)",
+    )
     # EMA
     p.add_argument("--ema_sigma_rel", type=float, default=None, help="EDM2 power EMA (default 0.05)")
     p.add_argument("--ema_decay", type=float, default=None, help="constant-decay EMA instead")
@@ -194,8 +208,19 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
         num_workers=args.dataloader_num_workers,
     )
     logvar_head = LogVarHead()
+    sharded = _use_fsdp(args, accelerator, model)
+    if sharded:  # one FSDP root holds the student and the head: one optimizer over both, one gradient clip
+        from .fsdp import block_class_names, shard_module
+
+        model.add_module("logvar_head", logvar_head)
+        blocks = args.fsdp_block_classes.split(",") if getattr(args, "fsdp_block_classes", None) else None
+        blocks = blocks or block_class_names(model.inner_model)
+        if accelerator.is_fsdp2:  # accelerate's auto-wrap policy reads the units from `_no_split_modules`
+            model._no_split_modules = [*blocks, type(logvar_head).__name__]
+        else:  # accelerate did not shard: torch's fully_shard, the same units (CPU processes over gloo too)
+            shard_module(model, blocks, accelerator.mixed_precision, extra_units=(logvar_head,))
     optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad] + list(logvar_head.parameters()),
+        [p for p in model.parameters() if p.requires_grad] + ([] if sharded else list(logvar_head.parameters())),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -205,7 +230,13 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
     )
-    model, logvar_head, optimizer, loader = accelerator.prepare(model, logvar_head, optimizer, loader)
+    if accelerator.is_fsdp2:  # accelerate shards the one model it is given and remaps the optimizer
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        logvar_head = model.logvar_head
+    elif sharded:  # sharded above: a DDP wrapper must not replicate it
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:
+        model, logvar_head, optimizer, loader = accelerator.prepare(model, logvar_head, optimizer, loader)
     network = accelerator.unwrap_model(model).inner_model
     frozen_parts = not all(p.requires_grad for p in network.parameters())  # a LoRA student: average what trains
     ema = make_ema(network, args.ema_sigma_rel, args.ema_decay, trainable_only=frozen_parts)
@@ -218,6 +249,34 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
         "generators": {"noise": generator},
     }
     return model, logvar_head, optimizer, loader, ema, generator, state
+
+
+def _use_fsdp(args, accelerator, model) -> bool:
+    """Whether the student is sharded (FSDP2 by accelerate, or `--fsdp`); refuses what sharding does not support."""
+    if accelerator.distributed_type.name == "FSDP" and not accelerator.is_fsdp2:
+        raise ValueError("FSDP1 is not supported: launch with --fsdp_version 2 (accelerate config: fsdp_version: 2).")
+    sharded = accelerator.is_fsdp2 or getattr(args, "fsdp", False)
+    if not sharded:
+        return False
+    network = model.inner_model
+    if not all(p.requires_grad for p in network.parameters()):
+        raise ValueError(
+            "--fsdp with a LoRA student is not supported: a LoRA student already fits where its base network does "
+            "(drop --fsdp), or train all weights sharded (drop --lora_rank)."
+        )
+    if not hasattr(network, "config"):
+        raise ValueError(
+            f"--fsdp needs a diffusers network (one with a config to rebuild it unsharded for saving); got "
+            f"{type(network).__name__}."
+        )
+    if not torch.distributed.is_initialized():
+        raise ValueError(
+            "--fsdp shards the student over processes: start the script with `accelerate launch --num_processes N` "
+            "(N >= 2), or drop --fsdp."
+        )
+    if getattr(args, "gradient_accumulation_steps", 1) > 1 and not accelerator.is_fsdp2:
+        logger.info("--fsdp with gradient accumulation: gradients are reduce-scattered at every micro-batch.")
+    return True
 
 
 def network_component(network) -> str:
@@ -260,6 +319,8 @@ def log_validation(
     from ..pipelines import SCMPipeline
     from ..utils import square_image_grid
 
+    if not accelerator.is_main_process:  # a sharded student is gathered by every process, sampled by the main one
+        return
     pipe = SCMPipeline(scheduler=scheduler, **{network_component(network): network}, **(components or {}))
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(num_images)] if conditional else None
@@ -303,19 +364,24 @@ def finish_training(
     `end_training=False` keeps the trackers and the process group for a
     further stage (TCM)."""
     from ..pipelines import SCMPipeline
+    from .fsdp import is_sharded
 
     unwrapped = accelerator.unwrap_model(model)
-    params = torch.cat([p.detach().double().flatten() for p in unwrapped.parameters()])
-    checksums = accelerator.gather(torch.stack([params.sum(), params.abs().sum(), (params * params).sum()])[None])
-    in_sync = bool((checksums - checksums[:1]).abs().max() == 0)
-    if not in_sync:
-        logger.warning("Replica weights differ after training: %s", checksums.tolist())
+    sharded = is_sharded(unwrapped)
+    if sharded:  # each process holds its shards: nothing to compare
+        extra = {"sharded": True}
+    else:
+        params = torch.cat([p.detach().double().flatten() for p in unwrapped.parameters()])
+        checksums = accelerator.gather(torch.stack([params.sum(), params.abs().sum(), (params * params).sum()])[None])
+        in_sync = bool((checksums - checksums[:1]).abs().max() == 0)
+        if not in_sync:
+            logger.warning("Replica weights differ after training: %s", checksums.tolist())
+        extra = {"replicas_in_sync": in_sync, "replica_checksums": checksums.tolist()}
     accelerator.wait_for_everyone()
+    network = ema.averaged_model(unwrapped.inner_model) if sharded else None  # gathered by every process
     if accelerator.is_main_process:
-        _write_summary(
-            output_dir, accelerator, steps, counters, replicas_in_sync=in_sync, replica_checksums=checksums.tolist()
-        )
-        network = ema.averaged_model(unwrapped.inner_model).eval()
+        _write_summary(output_dir, accelerator, steps, counters, **extra)
+        network = (network if sharded else ema.averaged_model(unwrapped.inner_model)).eval()
         if lora is not None:  # the adapter in diffusers' LoRA format, then the merged network for SCMPipeline
             from .lora import fuse_lora, save_lora
 
@@ -459,7 +525,10 @@ def train_loop(
     from tqdm.auto import tqdm
 
     from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
+    from .fsdp import is_sharded
 
+    sharded = is_sharded(accelerator.unwrap_model(model))
+    clipped = list(accelerator.unwrap_model(model).inner_model.parameters())  # the network's, not the logvar head's
     global_step, start_step = 0, 0
     counters = {"skipped_steps": 0, "nonfinite_samples": 0}
     state = {**state, "counters": counters}  # checkpoints carry the counts, so a resumed run's totals are right
@@ -503,7 +572,7 @@ def train_loop(
                 if bool(checks[:, 0].all()):
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        grad_norm = _local(accelerator.clip_grad_norm_(clipped, args.max_grad_norm))
                         norm_ok = torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32)).reshape(1)
                         if not bool(accelerator.gather(norm_ok.to(accelerator.device)).all()):
                             skip_reason = f"non-finite gradient norm ({float(grad_norm)})"
@@ -559,14 +628,21 @@ def train_loop(
                     accelerator, args.output_dir, global_step, **state, total_limit=args.checkpoints_total_limit
                 )
                 logger.info("Saved %s", path)
-                if args.push_to_hub and args.push_at_checkpoints and accelerator.is_main_process:
-                    push_checkpoint(args, accelerator, *pipeline_parts(), global_step, counters["skipped_steps"])
-            if accelerator.is_main_process and global_step % args.validation_steps == 0:
-                validate(global_step)
+                if args.push_to_hub and args.push_at_checkpoints and (accelerator.is_main_process or sharded):
+                    parts = pipeline_parts()  # a sharded student is gathered by every process
+                    if accelerator.is_main_process:
+                        push_checkpoint(args, accelerator, *parts, global_step, counters["skipped_steps"])
+            if (accelerator.is_main_process or sharded) and global_step % args.validation_steps == 0:
+                validate(global_step)  # sharded: every process gathers, the main one samples
             if global_step >= args.max_train_steps:
                 break
     _check_trained(args.output_dir, global_step, start_step, counters)
     return global_step, counters
+
+
+def _local(value):
+    """A gradient norm as a plain tensor (a sharded student's comes as a DTensor)."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def _truncate_loss_log(path: str, step: int):
