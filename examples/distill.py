@@ -27,6 +27,7 @@ from accelerate.utils import set_seed
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
 from diffusers_scm.training import ConsistencyLoss, SCMLoss, TCMLoss, load_teacher, lognormal_times
 from diffusers_scm.training.data import load_image_dataset, load_text_image_dataset, to_model_channels
+from diffusers_scm.training.fsdp import is_sharded, shard_module
 from diffusers_scm.training.lora import BaseModelDenoiser, add_lora
 from diffusers_scm.training.script_utils import (
     add_common_args,
@@ -80,6 +81,12 @@ def parse_args(argv=None):
         choices=["float32", "bfloat16", "float16"],
         default="float32",
         help="frozen teacher, VAE and text encoders (the student keeps float32 master weights)",
+    )
+    p.add_argument(
+        "--fsdp_shard_teacher",
+        action="store_true",
+        help="with FSDP (--fsdp or accelerate's): shard the frozen teacher (and TCM's Stage-1 network) per block too, "
+        "instead of a full copy per process",
     )
     p.add_argument(
         "--teacher_ode_steps", type=int, default=16, help="prompt-only data: ODE steps of the teacher's own x0"
@@ -342,9 +349,13 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
     student, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
         args, accelerator, student, dataset, "student"
     )
+    if args.fsdp_shard_teacher and not is_sharded(accelerator.unwrap_model(student)):
+        raise ValueError("--fsdp_shard_teacher shards beside a sharded student: add --fsdp (or launch with FSDP2).")
     for frozen in (teacher, stage1):
         if frozen is not None:
             frozen.to(accelerator.device)
+            if args.fsdp_shard_teacher and is_sharded(accelerator.unwrap_model(student)) and not is_sharded(frozen):
+                shard_module(frozen)  # frozen: all-gathered block by block at each forward, no optimizer state
     loss_fn = build_loss(args, method, sd, start_stage)
     continuous = isinstance(loss_fn, SCMLoss) or getattr(loss_fn, "objective", None) == "continuous"
     head = logvar_head if continuous and not args.no_adaptive_weighting else None

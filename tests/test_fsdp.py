@@ -79,7 +79,7 @@ def test_fsdp_distillation_equals_ddp_and_resumes(teacher_dir, tmp_path):  # noq
     ]
     ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
     _launch(common + ["--output_dir", ddp])
-    _launch(common + ["--output_dir", fsdp, "--fsdp"])
+    _launch(common + ["--output_dir", fsdp, "--fsdp", "--fsdp_shard_teacher"])  # the teacher sharded too
 
     losses_ddp, losses_fsdp = _losses(ddp), _losses(fsdp)
     assert sorted(losses_fsdp) == [1, 2, 3, 4]
@@ -102,7 +102,7 @@ def test_fsdp_distillation_equals_ddp_and_resumes(teacher_dir, tmp_path):  # noq
 
     # resume the sharded run from step 2: the same losses and the same final weights
     shutil.rmtree(os.path.join(fsdp, "checkpoint-4"))
-    _launch(common + ["--output_dir", fsdp, "--fsdp", "--resume_from_checkpoint", "latest"])
+    _launch(common + ["--output_dir", fsdp, "--fsdp", "--fsdp_shard_teacher", "--resume_from_checkpoint", "latest"])
     resumed = _losses(fsdp)
     assert resumed == losses_fsdp
     final_resumed = _weights(fsdp)

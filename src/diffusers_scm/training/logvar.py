@@ -31,4 +31,5 @@ class LogVarHead(nn.Module):
         with torch.autocast(t.device.type, enabled=False):
             arg = self.time_scale * t.to(dtype)[:, None] * self.freqs.to(dtype)[None, :]
             emb = torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
-            return self.linear(emb.to(self.linear.weight.dtype)).squeeze(1).to(dtype)
+            # a (batch,) tensor of its own, not a view (FSDP2 hooks need owned outputs)
+            return self.linear(emb.to(self.linear.weight.dtype)).squeeze(1).clone().to(dtype)
