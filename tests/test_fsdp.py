@@ -40,6 +40,25 @@ def test_sharded_student_jvp_ema_checkpoint_equal_unsharded(tmp_path):
             assert r[key] == 0.0 and other[name][key] == 0.0, (name, key)
 
 
+def test_accelerate_fsdp2_preparation_equals_fully_shard(tmp_path):
+    """accelerate's own FSDP2 `prepare` (auto-wrap from the student's blocks, optimizer remapped) of the scripts'
+    `prepare_training`, switched on in a CPU run, against `--fsdp`: same units, same losses, same EMA."""
+    result = tmp_path / "result.json"
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    worker = os.path.join(os.path.dirname(__file__), "fsdp_accelerate_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd + [worker, str(result), "flux"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-5000:]
+    r = json.loads(result.read_text())
+    assert r["accelerate"]["by_accelerate"] and not r["fsdp"]["by_accelerate"]
+    assert r["accelerate"]["units"] == r["fsdp"]["units"]
+    assert {"FSDPFluxTransformerBlock", "FSDPFluxSingleTransformerBlock", "FSDPLogVarHead"} <= set(r["fsdp"]["units"])
+    assert r["accelerate"]["losses"] == pytest.approx(r["fsdp"]["losses"], rel=1e-6, abs=1e-9)
+    assert r["ema_max_abs"] < 1e-6
+
+
 def _weights(folder):
     return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
 
