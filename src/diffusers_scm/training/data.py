@@ -11,6 +11,9 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "DigitsDataset",
+    "CaptionedDigitsDataset",
+    "DIGIT_CAPTIONS",
+    "save_captioned_digits",
     "ImageDataset",
     "CaptionedImageDataset",
     "load_image_dataset",
@@ -63,6 +66,47 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, i):
         return {"pixel_values": self.images[i], "class_labels": self.labels[i]}
+
+
+DIGIT_CAPTIONS = tuple(
+    f"digit {name}" for name in "zero one two three four five six seven eight nine".split()
+)  # the caption of each class label
+
+
+class CaptionedDigitsDataset(DigitsDataset):
+    """The digits (`DigitsDataset`) as a captioned text-to-image data set: items `{"pixel_values", "caption"}` with
+    RGB images (the grey repeated, as captioned image folders give) and the captions `DIGIT_CAPTIONS[label]`
+    ("digit zero" .. "digit nine")."""
+
+    @property
+    def captions(self) -> list[str]:
+        return [DIGIT_CAPTIONS[int(label)] for label in self.labels]
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i].repeat(3, 1, 1), "caption": DIGIT_CAPTIONS[int(self.labels[i])]}
+
+
+def save_captioned_digits(folder: str, resolution: int = 32, split: str = "train") -> str:
+    """Write the captioned digits as an image folder in the `datasets` imagefolder convention (PNG files and
+    `metadata.jsonl` lines `{"file_name", "text"}`), the captioned data that `examples/distill.py --dataset_name
+    FOLDER` takes for a text-to-image teacher. Returns `folder`."""
+    import json
+
+    from PIL import Image
+
+    dataset = CaptionedDigitsDataset(resolution, split)
+    os.makedirs(folder, exist_ok=True)
+    pixels = ((dataset.images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    lines = []
+    for i, (image, caption) in enumerate(zip(pixels, dataset.captions)):
+        name = f"{i:05d}.png"
+        Image.fromarray(image, mode="L").convert("RGB").save(os.path.join(folder, name))
+        lines.append(json.dumps({"file_name": name, "text": caption}))
+    tmp = os.path.join(folder, "metadata.jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(folder, "metadata.jsonl"))  # written last: a folder with it is complete
+    return folder
 
 
 def _pil_to_tensor(image, resolution: int, channels: int) -> torch.Tensor:
@@ -289,6 +333,7 @@ def load_text_image_dataset(
     """
     Captioned images for text-to-image distillation (`datasets`' imagefolder convention), or captions alone:
 
+    - "digits": the built-in digits with captions "digit zero" .. "digit nine" (`CaptionedDigitsDataset`);
     - a local folder with images and `metadata.jsonl` lines `{"file_name": ..., "text": ...}`;
     - a local `.txt` file (one prompt per line) or a `metadata.jsonl` without `file_name`: a prompt-only data set;
     - a `datasets` name (its "train" split), with `image_column` and `caption_column`; without `image_column` in
@@ -301,6 +346,8 @@ def load_text_image_dataset(
         skip_bad_images (`bool`, defaults to `False`): leave out images that cannot be read (else the first is an
             error naming it), counted in `num_skipped`.
     """
+    if name == "digits":  # built in: the captions "digit zero" .. "digit nine"
+        return CaptionedDigitsDataset(resolution)
     if os.path.isfile(name):
         if name.endswith(".txt"):
             with open(name, encoding="utf-8") as f:
