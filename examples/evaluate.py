@@ -13,10 +13,21 @@ Samplers: a pipeline saved with a `TrigFlowScheduler` is sampled as a consistenc
 `TrigFlowODEScheduler` by its probability-flow ODE; `--sampler` and `--solver` override. NFE (network evaluations per
 image) are counted on the network itself.
 
+Text-to-image pipelines (`--prompts`): image i is drawn for prompt i mod the number of prompts, from the same latent
+noise for every model. `--pipeline` (and `--paired_teacher`) may also be a family's own diffusers pipeline folder (e.g.
+a flow-matching teacher saved by `train_teacher.py --objective flow_matching`), sampled by its own scheduler with
+classifier-free guidance `--guidance_scale`; NFE then counts both branches of the guidance.
+
+    python examples/evaluate.py --pipeline t2i-teacher --name teacher --steps 4 8 16 32 --guidance_scale 4 \
+        --prompts "digit zero" "digit one" ... --output_dir report
+    python examples/evaluate.py --pipeline t2i-student --name student --steps 1 2 --paired_teacher t2i-teacher \
+        --guidance_scale 4 --prompts "digit zero" "digit one" ... --output_dir report
+
 Metrics (`--metrics`): `fd_digits` (Frechet distance in the features of the digits classifier of
 `diffusers_scm.metrics`, against the digits training split), `fid` (Inception features through torch-fidelity or
 clean-fid, weights already on disk or `--inception_weights`; against `--reference`), `paired_rmse` (RMSE to the
-`--paired_teacher`'s ODE solution from the same noise).
+`--paired_teacher`'s ODE solution from the same noise), `prompt_accuracy` (the share of images that the digits
+classifier labels as their prompt's digit: `--prompt_labels`, or the digit a prompt names).
 """
 
 import argparse
@@ -28,12 +39,18 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler, TrigFlowScheduler
-from diffusers_scm.metrics import InceptionFeatures, feature_statistics, frechet_distance, load_digits_classifier
+from diffusers_scm.metrics import (
+    InceptionFeatures,
+    digit_of_prompt,
+    feature_statistics,
+    frechet_distance,
+    load_digits_classifier,
+)
 from diffusers_scm.metrics import paired_rmse as rmse
 from diffusers_scm.utils import square_image_grid
 
 
-METRICS = ("fd_digits", "fid", "paired_rmse")
+METRICS = ("fd_digits", "fid", "paired_rmse", "prompt_accuracy")
 
 
 def parse_args(argv=None):
@@ -55,18 +72,68 @@ def parse_args(argv=None):
     p.add_argument("--inception_backend", choices=["auto", "torch-fidelity", "clean-fid"], default="auto")
     p.add_argument("--inception_weights", default=None, help="a local Inception weights file for FID")
     p.add_argument("--num_grid_images", type=int, default=64, help="images in each saved sample grid (0: none)")
+    p.add_argument("--prompts", nargs="+", default=None, help="text-to-image: image i is drawn for prompt i mod n")
+    p.add_argument("--prompt_labels", type=int, nargs="+", default=None, help="digit of each prompt (accuracy)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="CFG of ODE teachers (text-to-image)")
+    p.add_argument("--resolution", type=int, default=None, help="text-to-image: image size in pixels")
     p.add_argument("--output_dir", default="evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.metrics is None:
         args.metrics = ["fd_digits"] + (["paired_rmse"] if args.paired_teacher else [])
+        args.metrics += ["prompt_accuracy"] if args.prompts else []
     if "paired_rmse" in args.metrics and args.paired_teacher is None:
         p.error("--metrics paired_rmse needs --paired_teacher")
+    if "prompt_accuracy" in args.metrics:
+        if not args.prompts:
+            p.error("--metrics prompt_accuracy needs --prompts")
+        if args.prompt_labels is None:
+            labels = [digit_of_prompt(prompt) for prompt in args.prompts]
+            if None in labels:
+                p.error(
+                    f"--metrics prompt_accuracy: no digit named in {args.prompts[labels.index(None)]!r}; give "
+                    "--prompt_labels (one digit per prompt)."
+                )
+            args.prompt_labels = labels
+        if len(args.prompt_labels) != len(args.prompts):
+            p.error(f"--prompt_labels has {len(args.prompt_labels)} digits for {len(args.prompts)} prompts.")
     return args
+
+
+def load_pipeline(path: str, device: str):
+    """An `SCMPipeline` folder (or Hub id), or a family's own diffusers pipeline (a text-to-image teacher)."""
+    from diffusers import DiffusionPipeline
+
+    if DiffusionPipeline.load_config(path).get("_class_name") == "SCMPipeline":
+        pipe = SCMPipeline.from_pretrained(path)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def network_of(pipe):
+    return pipe.network if isinstance(pipe, SCMPipeline) else getattr(pipe, "transformer", None) or pipe.unet
+
+
+def text_noise_shape(pipe, num_samples: int, resolution: int | None) -> tuple[int, ...]:
+    """The unpacked latent noise (n, C, h, w) of a text-to-image pipeline at `resolution` pixels (default: the
+    network's sample size)."""
+    from diffusers_scm.conditioning import LatentCodec
+
+    codec = LatentCodec(pipe.vae)
+    size = network_of(pipe).config.get("sample_size") or 64
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    h = (resolution // codec.scale_factor) if resolution else size
+    return (num_samples, codec.latent_channels, h, h)
 
 
 def with_sampler(pipe: SCMPipeline, sampler: str, solver: str | None) -> tuple[SCMPipeline, str]:
     """The pipeline with the requested scheduler, and the sampler's name for the table."""
+    if not isinstance(pipe, SCMPipeline):  # a family pipeline: its own scheduler
+        if sampler == "consistency" or solver is not None:
+            raise ValueError(f"{type(pipe).__name__} samples with its own scheduler: drop --sampler/--solver.")
+        return pipe, f"ode-{type(pipe.scheduler).__name__}"
     is_ode = isinstance(pipe.scheduler, TrigFlowODEScheduler)
     if sampler == "auto":
         sampler = "ode" if is_ode else "consistency"
@@ -92,51 +159,81 @@ def image_seed(seed: int, index: int) -> int:
 
 
 class NFECounter:
-    """Counts calls of a network (forward pre-hook)."""
+    """Counts the samples a network evaluates (forward pre-hook): a guided call on a doubled batch counts twice."""
 
     def __init__(self, network):
-        self.calls = 0
-        self._handle = network.register_forward_pre_hook(self._hook)
+        self.rows = 0
+        self._handle = network.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module, inputs):
-        self.calls += 1
+    def _hook(self, module, args, kwargs):
+        sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        self.rows += sample.shape[0]
 
     def remove(self):
         self._handle.remove()
 
 
 @torch.no_grad()
-def generate(pipe: SCMPipeline, noise: torch.Tensor, steps: int, batch_size: int, desc: str, seed: int = 0):
+def generate(pipe, noise: torch.Tensor, steps: int, batch_size: int, desc: str, seed: int = 0, text=None):
     """Images in [-1, 1] from `noise` (unit Gaussian), network evaluations per image, seconds per image.
 
     Image i draws any further noise (multi-step consistency sampling) from its own generator, seeded
-    `image_seed(seed, i)`, so the images do not depend on the batch size."""
-    network = pipe.network
+    `image_seed(seed, i)`, so the images do not depend on the batch size. `text`: `{"prompts", "guidance_scale",
+    "resolution"}` for text-to-image pipelines (image i gets prompt i mod n)."""
+    network = network_of(pipe)
     conditional = is_conditional(network)
     counter = NFECounter(network)
-    images, seconds, batches = [], 0.0, 0
+    images, seconds = [], 0.0
     try:
         for i in tqdm(range(0, len(noise), batch_size), desc=desc, leave=False):
             chunk = noise[i : i + batch_size]
-            labels = [(i + j) % 10 for j in range(len(chunk))] if conditional else None
             start = time.perf_counter()
             generators = [
                 torch.Generator(noise.device).manual_seed(image_seed(seed, i + j)) for j in range(len(chunk))
             ]
-            out = pipe(
-                batch_size=len(chunk),
-                num_inference_steps=steps,
-                latents=chunk,
-                class_labels=labels,
-                generator=generators,
-                output_type="pt",
-            ).images
+            kwargs = {"num_inference_steps": steps, "generator": generators, "output_type": "pt"}
+            if text is not None:
+                kwargs.update(text_call(pipe, chunk, i, text))
+            else:
+                labels = [(i + j) % 10 for j in range(len(chunk))] if conditional else None
+                kwargs.update(batch_size=len(chunk), latents=chunk, class_labels=labels)
+            out = pipe(**kwargs).images
             seconds += time.perf_counter() - start
             images.append(out.float().cpu() * 2 - 1)
-            batches += 1
     finally:
         counter.remove()
-    return torch.cat(images), counter.calls / batches, seconds / len(noise)
+    return torch.cat(images), counter.rows / len(noise), seconds / len(noise)
+
+
+def text_call(pipe, chunk: torch.Tensor, first: int, text: dict) -> dict:
+    """The prompt, latents, size and guidance arguments of a text-to-image call (an SCMPipeline or the family's own
+    pipeline, whose packed-latent families get their noise packed by their own helper)."""
+    import inspect
+
+    prompts = [text["prompts"][(first + j) % len(text["prompts"])] for j in range(len(chunk))]
+    size = text["resolution"]
+    kwargs = {"prompt": prompts, "height": size, "width": size}
+    if isinstance(pipe, SCMPipeline):
+        ode = isinstance(pipe.scheduler, TrigFlowODEScheduler)
+        return {**kwargs, "latents": chunk, "guidance_scale": text["guidance_scale"] if ode else None}
+    latents = chunk
+    if hasattr(pipe, "_pack_latents"):  # Flux-style pipelines take 2x2-packed tokens
+        latents = pipe._pack_latents(chunk, *chunk.shape)
+    kwargs["latents"] = latents
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "use_resolution_binning" in parameters:  # the exact size, not the nearest trained aspect-ratio bin
+        kwargs["use_resolution_binning"] = False
+    if text["guidance_scale"] is not None:
+        kwargs["guidance_scale"] = text["guidance_scale"]
+    if "generator" not in parameters:
+        kwargs.pop("generator", None)
+    return kwargs
+
+
+def _scale_factor(pipe) -> int:
+    from diffusers_scm.conditioning import LatentCodec
+
+    return LatentCodec(pipe.vae).scale_factor
 
 
 def reference_images(name: str, resolution: int, channels: int, image_column: str) -> torch.Tensor:
@@ -162,10 +259,12 @@ def save_grid(images: torch.Tensor, path: str, scale: int = 4):
 def format_table(rows: list[dict]) -> str:
     """Markdown table: model, sampler, steps, NFE, each metric present, seconds per image."""
     metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
-    header = ["model", "sampler", "steps", "NFE", *metrics, "s/image"]
+    guided = any(r.get("guidance_scale") is not None for r in rows)
+    header = ["model", "sampler", *(["CFG"] if guided else []), "steps", "NFE", *metrics, "s/image"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
-        values = [r["model"], r["sampler"], str(r["steps"]), f"{r['nfe']:g}"]
+        cfg = [] if not guided else ["-" if r.get("guidance_scale") is None else f"{r['guidance_scale']:g}"]
+        values = [r["model"], r["sampler"], *cfg, str(r["steps"]), f"{r['nfe']:g}"]
         values += ["-" if r.get(m) is None else f"{r[m]:.4g}" for m in metrics]
         values.append(f"{r['sec_per_image']:.2e}")
         lines.append("| " + " | ".join(values) + " |")
@@ -201,16 +300,23 @@ def write_results(output_dir: str, new_rows: list[dict], extra: dict):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
-    pipe = SCMPipeline.from_pretrained(args.pipeline).to(args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.pipeline, args.device)
     pipe, sampler = with_sampler(pipe, args.sampler, args.solver)
     name = args.name or ("teacher" if sampler.startswith("ode") else "student")
-    shape = pipe._sample_shape(args.num_samples)
+    text = None
+    if args.prompts:
+        shape = text_noise_shape(pipe, args.num_samples, args.resolution)
+        size = args.resolution or shape[-1] * _scale_factor(pipe)
+        text = {"prompts": args.prompts, "guidance_scale": args.guidance_scale, "resolution": size}
+    elif not isinstance(pipe, SCMPipeline):
+        raise ValueError(f"{args.pipeline} is a {type(pipe).__name__}: give --prompts to evaluate it.")
+    else:
+        shape = pipe._sample_shape(args.num_samples)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     extra = {"num_samples": args.num_samples, "seed": args.seed}
 
     classifier = digits_stats = None
-    if "fd_digits" in args.metrics:
+    if "fd_digits" in args.metrics or "prompt_accuracy" in args.metrics:
         from diffusers_scm.training.data import DigitsDataset
 
         classifier, accuracy = load_digits_classifier()
@@ -226,25 +332,33 @@ def main(argv=None):
         extra.update(fid_backend=inception.backend, fid_reference=args.reference)
     paired = None
     if "paired_rmse" in args.metrics:
-        teacher = SCMPipeline.from_pretrained(args.paired_teacher).to(args.device)
-        teacher.set_progress_bar_config(disable=True)
-        teacher, _ = with_sampler(teacher, "ode", args.paired_teacher_solver)
+        teacher = load_pipeline(args.paired_teacher, args.device)
+        family = not isinstance(teacher, SCMPipeline)
+        teacher, solver = with_sampler(teacher, "ode", None if family else args.paired_teacher_solver)
         paired, _, _ = generate(
-            teacher, noise, args.paired_teacher_steps, args.batch_size, "teacher ODE (paired)", args.seed
+            teacher, noise, args.paired_teacher_steps, args.batch_size, "teacher ODE (paired)", args.seed, text
         )
         extra["paired_reference"] = {
             "pipeline": args.paired_teacher,
-            "solver": args.paired_teacher_solver,
+            "solver": solver,
             "steps": args.paired_teacher_steps,
+            "guidance_scale": args.guidance_scale if text else None,
         }
 
     rows = []
     for steps in tqdm(args.steps, desc=f"evaluate {name}"):
-        images, nfe, sec = generate(pipe, noise, steps, args.batch_size, f"{name} {steps} steps", args.seed)
+        images, nfe, sec = generate(pipe, noise, steps, args.batch_size, f"{name} {steps} steps", args.seed, text)
         row = {"model": name, "pipeline": args.pipeline, "sampler": sampler, "steps": steps, "nfe": nfe}
+        if text is not None and text["guidance_scale"] is not None and sampler.startswith("ode"):
+            row["guidance_scale"] = text["guidance_scale"]
         if classifier is not None:
             with torch.no_grad():
-                row["fd_digits"] = frechet_distance(*feature_statistics(classifier.embed(images)), *digits_stats)
+                if "fd_digits" in args.metrics:
+                    features = feature_statistics(classifier.embed(images))
+                    row["fd_digits"] = frechet_distance(*features, *digits_stats)
+                if "prompt_accuracy" in args.metrics:
+                    wanted = torch.tensor([args.prompt_labels[i % len(args.prompts)] for i in range(len(images))])
+                    row["prompt_accuracy"] = (classifier(images).argmax(1) == wanted).float().mean().item()
         if inception is not None:
             row["fid"] = frechet_distance(*feature_statistics(inception(images)), *fid_stats)
         if paired is not None:

@@ -144,3 +144,84 @@ def test_fid_through_torch_fidelity_reads_weights_without_pickle(monkeypatch, tm
     expected = reference_fd(fa @ q, fb @ q)
     assert fid(a, b, extractor) == pytest.approx(expected, rel=1e-5)
     assert to_uint8(torch.tensor([[[[-1.0, 0.0, 1.0]]]])).tolist() == [[[[0, 128, 255]]] * 3]
+
+
+@pytest.mark.parametrize("family", ["sd3", "sana"])
+def test_evaluate_text_to_image_against_the_family_pipeline(family, tmp_path, one_thread):
+    """A family teacher folder sampled by its own pipeline with guidance, and a student SCMPipeline, on digit prompts:
+    NFE counts both guidance branches; the paired reference, the teacher's images and the prompt accuracy equal
+    calls of the family pipeline and of the classifier made here."""
+    import math
+
+    from t2i_pipelines import IMAGE_SIZE, save_tiny_pipeline
+
+    from diffusers_scm.conditioning import TEXT_COMPONENTS, LatentCodec
+    from diffusers_scm.metrics import DigitsClassifier, digit_of_prompt
+
+    evaluate = load_example("evaluate")
+    teacher = save_tiny_pipeline(family, tmp_path / "teacher")
+    parts = {k: getattr(teacher, k) for k in TEXT_COMPONENTS if getattr(teacher, k, None) is not None}
+    SCMPipeline(
+        transformer=teacher.transformer,
+        vae=teacher.vae,
+        scheduler=TrigFlowScheduler(parameterization="flow_matching", max_timesteps=math.pi / 2),
+        family_pipeline=type(teacher).__name__,
+        **parts,
+    ).save_pretrained(tmp_path / "student")
+    prompts = ["digit zero", "digit one", "digit two"]
+    out = tmp_path / "report"
+    common = ["--num_samples", "5", "--batch_size", "3", "--output_dir", str(out), "--num_grid_images", "0"]
+    common += ["--prompts", *prompts, "--guidance_scale", "3", "--resolution", str(IMAGE_SIZE)]
+    evaluate.main(["--pipeline", str(tmp_path / "teacher"), "--name", "teacher", "--steps", "2", *common])
+    results = evaluate.main(
+        ["--pipeline", str(tmp_path / "student"), "--steps", "1", "--paired_teacher", str(tmp_path / "teacher")]
+        + ["--paired_teacher_steps", "2", *common]
+    )
+    rows = {(r["model"], r["steps"]): r for r in results["rows"]}
+    assert rows[("teacher", 2)]["nfe"] == 4 and rows[("teacher", 2)]["guidance_scale"] == 3  # 2 steps x 2 branches
+    assert rows[("student", 1)]["nfe"] == 1
+
+    # the same noise, prompts and guidance through the family pipeline itself
+    codec = LatentCodec(teacher.vae)
+    h = IMAGE_SIZE // codec.scale_factor
+    noise = torch.randn((5, codec.latent_channels, h, h), generator=torch.Generator().manual_seed(0))
+    extra = {"use_resolution_binning": False} if family == "sana" else {}
+    cycled = [prompts[i % 3] for i in range(5)]
+    images = torch.cat(
+        [
+            teacher(
+                prompt=cycled[i : i + 3],
+                latents=noise[i : i + 3],
+                num_inference_steps=2,
+                guidance_scale=3.0,
+                height=IMAGE_SIZE,
+                width=IMAGE_SIZE,
+                output_type="pt",
+                **extra,
+            ).images
+            for i in (0, 3)
+        ]
+    )
+    images = images.float() * 2 - 1
+    student = SCMPipeline.from_pretrained(tmp_path / "student")
+    student_images = student(prompt=cycled, latents=noise, output_type="pt", height=IMAGE_SIZE, width=IMAGE_SIZE)
+    student_images = student_images.images.float() * 2 - 1
+    expected_rmse = (student_images - images).double().square().mean().sqrt().item()
+    assert rows[("student", 1)]["paired_rmse"] == pytest.approx(expected_rmse, rel=1e-4)
+
+    classifier, _ = load_digits_classifier()
+    assert isinstance(classifier, DigitsClassifier)
+    labels = torch.tensor([digit_of_prompt(p) for p in cycled])
+    with torch.no_grad():
+        accuracy = (classifier(images).argmax(1) == labels).float().mean().item()
+    assert rows[("teacher", 2)]["prompt_accuracy"] == pytest.approx(accuracy)
+    table = (out / "results.md").read_text()
+    assert "prompt_accuracy" in table and "| CFG |" in table
+
+
+def test_digit_of_prompt():
+    from diffusers_scm.metrics import digit_of_prompt
+
+    assert [digit_of_prompt(f"digit {w}") for w in ("zero", "four", "nine")] == [0, 4, 9]
+    assert digit_of_prompt("a handwritten 7") == 7 and digit_of_prompt("Digit SIX.") == 6
+    assert digit_of_prompt("a cat") is None and digit_of_prompt("one or two") is None

@@ -15,6 +15,7 @@ __all__ = [
     "train_digits_classifier",
     "load_digits_classifier",
     "fd_digits",
+    "digit_of_prompt",
     "InceptionFeatures",
     "fid",
     "to_uint8",
@@ -133,6 +134,18 @@ def fd_digits(images: torch.Tensor, reference: torch.Tensor, classifier: "Digits
     return frechet_distance(
         *feature_statistics(classifier.embed(images)), *feature_statistics(classifier.embed(reference))
     )
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def digit_of_prompt(prompt: str) -> int | None:
+    """The digit a prompt names ("digit seven", "a 7"), for prompt accuracy; None when it names none or several."""
+    import re
+
+    words = re.findall(r"[a-z]+|\d", prompt.lower())
+    found = {DIGIT_WORDS.index(w) if w in DIGIT_WORDS else int(w) for w in words if w in DIGIT_WORDS or w.isdigit()}
+    return found.pop() if len(found) == 1 else None
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
