@@ -73,18 +73,29 @@ def _scale(q: torch.Tensor, scale) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
+def _scaled_queries(q, dq, scale):
+    """(Q scale, [dQ scale, Q scale]): the scale applied to the (N, d) queries, not to the (N, N) scores."""
+    q = q * scale
+    return q, torch.cat([dq * scale, q], dim=-1)
+
+
+def _scores(queries, k, dk):
+    """S = Q K^T scale and dS = (dQ K^T + Q dK^T) scale, dS as one matmul [dQ, Q] [K, dK]^T (`_scaled_queries`)."""
+    q, q_cat = queries
+    return q @ k.transpose(-1, -2), q_cat @ torch.cat([k, dk], dim=-1).transpose(-1, -2)
+
+
 def _math(q, k, v, dq, dk, dv, bias, scale):
     # SPEC.md section 6, materialized: S, P and dS are (..., Nq, Nk).
-    s = q @ k.transpose(-1, -2) * scale
+    s, ds = _scores(_scaled_queries(q, dq, scale), k, dk)
     if bias is not None:
         s = s + bias
     p = torch.softmax(s, dim=-1)
     if bias is not None:  # rows with every key masked: zeros, as PyTorch's SDPA returns (not 0 / 0)
         p = torch.where(torch.isneginf(s.amax(dim=-1, keepdim=True)), torch.zeros_like(p), p)
     out = p @ v
-    ds = (dq @ k.transpose(-1, -2) + q @ dk.transpose(-1, -2)) * scale
     pds = p * ds
-    dout = p @ dv + pds @ v - pds.sum(-1, keepdim=True) * out
+    dout = (p @ dv).add_(pds @ v).sub_(pds.sum(-1, keepdim=True) * out)
     return out, dout
 
 
@@ -102,6 +113,7 @@ def _blocked(q, k, v, dq, dk, dv, bias, scale, block_size):
     acc_c = torch.zeros_like(l)
     if bias is not None:
         bias = bias.expand(*q.shape[:-2], q.shape[-2], n_k) if bias.ndim == q.ndim else bias
+    queries = _scaled_queries(q, dq, scale)
     for start in range(0, n_k, block_size):
         stop = min(start + block_size, n_k)
         k_j, v_j, dk_j, dv_j = (
@@ -110,10 +122,9 @@ def _blocked(q, k, v, dq, dk, dv, bias, scale, block_size):
             dk[..., start:stop, :],
             dv[..., start:stop, :],
         )
-        s_j = q @ k_j.transpose(-1, -2) * scale  # (..., Nq, block)
+        s_j, ds_j = _scores(queries, k_j, dk_j)  # (..., Nq, block)
         if bias is not None:
             s_j = s_j + bias[..., start:stop]
-        ds_j = (dq @ k_j.transpose(-1, -2) + q @ dk_j.transpose(-1, -2)) * scale
         m_new = torch.maximum(m, s_j.amax(dim=-1, keepdim=True))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows masked so far
         alpha = torch.exp(m - m_safe)

@@ -236,23 +236,26 @@ class _JVPOnly(torch.autograd.Function):
         raise RuntimeError("This JVP-only op has no backward: it is used only in JVP passes without gradients.")
 
 
-def _norm_tangent(x, dx, dims, eps):
-    # d((x - mean) / std) = (dx - mean(dx) - xhat mean(dx xhat)) / std over the normalized dims
-    mean = x.mean(dims, keepdim=True)
-    rstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
-    xhat = (x - mean) * rstd
-    return rstd * (dx - dx.mean(dims, keepdim=True) - xhat * (dx * xhat).mean(dims, keepdim=True))
-
-
+# Normalization without the affine part has a symmetric Jacobian, rstd (I - 1/N - xhat xhat^T / N) over the
+# normalized elements, so its JVP d((x - mean) / std) = (dx - mean(dx) - xhat mean(dx xhat)) / std is its VJP: one
+# fused kernel of PyTorch's backward (with the statistics of the forward) instead of a chain of elementwise ops.
 def _layer_norm_tangent(x, dx, normalized_shape, weight, bias, eps):
     dims = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    out = _norm_tangent(x, dx, dims, eps)
+    var, mean = torch.var_mean(x, dims, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    out = torch.ops.aten.native_layer_norm_backward(
+        dx.contiguous(), x.contiguous(), list(normalized_shape), mean, rstd, None, None, [True, False, False]
+    )[0]
     return out if weight is None else out * weight
 
 
 def _group_norm_tangent(x, dx, num_groups, weight, bias, eps):
     n, c = x.shape[:2]
-    out = _norm_tangent(x.reshape(n, num_groups, -1), dx.reshape(n, num_groups, -1), (2,), eps).reshape(x.shape)
+    var, mean = torch.var_mean(x.reshape(n, num_groups, -1), -1, unbiased=False)
+    hw = x[0, 0].numel()
+    out = torch.ops.aten.native_group_norm_backward(
+        dx.contiguous(), x.contiguous(), mean, torch.rsqrt(var + eps), None, n, c, hw, num_groups, [True, False, False]
+    )[0]
     return out if weight is None else out * weight.reshape(1, c, *([1] * (x.ndim - 2)))
 
 
@@ -265,18 +268,13 @@ def _rms_norm_tangent(x, dx, normalized_shape, weight, eps):
     return out if weight is None else out * weight
 
 
+# Elementwise activations: the JVP f'(x) dx is the VJP, PyTorch's fused backward kernel (one pass).
 def _silu_tangent(x, dx):
-    s = torch.sigmoid(x)
-    return dx * s * (1 + x * (1 - s))
+    return torch.ops.aten.silu_backward(dx, x)
 
 
 def _gelu_tangent(x, dx, approximate="none"):
-    if approximate == "tanh":  # 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
-        k = math.sqrt(2 / math.pi)
-        th = torch.tanh(k * (x + 0.044715 * x**3))
-        return dx * (0.5 * (1 + th) + 0.5 * x * (1 - th * th) * k * (1 + 3 * 0.044715 * x * x))
-    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))  # x Phi(x): Phi(x) + x phi(x)
-    return dx * (cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+    return torch.ops.aten.gelu_backward(dx, x, approximate=approximate)
 
 
 _PRIMAL = {
@@ -329,11 +327,34 @@ def _fast_jvp(func, args, kwargs):
     return _JVPOnly.apply(x, op, rest)
 
 
+class _JVPFrozenLinear(torch.autograd.Function):
+    """`F.linear` for JVP passes without gradients whose weights carry no tangent (the sCM JVP): d(x W^T + b) =
+    dx W^T. The weights are not inputs of the function, so PyTorch materializes no zero tangents for them."""
+
+    @staticmethod
+    def forward(x, params):
+        return F.linear(x, *params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.params, ctx.out_dtype = inputs[1], output.dtype
+
+    @staticmethod
+    def jvp(ctx, dx, _params):
+        return F.linear(dx, ctx.params[0]).to(ctx.out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("This JVP-only op has no backward: it is used only in JVP passes without gradients.")
+
+
 def _linear(input, weight, bias=None):
     unpack = torch.autograd.forward_ad.unpack_dual
     if unpack(input).tangent is None:
         return F.linear(input, weight, bias)
     params_dual = unpack(weight).tangent is not None or (bias is not None and unpack(bias).tangent is not None)
+    if not params_dual and not torch.is_grad_enabled():
+        return _JVPFrozenLinear.apply(input, (weight, bias))
     return _JVPLinear.apply(input, weight, bias, params_dual)
 
 
