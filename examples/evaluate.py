@@ -16,7 +16,8 @@ image) are counted on the network itself.
 Text-to-image pipelines (`--prompts`): image i is drawn for prompt i mod the number of prompts, from the same latent
 noise for every model. `--pipeline` (and `--paired_teacher`) may also be a family's own diffusers pipeline folder (e.g.
 a flow-matching teacher saved by `train_teacher.py --objective flow_matching`), sampled by its own scheduler with
-classifier-free guidance `--guidance_scale`; NFE then counts both branches of the guidance.
+classifier-free guidance `--guidance_scale`; NFE then counts both branches of the guidance. With n prompts and
+`--num_grid_images` n^2, row p of each sample grid holds prompt p.
 
     python examples/evaluate.py --pipeline t2i-teacher --name teacher --steps 4 8 16 32 --guidance_scale 4 \
         --prompts "digit zero" "digit one" ... --output_dir report
@@ -32,6 +33,7 @@ classifier labels as their prompt's digit: `--prompt_labels`, or the digit a pro
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -245,6 +247,15 @@ def reference_images(name: str, resolution: int, channels: int, image_column: st
     return torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
 
 
+def grid_images(images: torch.Tensor, count: int, num_prompts: int | None = None) -> torch.Tensor:
+    """The images of a square sample grid: the first `count`; with prompts (image i drawn for prompt i mod n) and
+    `count` = n^2, row p holds the first n images of prompt p."""
+    side = math.isqrt(count)
+    if num_prompts is None or side != num_prompts or len(images) < count:
+        return images[:count]
+    return images[[p + num_prompts * j for p in range(num_prompts) for j in range(side)]]
+
+
 def save_grid(images: torch.Tensor, path: str, scale: int = 4):
     """A square grid of images in [-1, 1], each upscaled `scale` times (nearest) so small images stay visible, and
     framed in gray."""
@@ -366,9 +377,8 @@ def main(argv=None):
         row["sec_per_image"] = sec
         rows.append(row)
         if args.num_grid_images:
-            save_grid(
-                images[: args.num_grid_images], os.path.join(args.output_dir, "grids", f"{name}-{steps}step.png")
-            )
+            grid = grid_images(images, args.num_grid_images, len(args.prompts) if args.prompts else None)
+            save_grid(grid, os.path.join(args.output_dir, "grids", f"{name}-{steps}step.png"))
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     results = write_results(args.output_dir, rows, extra)
     print(format_table(results["rows"]))

@@ -225,3 +225,11 @@ def test_digit_of_prompt():
     assert [digit_of_prompt(f"digit {w}") for w in ("zero", "four", "nine")] == [0, 4, 9]
     assert digit_of_prompt("a handwritten 7") == 7 and digit_of_prompt("Digit SIX.") == 6
     assert digit_of_prompt("a cat") is None and digit_of_prompt("one or two") is None
+
+
+def test_grid_rows_are_prompts():
+    evaluate = load_example("evaluate")
+    images = torch.arange(30.0)[:, None, None, None]  # image i, drawn for prompt i mod 3
+    grid = evaluate.grid_images(images, 9, 3)
+    assert grid.flatten().tolist() == [0, 3, 6, 1, 4, 7, 2, 5, 8]  # row p: prompt p's first three images
+    assert evaluate.grid_images(images, 16, 3).flatten().tolist() == list(range(16))  # not n^2: the first ones
