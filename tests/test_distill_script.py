@@ -122,36 +122,17 @@ def _rates(folder):
         return {row["step"]: row["lr"] for row in map(json.loads, f)}
 
 
+def short_run_args(teacher_dir) -> list[str]:
+    """A 4-step sCD run on the 16x16 digits with checkpoints and validation every 2 steps and a cosine schedule."""
+    run = "--max_train_steps 4 --checkpointing_steps 2 --validation_steps 2 --num_validation_images 4"
+    optimization = "--train_batch_size 8 --tangent_warmup_steps 2 --learning_rate 1e-3 --lr_scheduler cosine"
+    data = "--dataset_name digits --resolution 16 --lr_warmup_steps 1 --report_to none"
+    return ["--teacher", teacher_dir, *f"{run} {optimization} {data}".split()]
+
+
 def test_two_process_distillation_resume_and_loading(teacher_dir, tmp_path):
     out = str(tmp_path / "student")
-    common = [
-        "--teacher",
-        teacher_dir,
-        "--dataset_name",
-        "digits",
-        "--resolution",
-        "16",
-        "--train_batch_size",
-        "8",
-        "--max_train_steps",
-        "4",
-        "--checkpointing_steps",
-        "2",
-        "--validation_steps",
-        "2",
-        "--num_validation_images",
-        "4",
-        "--tangent_warmup_steps",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--lr_scheduler",
-        "cosine",
-        "--lr_warmup_steps",
-        "1",
-        "--report_to",
-        "none",
-    ]
+    common = short_run_args(teacher_dir)
     _launch(common + ["--output_dir", out])
 
     summary = json.load(open(os.path.join(out, "training_summary.json")))

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
-from test_distill_script import _free_port, _launch, _losses, teacher_dir  # noqa: F401 (a fixture)
+from test_distill_script import _free_port, _launch, _losses, short_run_args, teacher_dir  # noqa: F401 (a fixture)
 
 
 WORKER = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
@@ -64,38 +64,9 @@ def _weights(folder):
 
 
 def test_fsdp_distillation_equals_ddp_and_resumes(teacher_dir, tmp_path):  # noqa: F811
-    common = [
-        "--teacher",
-        teacher_dir,
-        "--dataset_name",
-        "digits",
-        "--resolution",
-        "16",
-        "--train_batch_size",
-        "8",
-        "--max_train_steps",
-        "4",
-        "--checkpointing_steps",
-        "2",
-        "--validation_steps",
-        "2",
-        "--num_validation_images",
-        "4",
-        "--tangent_warmup_steps",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--lr_scheduler",
-        "cosine",
-        "--lr_warmup_steps",
-        "1",
-        # Adam's first steps move every weight by +-lr whatever the size of its gradient; a larger epsilon keeps the
-        # summation-order noise of near-zero gradients (DDP all-reduce vs FSDP reduce-scatter) out of the comparison
-        "--adam_epsilon",
-        "1e-2",
-        "--report_to",
-        "none",
-    ]
+    # Adam's first steps move every weight by +-lr whatever the size of its gradient; a larger epsilon keeps the
+    # summation-order noise of near-zero gradients (DDP all-reduce vs FSDP reduce-scatter) out of the comparison
+    common = short_run_args(teacher_dir) + ["--adam_epsilon", "1e-2"]
     ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
     _launch(common + ["--output_dir", ddp])
     _launch(common + ["--output_dir", fsdp, "--fsdp", "--fsdp_shard_teacher"])  # the teacher sharded too
