@@ -7,10 +7,27 @@ The network is an `SCMUNet2DModel` (a preset, or `--model` to continue from a sa
 diffusion loss and EDM2-style uncertainty weighting (`LogVarHead`), the TrigFlow teacher time proposal, an EMA, and
 the data, logging, checkpointing and resuming of `distill.py`. The EMA model is saved as an `SCMPipeline` folder with a
 `TrigFlowODEScheduler`, which `distill.py --teacher` accepts directly.
+
+`--objective flow_matching` trains a latent text-to-image teacher in diffusers' conventions instead:
+
+    accelerate launch examples/train_teacher.py --objective flow_matching --model_config sd3-digits.json \
+        --vae digits-vae --dataset_name digits --resolution 32 --output_dir digits-sd3
+
+the rectified-flow loss (SPEC.md section 2: x_s = (1 - s) x0 + s n, target n - x0, the network called as its family
+pipeline calls it, SD3's logit-normal times), any diffusers network from a config file (`--model_config`, the class
+from its `_class_name`; text-to-image families: SD3Transformer2DModel), the latents of `--vae` (an AutoencoderKL, e.g.
+`train_vae.py`'s output), captions through small frozen text encoders with random weights and tokenizers over the
+captions' words (built here, saved in the pipeline), encoded by the family pipeline's own `encode_prompt`, and
+caption dropout for classifier-free guidance (`--caption_dropout`: the empty prompt's embeddings). The EMA network is
+saved as a complete pipeline of its family (`StableDiffusion3Pipeline` with a `FlowMatchEulerDiscreteScheduler`),
+which diffusers loads and samples from prompts, and which `distill.py --teacher` takes as a text-to-image teacher
+(parameterization "flow_matching"). `--dataset_name digits` gives the captions "digit zero" .. "digit nine"; other
+data: a captioned image folder (`metadata.jsonl`) or a `datasets` name with `--caption_column`.
 """
 
 import argparse
 import logging
+import os
 
 import torch
 from accelerate.logging import get_logger
@@ -19,7 +36,16 @@ from accelerate.utils import set_seed
 from diffusers_scm import SCMUNet2DModel, TrigFlowDenoiser, TrigFlowODEScheduler
 from diffusers_scm.models import PRESETS
 from diffusers_scm.training import TrigFlowDiffusionLoss, load_teacher, lognormal_times
-from diffusers_scm.training.data import load_image_dataset, to_model_channels
+from diffusers_scm.training.data import DIGIT_CAPTIONS, load_image_dataset, load_text_image_dataset, to_model_channels
+from diffusers_scm.training.flow_matching import (
+    WEIGHTING_SCHEMES,
+    CaptionCache,
+    FlowMatchingLoss,
+    FlowMatchingModel,
+    cache_latents,
+    drop_captions,
+    network_from_config,
+)
 from diffusers_scm.training.script_utils import (
     add_common_args,
     finish_training,
@@ -51,9 +77,64 @@ def parse_args(argv=None):
     p.add_argument(
         "--validation_nfe", type=positive_int, nargs="+", default=[8, 32], help="ODE steps of the validation grids"
     )
+    # --objective flow_matching: a latent text-to-image teacher of a diffusers family
+    p.add_argument(
+        "--objective",
+        choices=["trigflow", "flow_matching"],
+        default="trigflow",
+        help="trigflow: an SCMUNet2DModel TrigFlow teacher; flow_matching: a text-to-image pipeline (rectified flow)",
+    )
+    p.add_argument("--model_config", type=str, default=None, help="flow_matching: a diffusers network config.json")
+    p.add_argument("--vae", type=str, default=None, help="flow_matching: an AutoencoderKL folder (train_vae.py)")
+    p.add_argument("--caption_column", type=str, default="text", help="flow_matching: the captions' column")
+    p.add_argument(
+        "--cache_latents", action="store_true", help="flow_matching: encode every image once before training"
+    )
+    p.add_argument("--caption_dropout", type=float, default=0.1, help="flow_matching: empty-prompt rate (for CFG)")
+    p.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal", help="SD3's time density")
+    p.add_argument("--logit_mean", type=float, default=0.0)
+    p.add_argument("--logit_std", type=float, default=1.0)
+    p.add_argument("--mode_scale", type=float, default=1.29)
+    p.add_argument(
+        "--flow_shift",
+        type=float,
+        default=1.0,
+        help="the saved FlowMatchEulerDiscreteScheduler's shift, also applied to the training times (as SD3)",
+    )
+    p.add_argument("--guidance_scale", type=float, default=4.0, help="flow_matching: CFG of the validation grids")
+    p.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="flow_matching: grid prompts")
     add_common_args(p, output_dir="trigflow-teacher")
     p.set_defaults(learning_rate=2e-4)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_objective(p, args)
+    return args
+
+
+def check_objective(p, args):
+    """Flags that belong to one objective only, and what --objective flow_matching needs."""
+    if args.objective == "trigflow":
+        flow_only = [f"--{name}" for name in ("model_config", "vae") if getattr(args, name) is not None]
+        if flow_only:
+            p.error(f"{' and '.join(flow_only)} need --objective flow_matching (a text-to-image teacher).")
+        return
+    missing = [f"--{name}" for name in ("model_config", "vae") if getattr(args, name) is None]
+    if missing:
+        p.error(
+            f"--objective flow_matching needs {' and '.join(missing)}: the network's diffusers config.json (e.g. an "
+            "SD3Transformer2DModel) and the AutoencoderKL folder of the latent space (examples/train_vae.py)."
+        )
+    trigflow_only = [f"--{n}" for n in ("model", "class_conditional", "label_column", "channels") if getattr(args, n)]
+    if trigflow_only:
+        p.error(f"{', '.join(trigflow_only)}: TrigFlow teachers only; a flow_matching teacher is caption-conditioned.")
+    if not 0 <= args.caption_dropout < 1:
+        p.error(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
+    if getattr(args, "fsdp", False):
+        p.error("--fsdp is not supported for flow_matching teachers yet: drop it (DDP replicates the network).")
+    if args.push_to_hub or args.push_at_checkpoints:
+        p.error(
+            "--push_to_hub is not supported for flow_matching teachers yet: upload the output folder with "
+            "`hf upload ORG/NAME OUTPUT_DIR`."
+        )
 
 
 def build_model(args) -> TrigFlowDenoiser:
@@ -72,6 +153,8 @@ def build_model(args) -> TrigFlowDenoiser:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.objective == "flow_matching":
+        return train_flow_matching(args)
     accelerator = make_accelerator(args, "trigflow-teacher")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
@@ -107,8 +190,8 @@ def main(argv=None):
         return loss_fn(model, x0, t=t, noise=noise, logvar_head=head, **cond)
 
     def ema_pipeline_parts():
-        network = ema.averaged_model(accelerator.unwrap_model(model).inner_model).eval()
-        return network, TrigFlowODEScheduler.from_config(scheduler.config)
+        network = ema.averaged_model(accelerator.unwrap_model(model).inner_model)  # FSDP: None off the main process
+        return network and network.eval(), TrigFlowODEScheduler.from_config(scheduler.config)
 
     def validate(step):
         network, sampler = ema_pipeline_parts()
@@ -139,6 +222,175 @@ def main(argv=None):
     )
     finish_training(accelerator, args.output_dir, model, ema, scheduler, steps, counters)
     publish_pipeline(args, accelerator, sample_steps=args.validation_nfe)
+
+
+# ---- --objective flow_matching ---------------------------------------------------------------------------------------
+def flow_teacher_parts(args, captions):
+    """The network (random, from --model_config), the frozen VAE and text components, and the family pipeline class."""
+    import diffusers
+
+    from diffusers_scm.conditioning import LatentCodec
+    from diffusers_scm.training.text_encoders import text_components, text_to_image_family
+
+    network = network_from_config(args.model_config)
+    family = text_to_image_family(network)  # an error naming the supported classes for others
+    vae = diffusers.AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
+    codec = LatentCodec(vae, sample=False)
+    size, channels = args.resolution // codec.scale_factor, codec.latent_channels
+    config = network.config
+    if args.resolution % codec.scale_factor:
+        raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {codec.scale_factor}.")
+    if config.get("in_channels") != channels:
+        raise ValueError(
+            f"{args.model_config}: in_channels = {config.get('in_channels')}, but the VAE {args.vae} has "
+            f"{channels} latent channels; set in_channels (and out_channels) to {channels}."
+        )
+    if config.get("sample_size") not in (None, size):
+        raise ValueError(
+            f"{args.model_config}: sample_size = {config.get('sample_size')}, but --resolution {args.resolution} gives "
+            f"{size}x{size} latents (VAE factor {codec.scale_factor}); set sample_size to {size}, the size the "
+            "family pipeline samples by default."
+        )
+    text = text_components(network, captions, seed=args.seed)
+    return network, vae, text, getattr(diffusers, family.pipeline)
+
+
+def family_pipeline(pipeline_class, network, vae, text, args):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=args.flow_shift)
+    pipe = pipeline_class(transformer=network, vae=vae, scheduler=scheduler, **text)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def flow_sample_grids(pipe, prompts, args, folder, name, accelerator=None, step=None):
+    """One image per prompt for each --validation_nfe, sampled by the family pipeline itself (Euler, CFG at
+    --guidance_scale, fixed seeds), saved as `folder/{name}-{n}step.png` and logged to the trackers."""
+    from diffusers.utils import numpy_to_pil
+
+    from diffusers_scm.utils import square_image_grid
+
+    os.makedirs(folder, exist_ok=True)
+    grids = {}
+    for steps in args.validation_nfe:
+        images = pipe(
+            prompt=list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=args.guidance_scale,
+            height=args.resolution,
+            width=args.resolution,
+            generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+            output_type="np",
+        ).images
+        square_image_grid(numpy_to_pil(images)).save(os.path.join(folder, f"{name}-{steps}step.png"))
+        grids[steps] = images
+    for tracker in accelerator.trackers if accelerator is not None else ():
+        if tracker.name == "tensorboard":
+            for steps, images in grids.items():
+                tracker.writer.add_images(f"validation/{steps}-step", images, step, dataformats="NHWC")
+    return grids
+
+
+def train_flow_matching(args):
+    """--objective flow_matching: see the module docstring."""
+    from diffusers_scm.conditioning import LatentCodec, prompt_encoding
+    from diffusers_scm.training.script_utils import _write_summary
+
+    accelerator = make_accelerator(args, "flow-matching-teacher")
+    if accelerator.is_fsdp2 or accelerator.distributed_type.name == "FSDP":
+        raise ValueError("FSDP is not supported for flow_matching teachers yet: launch without --use_fsdp (DDP).")
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+
+    dataset = load_text_image_dataset(
+        args.dataset_name, args.resolution, args.image_column, args.caption_column, args.skip_bad_images
+    )
+    if not getattr(dataset, "has_images", True):
+        raise ValueError(f"{args.dataset_name} holds captions without images: a teacher trains on captioned images.")
+    captions = dataset.captions
+    network, vae, text, pipeline_class = flow_teacher_parts(args, captions)
+    if args.gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    # the pipeline encodes prompts with its own encode_prompt; its network is the one being trained
+    pipe = family_pipeline(pipeline_class, network, vae, text, args)
+    encoding, codec = prompt_encoding(pipe), LatentCodec(vae, sample=False)
+    for part in [vae, *(m for m in text.values() if isinstance(m, torch.nn.Module))]:
+        part.to(accelerator.device)
+    if args.cache_latents:
+        dataset = cache_latents(dataset, codec, accelerator.device)
+    model = FlowMatchingModel(network.train(), pipe.scheduler.config.num_train_timesteps)
+    model, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
+        args, accelerator, model, dataset, "model"
+    )
+    logger.info(
+        "%s: %d parameters; %s, %d captions (%d distinct), CLIP length %d",
+        type(network).__name__,
+        sum(p.numel() for p in network.parameters()),
+        pipeline_class.__name__,
+        len(captions),
+        len(set(captions)),
+        text["tokenizer"].model_max_length,
+    )
+    loss_fn = FlowMatchingLoss(
+        args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, args.flow_shift
+    )
+    prompts = args.validation_prompts or (
+        list(DIGIT_CAPTIONS) if args.dataset_name == "digits" else sorted(set(captions))[:8]
+    )
+
+    text_cache = CaptionCache(encoding, accelerator.device)
+
+    def compute_loss(batch, step):
+        if "latents" in batch:  # --cache_latents
+            x0 = batch["latents"].to(accelerator.device)
+        else:
+            x0 = codec.encode(batch["pixel_values"].to(accelerator.device))  # (z - shift_factor) * scaling_factor
+        cond, uncond = text_cache(batch["caption"])
+        cond = drop_captions(cond, uncond, args.caption_dropout, noise_generator)
+        return loss_fn(model, x0, generator=noise_generator, **cond)
+
+    def ema_pipeline():
+        network = ema.averaged_model(accelerator.unwrap_model(model).inner_model).eval()
+        return family_pipeline(pipeline_class, network, vae, text, args)
+
+    def validate(step):
+        folder = os.path.join(args.output_dir, "samples")
+        flow_sample_grids(ema_pipeline(), prompts, args, folder, f"step-{step:07d}", accelerator, step)
+
+    steps, counters = train_loop(
+        args,
+        accelerator,
+        model,
+        optimizer,
+        loader,
+        ema,
+        state,
+        compute_loss,
+        validate,
+        desc="flow-matching teacher",
+        accumulate=(model, logvar_head),
+    )
+    params = torch.cat([p.detach().double().flatten() for p in accelerator.unwrap_model(model).parameters()])
+    checksums = accelerator.gather(torch.stack([params.sum(), params.abs().sum(), params.square().sum()])[None])
+    in_sync = bool((checksums - checksums[:1]).abs().max() == 0)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_summary(args.output_dir, accelerator, steps, counters, replicas_in_sync=in_sync)
+        final = ema_pipeline()
+        final.save_pretrained(args.output_dir, safe_serialization=True)
+        logger.info("Saved the EMA %s to %s", pipeline_class.__name__, args.output_dir)
+        reloaded = pipeline_class.from_pretrained(args.output_dir).to(accelerator.device)
+        reloaded.set_progress_bar_config(disable=True)
+        grids = flow_sample_grids(reloaded, prompts, args, os.path.join(args.output_dir, "samples"), "final")
+        from diffusers.utils import numpy_to_pil
+
+        from diffusers_scm.hub import SAMPLE_GRID
+        from diffusers_scm.utils import square_image_grid
+
+        square_image_grid(numpy_to_pil(grids[max(grids)])).save(os.path.join(args.output_dir, SAMPLE_GRID))
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def save_captioned_digits(folder: str, resolution: int = 32, split: str = "train
     lines = []
     for i, (image, caption) in enumerate(zip(pixels, dataset.captions)):
         name = f"{i:05d}.png"
-        Image.fromarray(image, mode="L").convert("RGB").save(os.path.join(folder, name))
+        Image.fromarray(image).convert("RGB").save(os.path.join(folder, name))
         lines.append(json.dumps({"file_name": name, "text": caption}))
     tmp = os.path.join(folder, "metadata.jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -271,6 +271,13 @@ class CaptionedImageDataset(Dataset):
     @property
     def has_images(self) -> bool:
         return self.image_column is not None
+
+    @property
+    def captions(self) -> list[str]:
+        """Every item's caption (the first of several), without reading the images."""
+        column = self.items[self.caption_column] if hasattr(self.items, "column_names") else None
+        rows = column if column is not None else (item[self.caption_column] for item in self.items)
+        return [str(c[0] if isinstance(c, (list, tuple)) else c) for c in rows]
 
     def __len__(self):
         return len(self.items)
