@@ -155,6 +155,8 @@ class SCMUNet2DModel(ModelMixin, ConfigMixin):
         norm_num_groups (`int`, defaults to 32): groups of the group norms.
     """
 
+    _no_split_modules = ["ResBlock", "AttnBlock"]  # the FSDP units (accelerate's transformer-based wrap)
+
     _supports_gradient_checkpointing = True
 
     @register_to_config
