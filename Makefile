@@ -1,4 +1,4 @@
-.PHONY: test test-slow test-all quality style demo
+.PHONY: test test-slow test-all quality style demo demo-t2i
 
 test:
 	python -m pytest -q
@@ -19,3 +19,6 @@ style:
 
 demo:
 	python examples/demo.py --output_dir demo-report
+
+demo-t2i:
+	python examples/demo_t2i.py --output_dir demo-t2i-report
