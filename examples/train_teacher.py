@@ -296,7 +296,7 @@ def flow_sample_grids(pipe, prompts, args, folder, name, accelerator=None, step=
 def train_flow_matching(args):
     """--objective flow_matching: see the module docstring."""
     from diffusers_scm.conditioning import LatentCodec, prompt_encoding
-    from diffusers_scm.training.script_utils import _write_summary
+    from diffusers_scm.training.script_utils import _write_summary, replica_check
 
     accelerator = make_accelerator(args, "flow-matching-teacher")
     if accelerator.is_fsdp2 or accelerator.distributed_type.name == "FSDP":
@@ -372,12 +372,10 @@ def train_flow_matching(args):
         desc="flow-matching teacher",
         accumulate=(model, logvar_head),
     )
-    params = torch.cat([p.detach().double().flatten() for p in accelerator.unwrap_model(model).parameters()])
-    checksums = accelerator.gather(torch.stack([params.sum(), params.abs().sum(), params.square().sum()])[None])
-    in_sync = bool((checksums - checksums[:1]).abs().max() == 0)
+    replicas = replica_check(accelerator, model)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_summary(args.output_dir, accelerator, steps, counters, replicas_in_sync=in_sync)
+        _write_summary(args.output_dir, accelerator, steps, counters, **replicas)
         final = ema_pipeline()
         final.save_pretrained(args.output_dir, safe_serialization=True)
         logger.info("Saved the EMA %s to %s", pipeline_class.__name__, args.output_dir)

@@ -368,15 +368,7 @@ def finish_training(
 
     unwrapped = accelerator.unwrap_model(model)
     sharded = is_sharded(unwrapped)
-    if sharded:  # each process holds its shards: nothing to compare
-        extra = {"sharded": True}
-    else:
-        params = torch.cat([p.detach().double().flatten() for p in unwrapped.parameters()])
-        checksums = accelerator.gather(torch.stack([params.sum(), params.abs().sum(), (params * params).sum()])[None])
-        in_sync = bool((checksums - checksums[:1]).abs().max() == 0)
-        if not in_sync:
-            logger.warning("Replica weights differ after training: %s", checksums.tolist())
-        extra = {"replicas_in_sync": in_sync, "replica_checksums": checksums.tolist()}
+    extra = replica_check(accelerator, model)
     accelerator.wait_for_everyone()
     network = ema.averaged_model(unwrapped.inner_model) if sharded else None  # gathered by every process
     if accelerator.is_main_process:
@@ -393,6 +385,23 @@ def finish_training(
         logger.info("Saved the EMA model to %s", output_dir)
     if end_training:
         accelerator.end_training()
+
+
+def replica_check(accelerator, model) -> dict:
+    """Whether every process holds the same weights (checksums gathered; a collective), for the training summary:
+    `{"replicas_in_sync", "replica_checksums"}`, or `{"sharded": True}` for an FSDP student (each process holds its
+    shards: nothing to compare)."""
+    from .fsdp import is_sharded
+
+    unwrapped = accelerator.unwrap_model(model)
+    if is_sharded(unwrapped):
+        return {"sharded": True}
+    params = torch.cat([p.detach().double().flatten() for p in unwrapped.parameters()])
+    checksums = accelerator.gather(torch.stack([params.sum(), params.abs().sum(), (params * params).sum()])[None])
+    in_sync = bool((checksums - checksums[:1]).abs().max() == 0)
+    if not in_sync:
+        logger.warning("Replica weights differ after training: %s", checksums.tolist())
+    return {"replicas_in_sync": in_sync, "replica_checksums": checksums.tolist()}
 
 
 def _write_summary(folder: str, accelerator, steps: int, counters, **extra):
