@@ -42,10 +42,10 @@ class _ShadowEMA:
                 self.shadow[k].lerp_(v.detach().float(), 1.0 - beta)
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module, shadow: dict | None = None):
-        """Write the averaged weights (or `shadow`, gathered ones) into `model` (in its own dtypes)."""
+    def copy_to(self, model: nn.Module):
+        """Write the averaged weights into `model` (in its own dtypes)."""
         state = model.state_dict()
-        for k, v in (self.shadow if shadow is None else shadow).items():
+        for k, v in self.shadow.items():
             state[k].copy_(v.to(state[k].dtype))
 
     def averaged_model(self, model: nn.Module) -> nn.Module | None:
@@ -58,11 +58,10 @@ class _ShadowEMA:
             out = copy.deepcopy(model)
             self.copy_to(out)
             return out
-        out = unsharded_copy(model)
-        shadow = full_tensors(self.shadow)
-        if out is not None:
-            self.copy_to(out, shadow)
-        return out
+        # the network's own tensors only where the average has none (buffers, or frozen parts of a LoRA student):
+        # every averaged tensor is gathered once, from the average
+        rest = full_tensors({k: v for k, v in model.state_dict().items() if k not in self.shadow})
+        return unsharded_copy(model, {**rest, **full_tensors(self.shadow)})
 
     def state_dict(self) -> dict:
         return {"shadow": self.shadow, "num_updates": self.num_updates}
