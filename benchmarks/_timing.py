@@ -11,10 +11,11 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def best_time(fn, repeats: int, device: str = "cpu") -> float:
-    """Best wall time of `repeats` calls of `fn`, after one warm-up call."""
-    fn()
-    synchronize(device)
+def best_time(fn, repeats: int, device: str = "cpu", warmup: bool = True) -> float:
+    """Best wall time of `repeats` calls of `fn`, after one warm-up call (`warmup`); inf for no calls."""
+    if warmup:
+        fn()
+        synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

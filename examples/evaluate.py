@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler, TrigFlowScheduler
+from diffusers_scm.conditioning import prompt_sequence_length
 from diffusers_scm.metrics import (
     InceptionFeatures,
     digit_of_prompt,
@@ -227,6 +228,9 @@ def text_call(pipe, chunk: torch.Tensor, first: int, text: dict) -> dict:
         kwargs["use_resolution_binning"] = False
     if text["guidance_scale"] is not None:
         kwargs["guidance_scale"] = text["guidance_scale"]
+    length = prompt_sequence_length(pipe)  # the text length the teacher was trained with (and is distilled at)
+    if length is not None:
+        kwargs["max_sequence_length"] = length
     if "generator" not in parameters:
         kwargs.pop("generator", None)
     return kwargs

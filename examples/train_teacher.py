@@ -270,13 +270,16 @@ def flow_sample_grids(pipe, prompts, args, folder, name, accelerator=None, step=
     --guidance_scale, fixed seeds), saved as `folder/{name}-{n}step.png` and logged to the trackers."""
     from diffusers.utils import numpy_to_pil
 
+    from diffusers_scm.conditioning import prompt_sequence_length
     from diffusers_scm.utils import square_image_grid
 
     os.makedirs(folder, exist_ok=True)
     grids = {}
+    length = prompt_sequence_length(pipe)  # the T5 length the teacher trains with (its tokenizer's model_max_length)
     for steps in args.validation_nfe:
         images = pipe(
             prompt=list(prompts),
+            **({} if length is None else {"max_sequence_length": length}),
             num_inference_steps=steps,
             guidance_scale=args.guidance_scale,
             height=args.resolution,

@@ -78,8 +78,9 @@ WORDS = tuple(
     "squirrel eating burger small large digit zero one two three four five six seven eight nine".split()
 )
 CLIP_MAX_LENGTH = 32  # tokenizer.model_max_length: the CLIP sequence length of every family
-T5_MAX_LENGTH = 32  # informational: the pipelines pass their own max_sequence_length (256, 300, 512)
-GEMMA_MAX_LENGTH = 32
+# as released T5 / Gemma tokenizers: longer than the pipelines' max_sequence_length (256, 300, 512), which they keep
+T5_MAX_LENGTH = 512
+GEMMA_MAX_LENGTH = 512
 _ALPHABET = list(string.ascii_letters + string.digits + string.punctuation)
 
 

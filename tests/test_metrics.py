@@ -57,3 +57,20 @@ def test_digits_classifier_accuracy_and_cache(tmp_path):
     x = torch.randn(3, 1, 16, 16)
     torch.testing.assert_close(cached.embed(x), again.embed(x))
     torch.testing.assert_close(cached.embed(x), model.embed(x))  # deterministic training
+
+
+def test_few_step_target_compares_with_the_teacher_at_16x_the_nfe():
+    from diffusers_scm.metrics import describe_target, few_step_target
+
+    teacher = [{"nfe": n, "fd_digits": fd} for n, fd in ((8, 50.0), (16, 48.0), (32, 49.0), (64, 48.5))]
+    two = few_step_target(teacher, {"nfe": 2, "fd_digits": 52.0}, 1.15)
+    # best overall at 16 NFE (48.0); among the rows at >= 32 NFE the best is 64 NFE (48.5)
+    assert two["ratio"] == pytest.approx(52.0 / 48.0) and two["met"]
+    assert two["teacher_nfe"] == 64 and two["nfe_reduction"] == 32
+    assert two["ratio_at_nfe"] == pytest.approx(52.0 / 48.5)
+    assert "1.08x the teacher's best" in describe_target("2-step", two) and "32x fewer NFE" in describe_target("", two)
+    assert not few_step_target(teacher, {"nfe": 2, "fd_digits": 56.0}, 1.15)["met"]  # 1.17x
+    short = few_step_target(teacher[:2], {"nfe": 2, "fd_digits": 40.0}, 1.15)  # teacher only up to 16 NFE
+    assert not short["met"] and short["teacher_nfe"] is None and short["nfe_reduction"] == 0.0
+    one = few_step_target(teacher, {"nfe": 1, "fd_digits": 60.0}, 1.5)
+    assert one["met"] and one["teacher_nfe"] == 16 and one["ratio_at_nfe"] == pytest.approx(1.25)

@@ -188,6 +188,7 @@ def test_text_components_tokenize_caption_words_and_reload(vae_dir, tmp_path):
     ids = pipe.tokenizer("digit seven").input_ids
     assert pipe.tokenizer.convert_ids_to_tokens(ids) == ["<|startoftext|>", "digit</w>", "seven</w>", "<|endoftext|>"]
     assert pipe.tokenizer.model_max_length == 8 and pipe.tokenizer_2.model_max_length == 8
+    assert pipe.tokenizer_3.model_max_length == 8  # the T5 length every encoding here uses (SD3's default: 256)
     assert pipe.tokenizer_3.convert_ids_to_tokens(pipe.tokenizer_3("digit seven").input_ids) == [
         "\u2581digit",
         "\u2581seven",
@@ -209,15 +210,21 @@ def test_text_components_tokenize_caption_words_and_reload(vae_dir, tmp_path):
 
 
 def test_caption_cache_equals_encode_prompt(vae_dir, monkeypatch):
-    from diffusers_scm.conditioning import prompt_encoding
+    from diffusers_scm.conditioning import prompt_encoding, prompt_sequence_length
 
     pipe = _pipeline(vae_dir)
     cache = CaptionCache(prompt_encoding(pipe), "cpu", max_captions=2)
     cond, uncond = cache(CAPTIONS)
+    assert prompt_sequence_length(pipe) == 8  # the T5 tokenizer's model_max_length, shorter than SD3's 256
     pe, npe, ppe, nppe = pipe.encode_prompt(
-        prompt=CAPTIONS, prompt_2=None, prompt_3=None, device="cpu", do_classifier_free_guidance=True
+        prompt=CAPTIONS,
+        prompt_2=None,
+        prompt_3=None,
+        device="cpu",
+        do_classifier_free_guidance=True,
+        max_sequence_length=8,
     )  # the pipeline's own encoding, negative prompt "" (its default)
-    assert pe.shape == (4, 8 + 256, 16)  # CLIP (8 tokens) + T5 (the pipeline's max_sequence_length, 256)
+    assert pe.shape == (4, 8 + 8, 16)  # CLIP (8 tokens) + T5 (8)
     torch.testing.assert_close(cond["encoder_hidden_states"], pe)
     torch.testing.assert_close(cond["pooled_projections"], ppe)
     torch.testing.assert_close(uncond["encoder_hidden_states"], npe)

@@ -11,6 +11,12 @@ and the VAE's latent scaling, each in one place.
 Families (the pipeline class names): StableDiffusion3Pipeline, FluxPipeline, SanaPipeline, PixArtSigmaPipeline /
 PixArtAlphaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline. Each `PromptEncoding` subclass overrides one
 method: how the tuple that its pipeline's `encode_prompt` returns maps to the network's keyword conditioning.
+
+Sequence length: families whose `encode_prompt` takes `max_sequence_length` (SD3, Flux, Sana, PixArt) pad their long
+text encoder's tokens to it. `prompt_sequence_length(pipe)` is the length every call here uses: the pipeline's own
+default, or the tokenizer's `model_max_length` where that is shorter (a teacher trained on short captions records its
+length there, and is then conditioned on that many tokens everywhere; call the family's own pipeline with
+`max_sequence_length=prompt_sequence_length(pipe)` to match). Released checkpoints keep the pipeline's default.
 """
 
 import abc
@@ -22,6 +28,7 @@ __all__ = [
     "LatentCodec",
     "PromptEncoding",
     "prompt_encoding",
+    "prompt_sequence_length",
     "FAMILY_PIPELINES",
     "TEXT_COMPONENTS",
 ]
@@ -98,6 +105,8 @@ class PromptEncoding(abc.ABC):
         pipeline (`DiffusionPipeline`): the family's pipeline with its text encoders and tokenizers.
     """
 
+    sequence_tokenizer: str | None = None  # the component whose tokens `max_sequence_length` pads (see the module)
+
     def __init__(self, pipeline):
         self.pipeline = pipeline
 
@@ -136,10 +145,15 @@ class PromptEncoding(abc.ABC):
         device = device or self.pipeline._execution_device
         self.num_prompts = n
         embeds = {k: v for k, v in embeds.items() if v is not None}
+        length = prompt_sequence_length(self.pipeline)
+        if length is not None and "max_sequence_length" not in embeds:
+            embeds["max_sequence_length"] = length
         return self._encode(prompts, negative_prompts, device, guidance, embeds)
 
 
 class SD3PromptEncoding(PromptEncoding):
+    sequence_tokenizer = "tokenizer_3"
+
     def _encode(self, prompts, negative, device, guidance, embeds):
         pe, npe, ppe, nppe = self.pipeline.encode_prompt(
             prompt=prompts,
@@ -158,6 +172,8 @@ class FluxPromptEncoding(PromptEncoding):
     """Flux.1: no negative branch in the guidance-distilled model; the unconditional conditioning (true CFG) is the
     negative prompt encoded the same way."""
 
+    sequence_tokenizer = "tokenizer_2"
+
     def _encode(self, prompts, negative, device, guidance, embeds):
         positive = {k: v for k, v in embeds.items() if not k.startswith("negative_")}
         pe, ppe, _ = self.pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=device, **positive)
@@ -175,6 +191,8 @@ class FluxPromptEncoding(PromptEncoding):
 
 class MaskedT5PromptEncoding(PromptEncoding):
     """Sana and PixArt: embeddings with a padding mask, `encoder_attention_mask`."""
+
+    sequence_tokenizer = "tokenizer"
 
     def _encode(self, prompts, negative, device, guidance, embeds):
         pe, mask, npe, nmask = self.pipeline.encode_prompt(
@@ -237,11 +255,34 @@ FAMILY_PIPELINES = {
 }
 
 
-def prompt_encoding(pipeline) -> PromptEncoding:
-    """The `PromptEncoding` of a family pipeline (by its class or nearest registered base class)."""
+def _encoding_class(pipeline) -> type[PromptEncoding]:
     for cls in type(pipeline).__mro__:
         if cls.__name__ in FAMILY_PIPELINES:
-            return FAMILY_PIPELINES[cls.__name__](pipeline)
+            return FAMILY_PIPELINES[cls.__name__]
     raise ValueError(
         f"{type(pipeline).__name__} is not a supported text-to-image family: use one of {sorted(FAMILY_PIPELINES)}."
     )
+
+
+def prompt_encoding(pipeline) -> PromptEncoding:
+    """The `PromptEncoding` of a family pipeline (by its class or nearest registered base class)."""
+    return _encoding_class(pipeline)(pipeline)
+
+
+def prompt_sequence_length(pipeline) -> int | None:
+    """
+    The `max_sequence_length` of a family pipeline's prompts (see the module docstring): its `__call__` default, or
+    its long tokenizer's `model_max_length` where shorter; None for families without the argument (SD, SDXL).
+    """
+    import inspect
+
+    parameter = inspect.signature(type(pipeline).__call__).parameters.get("max_sequence_length")
+    name = _encoding_class(pipeline).sequence_tokenizer
+    if parameter is None or name is None:
+        return None
+    length = parameter.default
+    tokenizer = getattr(pipeline, name, None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < length:
+        length = limit
+    return length

@@ -16,6 +16,8 @@ __all__ = [
     "load_digits_classifier",
     "fd_digits",
     "digit_of_prompt",
+    "few_step_target",
+    "describe_target",
     "InceptionFeatures",
     "fid",
     "to_uint8",
@@ -146,6 +148,43 @@ def digit_of_prompt(prompt: str) -> int | None:
     words = re.findall(r"[a-z]+|\d", prompt.lower())
     found = {DIGIT_WORDS.index(w) if w in DIGIT_WORDS else int(w) for w in words if w in DIGIT_WORDS or w.isdigit()}
     return found.pop() if len(found) == 1 else None
+
+
+def few_step_target(
+    teacher_rows: list[dict], row: dict, limit: float, nfe_reduction: float = 16, metric: str = "fd_digits"
+) -> dict:
+    """
+    Whether a few-step sample row meets "`metric` <= `limit` x the teacher's best, at >= `nfe_reduction` x fewer
+    network evaluations" (rows: dicts with `nfe` and `metric`, lower is better). The ratio is to the teacher's best
+    row over every NFE evaluated; the NFE claim needs the teacher evaluated at `nfe_reduction` x the row's NFE or
+    more, where its best is then compared (its metric there is no lower than its overall best, so the student is within
+    `limit` of it too). Returns `ratio`, `limit`, `teacher_nfe` (the teacher row compared at >= `nfe_reduction` x,
+    None without one), `ratio_at_nfe` (the student against that row), `nfe_reduction` (its NFE / the row's) and `met`.
+    """
+    best = min(teacher_rows, key=lambda r: r[metric])
+    ratio = row[metric] / best[metric]
+    far = [r for r in teacher_rows if r["nfe"] >= nfe_reduction * row["nfe"]]
+    compared = min(far, key=lambda r: r[metric]) if far else None
+    return {
+        "ratio": ratio,
+        "limit": limit,
+        "teacher_nfe": None if compared is None else compared["nfe"],
+        "ratio_at_nfe": None if compared is None else row[metric] / compared[metric],
+        "nfe_reduction": 0.0 if compared is None else compared["nfe"] / row["nfe"],
+        "met": bool(ratio <= limit and compared is not None),
+    }
+
+
+def describe_target(name: str, target: dict, metric: str = "FD-digits") -> str:
+    """One report line for a `few_step_target` result (with the ratio under `fd_ratio_to_teacher_best` or `ratio`)."""
+    ratio = target.get("fd_ratio_to_teacher_best", target.get("ratio"))
+    line = f"- {name}: {metric} {ratio:.2f}x the teacher's best (target <= {target['limit']}x)"
+    if target["teacher_nfe"] is None:
+        return line + ", the teacher not evaluated at 16x the NFE"
+    return line + (
+        f", {target['ratio_at_nfe']:.2f}x the teacher at {target['teacher_nfe']:g} NFE "
+        f"({target['nfe_reduction']:g}x fewer NFE)"
+    )
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -85,15 +85,16 @@ def _scores(queries, k, dk):
     return q @ k.transpose(-1, -2), q_cat @ torch.cat([k, dk], dim=-1).transpose(-1, -2)
 
 
-def _math(q, k, v, dq, dk, dv, bias, scale):
-    # SPEC.md section 6, materialized: S, P and dS are (..., Nq, Nk).
+def _math(q, k, v, dq, dk, dv, bias, scale, out=None):
+    # SPEC.md section 6, materialized: S, P and dS are (..., Nq, Nk). `out`: the attention output when already known
+    # (the forward's), else P V.
     s, ds = _scores(_scaled_queries(q, dq, scale), k, dk)
     if bias is not None:
         s = s + bias
     p = torch.softmax(s, dim=-1)
     if bias is not None:  # rows with every key masked: zeros, as PyTorch's SDPA returns (not 0 / 0)
         p = torch.where(torch.isneginf(s.amax(dim=-1, keepdim=True)), torch.zeros_like(p), p)
-    out = p @ v
+    out = p @ v if out is None else out
     pds = p * ds
     dout = (p @ dv).add_(pds @ v).sub_(pds.sum(-1, keepdim=True) * out)
     return out, dout
@@ -153,7 +154,7 @@ def _triton(q, k, v, dq, dk, dv, attn_mask, scale):
     return primal, tangent
 
 
-def jvp_attention(q, k, v, dq, dk, dv, attn_mask=None, scale=None, backend="auto", block_size=None):
+def jvp_attention(q, k, v, dq, dk, dv, attn_mask=None, scale=None, backend="auto", block_size=None, out=None):
     """Attention output and its forward-mode derivative along (dq, dk, dv): returns `(out, dout)`.
 
     Args:
@@ -164,6 +165,8 @@ def jvp_attention(q, k, v, dq, dk, dv, attn_mask=None, scale=None, backend="auto
         scale (`float`, *optional*): softmax scale; defaults to 1/sqrt(d).
         backend (`str`, defaults to "auto"): "math", "blocked", "triton" or "auto".
         block_size (`int`, *optional*): key block length of the "blocked" backend (default 512).
+        out (`torch.Tensor`, *optional*): the attention output, when the caller has it (the "math" backend then
+            skips its P V product).
     """
     dq = torch.zeros_like(q) if dq is None else dq
     dk = torch.zeros_like(k) if dk is None else dk
@@ -173,7 +176,7 @@ def jvp_attention(q, k, v, dq, dk, dv, attn_mask=None, scale=None, backend="auto
         return _triton(q, k, v, dq, dk, dv, attn_mask, scale)
     bias = _mask_to_bias(attn_mask, q, k, q.dtype)
     if backend == "math":
-        return _math(q, k, v, dq, dk, dv, bias, _scale(q, scale))
+        return _math(q, k, v, dq, dk, dv, bias, _scale(q, scale), out)
     return _blocked(q, k, v, dq, dk, dv, bias, _scale(q, scale), block_size or DEFAULT_BLOCK_SIZE)
 
 
@@ -202,17 +205,19 @@ class _JVPAttention(torch.autograd.Function):
         ctx.out_dtype = output.dtype
         saved = (q, k, v, attn_mask) if attn_mask is not None else (q, k, v)
         ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
+        ctx.save_for_forward(*saved, output)
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, d_mask, d_scale, d_backend, d_block):
-        q, k, v, *mask = ctx.saved_tensors
+        q, k, v, *mask, out = ctx.saved_tensors
         # Half-precision inputs (autocast, bf16 models) are differentiated in float32 (SPEC.md pitfall 6); the tangent
-        # takes the dtype of the primal output.
+        # takes the dtype of the primal output. The forward's output serves the tangent when it is at that precision.
         work = torch.promote_types(q.dtype, torch.float32)
         args = [None if x is None else x.to(work) for x in (q, k, v, dq, dk, dv)]
+        out = out if out.dtype == work else None
         with torch.autocast(q.device.type, enabled=False):
-            _, dout = jvp_attention(*args, mask[0] if ctx.has_mask else None, ctx.scale, ctx.backend, ctx.block_size)
+            mask = mask[0] if ctx.has_mask else None
+            _, dout = jvp_attention(*args, mask, ctx.scale, ctx.backend, ctx.block_size, out=out)
         return dout.to(ctx.out_dtype)
 
     @staticmethod

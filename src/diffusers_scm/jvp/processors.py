@@ -84,6 +84,41 @@ def _time_embeddings_at_input_precision():
             module.get_timestep_embedding = original
 
 
+@contextlib.contextmanager
+def _fused_rms_norm_modules():
+    """diffusers' `RMSNorm` module (its forward spells the norm in elementwise ops, each with its own forward-mode
+    rule) computes a float32/float64 input that carries a tangent with `F.rms_norm` for the block, the same norm,
+    whose tangent `JVPFunctionMode` takes in one rule. Other inputs keep diffusers' own forward."""
+    try:
+        from diffusers.models.normalization import RMSNorm
+    except ImportError:
+        yield
+        return
+    original = RMSNorm.forward
+    if getattr(original, "_jvp_fused", False):  # nested
+        yield
+        return
+
+    def forward(self, hidden_states):
+        weight, bias = self.weight, getattr(self, "bias", None)
+        if (
+            not torch.is_grad_enabled()
+            and hidden_states.dtype in (torch.float32, torch.float64)
+            and (weight is None or weight.dtype == hidden_states.dtype)
+            and torch.autograd.forward_ad.unpack_dual(hidden_states).tangent is not None
+        ):
+            out = F.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, self.eps)
+            return out if bias is None else out + bias
+        return original(self, hidden_states)
+
+    forward._jvp_fused = True
+    RMSNorm.forward = forward
+    try:
+        yield
+    finally:
+        RMSNorm.forward = original
+
+
 _NARROWED = {torch.float64: torch.float32, torch.complex128: torch.complex64}
 _CASTS = (torch.Tensor.float, torch.Tensor.to, torch.Tensor.type, torch.Tensor.type_as)
 
@@ -213,36 +248,62 @@ class _JVPLinear(torch.autograd.Function):
 class _JVPOnly(torch.autograd.Function):
     """Elementwise and normalization ops with a direct forward-mode rule, for JVP passes without gradients (the
     stop-gradient JVP of sCD/sCT). PyTorch's generic rules for them cost 10-40x the op on CPU; these cost 2-4x.
-    `op` names the rule; the primal is PyTorch's own op."""
+    `op` names the rule; the primal is PyTorch's own op (for the norms, its kernel that also returns the statistics the
+    rule reuses, so the tangent costs one fused backward kernel)."""
 
     @staticmethod
     def forward(x, op, args):
-        return _PRIMAL[op](x, *args)
+        out = _PRIMAL[op](x, *args)
+        return out if isinstance(out, tuple) else (out,)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, op, args = inputs
-        ctx.op, ctx.args, ctx.out_dtype = op, args, output.dtype
-        ctx.save_for_forward(x)
+        ctx.op, ctx.args, ctx.out_dtype = op, args, output[0].dtype
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_forward(x, *output[1:])
 
     @staticmethod
     def jvp(ctx, dx, _op, _args):
-        (x,) = ctx.saved_tensors
+        x, *stats = ctx.saved_tensors
         work = torch.promote_types(x.dtype, torch.float32)
-        return _TANGENT[ctx.op](x.to(work), dx.to(work), *ctx.args).to(ctx.out_dtype)
+        tangent = _TANGENT[ctx.op](x.to(work), dx.to(work), *stats, *ctx.args).to(ctx.out_dtype)
+        return (tangent, *([None] * len(stats)))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         raise RuntimeError("This JVP-only op has no backward: it is used only in JVP passes without gradients.")
 
 
+def _dims(x, normalized_shape) -> tuple:
+    return tuple(range(x.ndim - len(normalized_shape), x.ndim))
+
+
+def _layer_norm_primal(x, normalized_shape, weight, bias, eps):
+    """PyTorch's layer norm with its statistics (mean, rstd) at the working precision of the tangent."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    if x.dtype == work and (weight is None or weight.dtype == work) and (bias is None or bias.dtype == work):
+        return torch.ops.aten.native_layer_norm(x, list(normalized_shape), weight, bias, eps)
+    out = F.layer_norm(x, normalized_shape, weight, bias, eps)  # reduced precision: stats recomputed in float32
+    var, mean = torch.var_mean(x.to(work), _dims(x, normalized_shape), unbiased=False, keepdim=True)
+    return out, mean, torch.rsqrt(var + eps)
+
+
+def _rms_norm_primal(x, normalized_shape, weight, eps):
+    """PyTorch's RMS norm with its rstd at the working precision of the tangent."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    if x.dtype == work and (weight is None or weight.dtype == work):
+        return torch.ops.aten._fused_rms_norm(x, list(normalized_shape), weight, eps)
+    out = F.rms_norm(x, normalized_shape, weight, eps)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return out, torch.rsqrt(x.to(work).pow(2).mean(_dims(x, normalized_shape), keepdim=True) + eps)
+
+
 # Normalization without the affine part has a symmetric Jacobian, rstd (I - 1/N - xhat xhat^T / N) over the
-# normalized elements, so its JVP d((x - mean) / std) = (dx - mean(dx) - xhat mean(dx xhat)) / std is its VJP: one
-# fused kernel of PyTorch's backward (with the statistics of the forward) instead of a chain of elementwise ops.
-def _layer_norm_tangent(x, dx, normalized_shape, weight, bias, eps):
-    dims = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    var, mean = torch.var_mean(x, dims, unbiased=False, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
+# normalized elements (rstd (I - xhat xhat^T / N) for RMS norm), so its JVP d((x - mean) / std) = (dx - mean(dx) -
+# xhat mean(dx xhat)) / std is its VJP: one fused kernel of PyTorch's backward with the statistics of the forward,
+# instead of a chain of elementwise ops.
+def _layer_norm_tangent(x, dx, mean, rstd, normalized_shape, weight, bias, eps):
     out = torch.ops.aten.native_layer_norm_backward(
         dx.contiguous(), x.contiguous(), list(normalized_shape), mean, rstd, None, None, [True, False, False]
     )[0]
@@ -259,12 +320,16 @@ def _group_norm_tangent(x, dx, num_groups, weight, bias, eps):
     return out if weight is None else out * weight.reshape(1, c, *([1] * (x.ndim - 2)))
 
 
-def _rms_norm_tangent(x, dx, normalized_shape, weight, eps):
-    # d(x / rms(x)) = (dx - x mean(x dx) / (mean(x^2) + eps)) / rms(x) over the normalized dims
-    dims = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
-    ms = x.pow(2).mean(dims, keepdim=True) + eps
-    out = (dx - x * (x * dx).mean(dims, keepdim=True) / ms) * torch.rsqrt(ms)
+def _rms_norm_tangent(x, dx, rstd, normalized_shape, weight, eps):
+    if x.is_cuda:  # PyTorch's fused backward kernel (CUDA only)
+        out = torch.ops.aten._fused_rms_norm_backward(
+            dx.contiguous(), x.contiguous(), list(normalized_shape), rstd, None, [True, False]
+        )[0]
+    else:  # rstd dx - xhat mean(xhat dx) rstd
+        xhat = x * rstd
+        out = torch.addcmul(
+            dx * rstd, xhat, (xhat * dx).mean(_dims(x, normalized_shape), keepdim=True) * rstd, value=-1
+        )
     return out if weight is None else out * weight
 
 
@@ -278,9 +343,9 @@ def _gelu_tangent(x, dx, approximate="none"):
 
 
 _PRIMAL = {
-    "layer_norm": lambda x, *a: F.layer_norm(x, *a),
+    "layer_norm": _layer_norm_primal,
     "group_norm": lambda x, *a: _group_norm(x, *a),
-    "rms_norm": lambda x, *a: F.rms_norm(x, *a),
+    "rms_norm": _rms_norm_primal,
     "silu": lambda x: F.silu(x),
     "gelu": lambda x, approximate: F.gelu(x, approximate=approximate),
 }
@@ -324,7 +389,7 @@ def _fast_jvp(func, args, kwargs):
     if bound is None or torch.autograd.forward_ad.unpack_dual(bound[1]).tangent is None:
         return None
     op, x, rest = bound
-    return _JVPOnly.apply(x, op, rest)
+    return _JVPOnly.apply(x, op, rest)[0]
 
 
 class _JVPFrozenLinear(torch.autograd.Function):
@@ -508,5 +573,6 @@ def jvp_mode(
         stack.enter_context(_sdpa_processors(model))
         stack.enter_context(_native_attention_dispatch())
         stack.enter_context(_time_embeddings_at_input_precision())
+        stack.enter_context(_fused_rms_norm_modules())
         stack.enter_context(mode)
         yield mode
