@@ -61,6 +61,15 @@ VARIANTS = {
     "cosine_warmup1000": {"--lr_scheduler": "cosine", "--tangent_warmup_steps": 1000},
     "cosine_c1.0": {"--lr_scheduler": "cosine", "--tangent_norm_c": 1.0},
     "cosine_lr2e-4_Pmean-0.4": {"--lr_scheduler": "cosine", "--learning_rate": 2e-4, "--P_mean": -0.4},
+    # the proposal reported for teachers trained in TrigFlow (SPEC.md section 3), warmup, EMA length at lr 2e-4
+    "cosine_lr2e-4_Pmean-0.8_Pstd1.6": {
+        "--lr_scheduler": "cosine",
+        "--learning_rate": 2e-4,
+        "--P_mean": -0.8,
+        "--P_std": 1.6,
+    },
+    "cosine_lr2e-4_warmup0": {"--lr_scheduler": "cosine", "--learning_rate": 2e-4, "--tangent_warmup_steps": 0},
+    "cosine_lr2e-4_ema0.1": {"--lr_scheduler": "cosine", "--learning_rate": 2e-4, "--ema_sigma_rel": 0.1},
     # TCM at the demo's budget: Stage 1 = 1,000 sCD steps, Stage 2 = 500 continuous steps on t >= t' = 0.9 (the
     # two-step middle time must not lie below t'; the paper's t' = 1.107 forces a worse middle time at 8x8)
     "scd1000_cosine_lr2e-4": {"--max_train_steps": 1000, "--lr_scheduler": "cosine", "--learning_rate": 2e-4},
@@ -122,8 +131,17 @@ def fd_by_steps(results_json: str, model: str) -> dict:
 
 
 def evaluate_teacher(args, teacher: str, work: str, eval_seed: int) -> dict:
+    """The teacher's FD-digits at `--teacher_nfe` from the noise of `eval_seed`, once per work folder: a study process
+    running beside another on the same folder waits for the one that took the evaluation (its lock file)."""
     out = os.path.join(work, f"teacher-eval-seed{eval_seed}")
     results_json = os.path.join(out, "results.json")
+    try:
+        os.close(os.open(f"{out}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        mine = True
+    except FileExistsError:
+        mine = False
+    while not mine and not os.path.isfile(results_json):
+        time.sleep(10)
     if not os.path.isfile(results_json):
         os.makedirs(out, exist_ok=True)
         common = ["--num_samples", args.num_samples, "--seed", eval_seed, "--output_dir", out, "--num_grid_images", 0]
@@ -257,12 +275,13 @@ def main(argv=None):
         with open(args.output, "w") as f:
             json.dump(everything, f, indent=2)
 
-    for eval_seed in eval_seeds:
-        record["teacher"][str(eval_seed)] = evaluate_teacher(args, teacher, work, eval_seed)
     for name in args.variants:
         if name not in record["variants"] or args.rerun:
             record["variants"][name] = distill_variant(args, name, teacher, work, record)
             save()
+        for eval_seed in eval_seeds:  # after the first distillation, so that two processes can share the folder
+            if str(eval_seed) not in record["teacher"]:
+                record["teacher"][str(eval_seed)] = evaluate_teacher(args, teacher, work, eval_seed)
         for done, entry in record["variants"].items():  # also earlier variants and a TCM Stage 1 on the way
             for eval_seed in eval_seeds:
                 evaluate_variant(args, done, work, entry, eval_seed)

@@ -233,3 +233,43 @@ def test_grid_rows_are_prompts():
     grid = evaluate.grid_images(images, 9, 3)
     assert grid.flatten().tolist() == [0, 3, 6, 1, 4, 7, 2, 5, 8]  # row p: prompt p's first three images
     assert evaluate.grid_images(images, 16, 3).flatten().tolist() == list(range(16))  # not n^2: the first ones
+
+
+def test_a_short_t5_tokenizer_sets_the_sequence_length_of_every_call(tmp_path):
+    """A teacher whose T5 tokenizer's `model_max_length` is below the pipeline's default `max_sequence_length`: the
+    student pipeline encodes prompts with that many T5 tokens (equal to the family's `encode_prompt` told so), and
+    evaluate.py calls the family pipeline with it; the default stays where the tokenizer is longer (as released)."""
+    from diffusers import StableDiffusion3Pipeline
+    from t2i_pipelines import tiny_pipeline
+
+    from diffusers_scm.conditioning import TEXT_COMPONENTS, prompt_sequence_length
+
+    evaluate = load_example("evaluate")
+    teacher = tiny_pipeline("sd3")
+    assert prompt_sequence_length(teacher) == 256  # T5 tokenizer 512 > SD3's default 256
+    teacher.tokenizer_3.model_max_length = 8
+    teacher.save_pretrained(tmp_path / "teacher")
+    teacher = StableDiffusion3Pipeline.from_pretrained(tmp_path / "teacher", local_files_only=True)
+    assert prompt_sequence_length(teacher) == 8
+    parts = {k: getattr(teacher, k) for k in TEXT_COMPONENTS}
+    student = SCMPipeline(
+        transformer=teacher.transformer,
+        vae=teacher.vae,
+        scheduler=TrigFlowScheduler(parameterization="flow_matching", max_timesteps=1.5),
+        family_pipeline="StableDiffusion3Pipeline",
+        **parts,
+    )
+    cond, _ = student.encode_prompt(["digit two", "a red fox"])
+    pe, _, ppe, _ = teacher.encode_prompt(
+        prompt=["digit two", "a red fox"],
+        prompt_2=None,
+        prompt_3=None,
+        device="cpu",
+        do_classifier_free_guidance=False,
+        max_sequence_length=8,
+    )
+    torch.testing.assert_close(cond["encoder_hidden_states"], pe)
+    torch.testing.assert_close(cond["pooled_projections"], ppe)
+    chunk = torch.randn(2, 4, 4, 4)
+    kwargs = evaluate.text_call(teacher, chunk, 0, {"prompts": ["digit two"], "guidance_scale": 2.0, "resolution": 32})
+    assert kwargs["max_sequence_length"] == 8 and kwargs["prompt"] == ["digit two"] * 2
