@@ -187,3 +187,50 @@ def test_argument_errors():
         jvp(den, (x, torch.ones(1)), (x, torch.ones(1)), method="reverse")
     with pytest.raises(ValueError, match="Tangent 0 has shape"):
         jvp(den, (x, torch.ones(1)), (x[..., :4], torch.ones(1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_norm_rules_of_jvp_mode_equal_pytorch_forward_ad(dtype, affine):
+    """diffusers' `RMSNorm` module (elementwise ops in its forward), `F.layer_norm` and `F.rms_norm` under `jvp_mode`:
+    the same primal and tangent as PyTorch's own forward-mode rules outside it; the module goes through `F.rms_norm`
+    for float32/float64 inputs (one rule) and keeps diffusers' forward for bfloat16, and its forward is restored."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+    from diffusers.models.normalization import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64).to(dtype)
+    dx = torch.randn(2, 5, 16, generator=g, dtype=torch.float64).to(dtype)
+    norm = RMSNorm(16, eps=1e-6, elementwise_affine=affine).to(dtype)
+    weight = torch.randn(16, generator=g, dtype=torch.float64).to(dtype) if affine else None
+    if affine:
+        norm.weight.data.copy_(weight)
+    bias = torch.randn(16, generator=g, dtype=torch.float64).to(dtype) if affine else None
+    ops = {
+        "module": norm,
+        "layer_norm": lambda h: F.layer_norm(h, (5, 16) if not affine else (16,), weight, bias, 1e-5),
+        "rms_norm": lambda h: F.rms_norm(h, (16,), weight, 1e-6),
+    }
+    original = RMSNorm.forward
+    for name, op in ops.items():
+        with torch.no_grad(), fwAD.dual_level():
+            expected = fwAD.unpack_dual(op(fwAD.make_dual(x, dx)))
+            calls = []
+
+            class Spy(torch.overrides.TorchFunctionMode):
+                def __torch_function__(self, func, types, args=(), kwargs=None):
+                    calls.append(func)
+                    return func(*args, **(kwargs or {}))
+
+            with jvp_mode(), Spy():
+                got = fwAD.unpack_dual(op(fwAD.make_dual(x, dx)))
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        if name == "module" and dtype == torch.float64:
+            tol = 1e-6  # diffusers takes the variance in float32 even for float64 inputs; the rule keeps float64
+        torch.testing.assert_close(got.primal, expected.primal, rtol=tol, atol=tol)
+        torch.testing.assert_close(got.tangent, expected.tangent, rtol=tol, atol=tol * 4)
+        assert got.tangent.dtype == dtype
+        if name == "module":
+            assert (F.rms_norm in calls) == (dtype != torch.bfloat16), name
+    assert RMSNorm.forward is original
