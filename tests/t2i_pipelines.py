@@ -42,8 +42,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from tokenizers import pre_tokenizers
-from tokenizers.models import BPE
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -56,6 +54,8 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from diffusers_scm.training import text_encoders
 
 
 __all__ = [
@@ -84,41 +84,18 @@ GEMMA_MAX_LENGTH = 512
 _ALPHABET = list(string.ascii_letters + string.digits + string.punctuation)
 
 
-def _add_word_merges(vocab: dict, words, end_of_word_suffix: str = "") -> list:
-    """BPE merges that make each of `words` one token. For each word in turn: tokenize it with the merges so far, then
-    append the merges that join its pieces left to right. A new merge ranks below all earlier ones, so it never applies
-    while an earlier word is being merged: every word ends as a single token (asserted by the tests)."""
-    merges = []
-    for word in words:
-        model = BPE(
-            vocab=dict(vocab), merges=list(merges), continuing_subword_prefix="", end_of_word_suffix=end_of_word_suffix
-        )
-        pieces = [token.value for token in model.tokenize(word)]
-        while len(pieces) > 1:
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    return merges
-
-
 def clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer (byte-level, lower-cased, "</w>" word ends) over the 256 byte symbols and `WORDS`.
-    Ids: 0 "<|startoftext|>" (bos), 1 "<|endoftext|>" (eos, pad and unk, as in CLIP)."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    for suffix in ("", "</w>"):
-        for symbol in alphabet:
-            vocab[symbol + suffix] = len(vocab)
-    merges = _add_word_merges(vocab, WORDS, end_of_word_suffix="</w>")
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    """A CLIP BPE tokenizer (byte-level, lower-cased, "</w>" word ends) over the 256 byte symbols and `WORDS`, each one
+    token (the package's builder over this vocabulary). Ids: 0 "<|startoftext|>" (bos), 1 "<|endoftext|>" (eos, pad
+    and unk, as in CLIP)."""
+    return text_encoders.clip_tokenizer(WORDS, model_max_length)
 
 
 def t5_tokenizer(model_max_length: int = T5_MAX_LENGTH) -> T5Tokenizer:
     """A T5 unigram tokenizer: "▁word" pieces for `WORDS` (score -1) and single characters (score -5), no sentinel
-    tokens. Ids: 0 "<pad>", 1 "</s>" (appended to every sequence), 2 "<unk>"."""
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(c, -5.0) for c in _ALPHABET] + [("▁" + w, -1.0) for w in WORDS]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    tokens (the package's builder over this vocabulary). Ids: 0 "<pad>", 1 "</s>" (appended to every sequence), 2
+    "<unk>"."""
+    return text_encoders.t5_tokenizer(WORDS, model_max_length)
 
 
 def gemma_tokenizer(model_max_length: int = GEMMA_MAX_LENGTH) -> GemmaTokenizer:
@@ -129,7 +106,7 @@ def gemma_tokenizer(model_max_length: int = GEMMA_MAX_LENGTH) -> GemmaTokenizer:
         vocab[f"<0x{byte:02X}>"] = len(vocab)
     for c in ["▁"] + _ALPHABET:
         vocab[c] = len(vocab)
-    merges = _add_word_merges(vocab, list(WORDS) + ["▁" + w for w in WORDS])
+    merges = text_encoders._word_merges(vocab, list(WORDS) + ["▁" + w for w in WORDS], end_of_word_suffix="")
     return GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, add_bos_token=True)
 
 
