@@ -121,18 +121,20 @@ def side_by_side(output_dir: str, panels: list[tuple[str, str]], path: str):
     canvas.save(path)
 
 
-def plot_fd_vs_nfe(rows: list[dict], path: str):
+def plot_fd_vs_nfe(rows: list[dict], path: str, students=(("student", "s", "student"),), teacher_label="teacher"):
+    """FD-digits against NFE: the teacher's rows as a line, each student's (`students`: (model, marker, label)) as
+    points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for model, style in (("teacher", "o-"), ("student", "s")):
+    for model, style, label in (("teacher", "o-", teacher_label), *students):
         points = sorted((r["nfe"], r["fd_digits"]) for r in rows if r["model"] == model)
         if points:
             nfe, fd = zip(*points)
-            ax.plot(nfe, fd, style, label=model if model == "teacher" else "student", markersize=7)
+            ax.plot(nfe, fd, style, label=label, markersize=7)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("network evaluations per image (NFE)")
     ax.set_ylabel("FD-digits (lower is better)")
@@ -143,13 +145,38 @@ def plot_fd_vs_nfe(rows: list[dict], path: str):
     plt.close(fig)
 
 
+def finish_report(
+    out: str, results: dict, demo: dict, lines: list[str], times: dict, cached: str = "", note: str = ""
+):
+    """Write the demo's summary into `results.json` (under "demo") and its target lines, the time line (`cached`:
+    what was reused, appended to it), `note` and the figures into `results.md`; print the lines."""
+    results["demo"] = demo
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    lines = [*lines, "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + cached]
+    with open(os.path.join(out, "results.md"), "a") as f:
+        f.write(
+            "\n## Demo targets\n\n"
+            + "\n".join(lines)
+            + f"\n\n{note}"
+            + "![samples](samples.png)\n\n![FD-digits](fd_vs_nfe.png)\n"
+        )
+    print("\n".join(lines))
+    print(f"Report: {out}/results.md")
+
+
 def summarize(results: dict) -> dict:
     """The demo's targets: student 1-step FD-digits <= 1.5x the teacher's best, 2-step <= 1.10x, at >= 16x fewer NFE
     (the teacher evaluated at 16x the student's NFE or more; `metrics.few_step_target`)."""
     teacher = [r for r in results["rows"] if r["model"] == "teacher"]
     student = {r["steps"]: r for r in results["rows"] if r["model"] == "student"}
     best = min(teacher, key=lambda r: r["fd_digits"])
-    summary = {"teacher_best_fd_digits": best["fd_digits"], "teacher_best_nfe": best["nfe"], "targets": {}}
+    summary = {
+        "teacher_best_fd_digits": best["fd_digits"],
+        "teacher_best_nfe": best["nfe"],
+        "teacher_best_steps": best["steps"],
+        "targets": {},
+    }
     for steps, limit in ((1, 1.5), (2, 1.10)):
         if steps in student:
             target = few_step_target(teacher, student[steps], limit)
@@ -209,11 +236,11 @@ def main(argv=None):
     with open(results_json) as f:
         results = json.load(f)
     summary = summarize(results)
-    best_nfe = summary["teacher_best_nfe"]
+    best_nfe, best_steps = summary["teacher_best_nfe"], summary["teacher_best_steps"]
     side_by_side(
         out,
         [
-            (f"teacher, ODE {best_nfe:g} NFE", f"teacher-{results_best_steps(results)}step.png"),
+            (f"teacher, ODE {best_nfe:g} NFE", f"teacher-{best_steps}step.png"),
             ("student, 1 step", "student-1step.png"),
             ("student, 2 steps", "student-2step.png"),
         ],
@@ -221,27 +248,12 @@ def main(argv=None):
     )
     plot_fd_vs_nfe(results["rows"], os.path.join(out, "fd_vs_nfe.png"))
     times["total"] = sum(times.values())
-    results["demo"] = {**summary, "seconds": times, "teacher": teacher, "teacher_reused": reused, "args": vars(args)}
-    with open(results_json, "w") as f:
-        json.dump(results, f, indent=2)
     lines = [
         f"{describe_target(name, t)}: {'met' if t['met'] else 'NOT met'}" for name, t in summary["targets"].items()
     ]
-    lines.append(
-        "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + (" (cached teacher)" if reused else "")
-    )
-    with open(os.path.join(out, "results.md"), "a") as f:
-        f.write(
-            "\n## Demo targets\n\n" + "\n".join(lines) + "\n\n![samples](samples.png)\n\n![FD-digits](fd_vs_nfe.png)\n"
-        )
-    print("\n".join(lines))
-    print(f"Report: {out}/results.md")
+    demo = {**summary, "seconds": times, "teacher": teacher, "teacher_reused": reused, "args": vars(args)}
+    finish_report(out, results, demo, lines, times, " (cached teacher)" if reused else "")
     return results
-
-
-def results_best_steps(results: dict) -> int:
-    teacher = [r for r in results["rows"] if r["model"] == "teacher"]
-    return min(teacher, key=lambda r: r["fd_digits"])["steps"]
 
 
 if __name__ == "__main__":

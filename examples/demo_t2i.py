@@ -34,7 +34,7 @@ from diffusers_scm.metrics import describe_target, few_step_target
 EXAMPLES = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXAMPLES))
 
-from demo import run, side_by_side  # noqa: E402
+from demo import finish_report, plot_fd_vs_nfe, run, side_by_side  # noqa: E402
 
 
 PROMPTS = [f"digit {w}" for w in "zero one two three four five six seven eight nine".split()]
@@ -103,6 +103,7 @@ def summarize(results: dict) -> dict:
     summary = {
         "teacher_best_fd_digits": best["fd_digits"],
         "teacher_best_nfe": best["nfe"],
+        "teacher_best_steps": best["steps"],
         "teacher_prompt_accuracy": best["prompt_accuracy"],
         "targets": {},
     }
@@ -120,31 +121,6 @@ def summarize(results: dict) -> dict:
         entry["met"] = bool(met)
         summary["targets"][f"{row['model']} {row['steps']}-step"] = entry
     return summary
-
-
-def plot_fd_vs_nfe(rows: list[dict], path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for model, style in (("teacher", "o-"), ("sCD", "s"), ("TCM", "^")):
-        points = sorted((r["nfe"], r["fd_digits"]) for r in rows if r["model"] == model)
-        if points:
-            nfe, fd = zip(*points)
-            label = (
-                f"teacher (CFG {rows[0].get('guidance_scale', '')})" if model == "teacher" else f"student ({model})"
-            )
-            ax.plot(nfe, fd, style, label=label, markersize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("network evaluations per image (NFE)")
-    ax.set_ylabel("FD-digits (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -247,22 +223,23 @@ def main(argv=None):
     with open(results_json) as f:
         results = json.load(f)
     summary = summarize(results)
-    best = min((r for r in results["rows"] if r["model"] == "teacher"), key=lambda r: r["fd_digits"])
     side_by_side(
         out,
         [
-            (f"teacher, CFG {args.guidance_scale:g}, {best['nfe']:g} NFE", f"teacher-{best['steps']}step.png"),
+            (
+                f"teacher, CFG {args.guidance_scale:g}, {summary['teacher_best_nfe']:g} NFE",
+                f"teacher-{summary['teacher_best_steps']}step.png",
+            ),
             ("sCD, 1 step", "sCD-1step.png"),
             ("sCD, 2 steps", "sCD-2step.png"),
         ],
         os.path.join(out, "samples.png"),
     )
-    plot_fd_vs_nfe(results["rows"], os.path.join(out, "fd_vs_nfe.png"))
+    students = [(name, style, f"student ({name})") for name, style in (("sCD", "s"), ("TCM", "^"))]
+    teacher_label = f"teacher (CFG {results['rows'][0].get('guidance_scale', '')})"
+    plot_fd_vs_nfe(results["rows"], os.path.join(out, "fd_vs_nfe.png"), students, teacher_label)
     times["total"] = sum(times.values())
     reused = {"vae": vae_reused, "teacher": teacher_reused}
-    results["demo"] = {**summary, "seconds": times, "teacher": teacher, "reused": reused, "args": vars(args)}
-    with open(results_json, "w") as f:
-        json.dump(results, f, indent=2)
     lines = []
     for name, t in summary["targets"].items():
         line = f"{describe_target(name, t)}, prompt accuracy {t['prompt_accuracy']:.1%}"
@@ -273,20 +250,16 @@ def main(argv=None):
             )
         lines.append(line + f": {'met' if t['met'] else 'NOT met'}")
     cached_parts = [k for k, v in reused.items() if v]
-    lines.append(
-        "- time: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
-        + (f" (cached: {', '.join(cached_parts)})" if cached_parts else "")
+    demo = {**summary, "seconds": times, "teacher": teacher, "reused": reused, "args": vars(args)}
+    finish_report(
+        out,
+        results,
+        demo,
+        lines,
+        times,
+        f" (cached: {', '.join(cached_parts)})" if cached_parts else "",
+        "Rows of each grid: the prompts digit zero .. digit nine; columns: different noise.\n\n",
     )
-    with open(os.path.join(out, "results.md"), "a") as f:
-        f.write(
-            "\n## Demo targets\n\n"
-            + "\n".join(lines)
-            + "\n\nRows of each grid: the prompts digit zero .. digit nine; columns: different noise.\n\n"
-            + "![samples](samples.png)\n\n![FD-digits](fd_vs_nfe.png)\n"
-        )
-    print("\n".join(lines))
-    print(f"Report: {out}/results.md")
     return results
 
 
