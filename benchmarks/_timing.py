@@ -12,7 +12,7 @@ def synchronize(device: str):
 
 
 def best_time(fn, repeats: int, device: str = "cpu", warmup: bool = True) -> float:
-    """Best wall time of `repeats` calls of `fn`, after one warm-up call (`warmup`); inf for no calls."""
+    """Best wall time of `repeats` calls of `fn`, after one warm-up call (`warmup`)."""
     if warmup:
         fn()
         synchronize(device)

@@ -225,14 +225,13 @@ def measure(name, backend, batch_size, repeats, queue):
         return jvp(lambda a, s: den(a, s, **cond), (x, t), (x, torch.ones_like(t)), backend=backend)
 
     base = peak_memory_baseline("cpu")
-    forward_s = best_time(forward, 0)
+    forward()  # warm-up, and each pass's peak memory
     forward_mem = peak_memory_since("cpu", base)
-    jvp_s = best_time(jvp_pass, 0)
+    jvp_pass()
     jvp_mem = peak_memory_since("cpu", base)
     # interleaved rounds (forward, then JVP): a load that comes and goes slows both sides of the ratio alike
-    for _ in range(repeats):
-        forward_s = min(forward_s, best_time(forward, 1, warmup=False))
-        jvp_s = min(jvp_s, best_time(jvp_pass, 1, warmup=False))
+    rounds = [(best_time(forward, 1, warmup=False), best_time(jvp_pass, 1, warmup=False)) for _ in range(repeats)]
+    forward_s, jvp_s = (min(times) for times in zip(*rounds))
     queue.put(
         {
             "family": name,
