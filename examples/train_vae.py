@@ -23,7 +23,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from diffusers_scm.training.data import load_image_dataset, to_model_channels
-from diffusers_scm.training.script_utils import make_accelerator, non_negative_int, positive_int
+from diffusers_scm.training.script_utils import make_accelerator, non_negative_int, positive_int, train_loader
 from diffusers_scm.training.vae import (
     VAE_PRESETS,
     VAETrainingModule,
@@ -148,13 +148,7 @@ def main(argv=None):
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
     )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-    )
+    loader = train_loader(args, dataset)
     if len(loader) < args.gradient_accumulation_steps:
         raise ValueError(f"The data set ({len(dataset)} images) is smaller than one batch: lower --train_batch_size.")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

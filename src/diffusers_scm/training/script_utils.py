@@ -188,6 +188,18 @@ def make_accelerator(args, project_name: str):
     return accelerator
 
 
+def train_loader(args, dataset) -> torch.utils.data.DataLoader:
+    """The shuffled training loader of the scripts: `--train_batch_size`, whole batches only,
+    `--dataloader_num_workers`."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+    )
+
+
 def prepare_training(args, accelerator, model, dataset, module_name: str):
     """Data loader, adaptive-weighting head, Adam, EMA and the time/noise generator, prepared by `accelerator`.
 
@@ -200,13 +212,7 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
     from .ema import make_ema
     from .logvar import LogVarHead
 
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-    )
+    loader = train_loader(args, dataset)
     logvar_head = LogVarHead()
     sharded = _use_fsdp(args, accelerator, model)
     if sharded:  # one FSDP root holds the student and the head: one optimizer over both, one gradient clip
