@@ -234,3 +234,74 @@ def test_norm_rules_of_jvp_mode_equal_pytorch_forward_ad(dtype, affine):
         if name == "module":
             assert (F.rms_norm in calls) == (dtype != torch.bfloat16), name
     assert RMSNorm.forward is original
+
+
+def test_elementwise_rules_of_jvp_mode_equal_pytorch_forward_ad():
+    """Arithmetic on tensors with tangents under `jvp_mode` (`diffusers_scm.jvp.elementwise`): the same primal and
+    tangent as PyTorch's own forward-mode rules, for either operand carrying the tangent or both, broadcasting, numbers
+    on either side, dtype promotion, and the ops left to PyTorch (gradients recorded, `out=`)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from diffusers_scm.jvp.elementwise import elementwise_jvp
+
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape, dtype=torch.float64):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+
+    x, dx, y, dy = r(2, 3, 4), r(2, 3, 4), r(1, 3, 1), r(1, 3, 1)
+    c, c32 = r(3, 4), r(4, dtype=torch.float32)
+    cases = {
+        "x * c": lambda a, b: a * c,
+        "c * x": lambda a, b: c * a,
+        "x * y": lambda a, b: a * b,
+        "2 * x": lambda a, b: 2.0 * a,
+        "torch.mul(y, x)": lambda a, b: torch.mul(b, a),
+        "x + c": lambda a, b: a + c,
+        "c + y (broadcast up)": lambda a, b: x + b,
+        "x + y": lambda a, b: a + b,
+        "1 + x": lambda a, b: 1 + a,
+        "add alpha": lambda a, b: torch.add(a, b, alpha=-0.5),
+        "x - c": lambda a, b: a - c,
+        "c - x": lambda a, b: c - a,
+        "1 - y": lambda a, b: 1 - b,
+        "x - y": lambda a, b: a - b,
+        "sub alpha": lambda a, b: torch.sub(c, a, alpha=3),
+        "x / c": lambda a, b: a / c,
+        "c / x": lambda a, b: c / a,
+        "2 / y": lambda a, b: 2 / b,
+        "x / y": lambda a, b: a.div(b),
+        "x ** 2": lambda a, b: a**2,
+        "x.pow(3)": lambda a, b: a.pow(3),
+        "sqrt by pow": lambda a, b: torch.pow(a, 0.5),
+        "x.pow(0)": lambda a, b: a.pow(0),
+        "square": lambda a, b: torch.square(b),
+        "addcmul": lambda a, b: torch.addcmul(a, b, c, value=0.3),
+        "addcmul const input": lambda a, b: torch.addcmul(c, a, b),
+        "addcmul one factor": lambda a, b: c.addcmul(a, c),
+        "cat with a constant": lambda a, b: torch.cat([a, x.detach() * 2, a], dim=1),
+        "cat axis": lambda a, b: torch.concatenate([b, y], axis=0),
+        "mean": lambda a, b: a.mean(-1, keepdim=True),
+        "sum": lambda a, b: torch.sum(a, dim=(0, 2)),
+        "float32 constant (promotion)": lambda a, b: a * c32 + c32,
+        "float32 dual, float64 constant": lambda a, b: a.float() * c - c,
+    }
+    for name, op in cases.items():
+        with torch.no_grad(), fwAD.dual_level():
+            expected = fwAD.unpack_dual(op(fwAD.make_dual(x, dx), fwAD.make_dual(y, dy)))
+            with jvp_mode():
+                got = fwAD.unpack_dual(op(fwAD.make_dual(x, dx), fwAD.make_dual(y, dy)))
+        assert got.primal.dtype == expected.primal.dtype and got.tangent.dtype == expected.tangent.dtype, name
+        tol = 1e-6 if expected.primal.dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(got.primal, expected.primal, rtol=tol, atol=tol, msg=name)
+        torch.testing.assert_close(got.tangent, expected.tangent, rtol=tol, atol=tol, msg=name)
+
+    # the rules apply only to JVP passes without gradients, and not to ops they do not take
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, dx)
+        with torch.no_grad():
+            assert elementwise_jvp(torch.mul, (dual, c), {}) is not None
+            assert elementwise_jvp(torch.mul, (x, c), {}) is None  # no tangent
+            assert elementwise_jvp(torch.div, (dual, c), {"rounding_mode": "floor"}) is None
+            assert elementwise_jvp(torch.pow, (dual, c), {}) is None  # a tensor exponent
+        assert elementwise_jvp(torch.mul, (dual, c), {}) is None  # gradients are recorded
