@@ -216,3 +216,23 @@ def test_direct_forward_mode_rules_equal_pytorchs(op):
     ours, theirs = tangent(True), tangent(False)
     torch.testing.assert_close(ours.primal, theirs.primal, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours.tangent, theirs.tangent, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["math", "blocked"])
+def test_fully_masked_query_rows_give_zeros_and_leave_the_others_alone(backend):
+    """A query row whose every key is masked: output and tangent 0 (as PyTorch's SDPA gives, not 0 / 0); the other
+    rows equal attention of those queries alone."""
+    (q, k, v), (dq, dk, dv) = _qkv(torch.float64)
+    mask = torch.rand(2, 1, q.shape[-2], k.shape[-2], generator=torch.Generator().manual_seed(2)) > 0.3
+    mask[..., 0] = True
+    mask[1, :, 5] = False  # query 5 of the second sample attends to nothing
+    out, dout = jvp_attention(q, k, v, dq, dk, dv, attn_mask=mask, backend=backend, block_size=16)
+    assert out[1, :, 5].abs().max() == 0 and dout[1, :, 5].abs().max() == 0
+    keep = torch.arange(q.shape[-2]) != 5
+    ref, dref = jvp_attention(
+        q[1:, :, keep], k[1:], v[1:], dq[1:, :, keep], dk[1:], dv[1:], attn_mask=mask[1:, :, keep], backend="math"
+    )
+    torch.testing.assert_close(out[1:, :, keep], ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dout[1:, :, keep], dref, rtol=1e-12, atol=1e-12)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, torch.nan_to_num(sdpa), rtol=1e-12, atol=1e-12)

@@ -93,7 +93,9 @@ def _math(q, k, v, dq, dk, dv, bias, scale, out=None):
         s = s + bias
     p = torch.softmax(s, dim=-1)
     if bias is not None:  # rows with every key masked: zeros, as PyTorch's SDPA returns (not 0 / 0)
-        p = torch.where(torch.isneginf(s.amax(dim=-1, keepdim=True)), torch.zeros_like(p), p)
+        dead = torch.isneginf(bias).all(dim=-1, keepdim=True)  # from the (often broadcast) mask, not the N x N scores
+        if dead.any():
+            p = p.masked_fill(dead, 0.0)
     out = p @ v if out is None else out
     pds = p * ds
     dout = (p @ dv).add_(pds @ v).sub_(pds.sum(-1, keepdim=True) * out)
@@ -239,4 +241,24 @@ def attention(q, k, v, attn_mask=None, scale=None, backend="auto", block_size=No
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown JVP attention backend {backend!r}: choose one of {BACKENDS}.")
+    direct = _jvp_only_attention(q, k, v, attn_mask, scale, backend, block_size)
+    if direct is not None:
+        return direct
     return _JVPAttention.apply(q, k, v, attn_mask, scale, backend, block_size)
+
+
+def _jvp_only_attention(q, k, v, attn_mask, scale, backend, block_size):
+    """In a forward-mode pass without gradients (the sCM JVP) at float32/float64: the output and its tangent from one
+    "math" or "blocked" pass, which computes the output P V on the way, instead of PyTorch's SDPA for the output and
+    then that pass for the tangent. None elsewhere (gradients, half precision, "triton", no tangent)."""
+    if torch.is_grad_enabled() or q.dtype not in (torch.float32, torch.float64):
+        return None
+    unpack = torch.autograd.forward_ad.unpack_dual
+    (qp, dq), (kp, dk), (vp, dv) = (unpack(x)[:2] for x in (q, k, v))
+    if (dq is None and dk is None and dv is None) or not (qp.dtype == kp.dtype == vp.dtype):
+        return None
+    backend = resolve_backend(backend, qp)
+    if backend == "triton":
+        return None
+    out, dout = jvp_attention(qp, kp, vp, dq, dk, dv, attn_mask, scale, backend, block_size)
+    return torch.autograd.forward_ad.make_dual(out, dout)

@@ -298,11 +298,20 @@ def _group_norm_primal(x, num_groups, weight, bias, eps):
         var, mean = torch.var_mean(x.to(work).reshape(x.shape[0], num_groups, -1), -1, unbiased=False)
         return out, mean, torch.rsqrt(var + eps)
     n, c = x.shape[:2]
-    out, mean, rstd = torch.ops.aten.native_group_norm(
-        x.contiguous(), weight, bias, n, c, x[0, 0].numel(), num_groups, eps
-    )
-    channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return (out.contiguous(memory_format=torch.channels_last) if channels_last else out), mean, rstd
+    # the kernel takes channels-last activations as they are, and returns that layout as F.group_norm does
+    x = x.contiguous(memory_format=_group_norm_layout(x))
+    return torch.ops.aten.native_group_norm(x, weight, bias, n, c, x[0, 0].numel(), num_groups, eps)
+
+
+def _group_norm_layout(x):
+    """The memory format the group-norm kernels run in for `x`: channels-last where `x` has it, else contiguous (the
+    forward and backward kernels need their inputs in one layout). Only exact NHWC strides count: the kernels refuse
+    an ambiguous size-1 dimension's stride that `is_contiguous(memory_format=...)` accepts."""
+    if x.ndim == 4 and not x.is_contiguous():
+        n, c, h, w = x.shape
+        if x.stride() == (h * w * c, 1, w * c, c):
+            return torch.channels_last
+    return torch.contiguous_format
 
 
 def _rms_norm_primal(x, normalized_shape, weight, eps):
@@ -329,8 +338,10 @@ def _layer_norm_tangent(x, dx, mean, rstd, normalized_shape, weight, bias, eps):
 def _group_norm_tangent(x, dx, mean, rstd, num_groups, weight, bias, eps):
     n, c = x.shape[:2]
     hw = x[0, 0].numel()
+    layout = _group_norm_layout(x)
+    x, dx = x.contiguous(memory_format=layout), dx.contiguous(memory_format=layout)
     out = torch.ops.aten.native_group_norm_backward(
-        dx.contiguous(), x.contiguous(), mean, rstd, None, n, c, hw, num_groups, [True, False, False]
+        dx, x, mean, rstd, None, n, c, hw, num_groups, [True, False, False]
     )[0]
     return out if weight is None else out * weight.reshape(1, c, *([1] * (x.ndim - 2)))
 
