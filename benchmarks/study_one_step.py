@@ -134,6 +134,28 @@ VARIANTS = {
         "--intermediate_timestep": 1.1,
         "stage1": "scd1000_cosine_lr2e-4",
     },
+    "tcm500_t0.9_lr8e-4": {
+        "--method": "tcm",
+        "--max_train_steps": 500,
+        "--lr_scheduler": "cosine",
+        "--learning_rate": 8e-4,
+        "--stage2_learning_rate": 8e-4,
+        "--tcm_dividing_timestep": 0.9,
+        "--tcm_intermediate_timestep": 0.9,
+        "stage1": "scd1000_cosine_lr2e-4",
+    },
+    # larger learning rates in Stage 1 too
+    "scd1000_cosine_lr4e-4": {"--max_train_steps": 1000, "--lr_scheduler": "cosine", "--learning_rate": 4e-4},
+    "tcm500_t0.9_lr4e-4_stage1_lr4e-4": {
+        "--method": "tcm",
+        "--max_train_steps": 500,
+        "--lr_scheduler": "cosine",
+        "--learning_rate": 4e-4,
+        "--stage2_learning_rate": 4e-4,
+        "--tcm_dividing_timestep": 0.9,
+        "--tcm_intermediate_timestep": 0.9,
+        "stage1": "scd1000_cosine_lr4e-4",
+    },
     # TCM: Stage 1 = 1,000 sCD steps, Stage 2 = 500 continuous steps on t >= t' (default t' = 1.107)
     "scd1000": {"--max_train_steps": 1000},
     "scd1000_cosine": {"--max_train_steps": 1000, "--lr_scheduler": "cosine"},

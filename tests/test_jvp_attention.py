@@ -236,3 +236,22 @@ def test_fully_masked_query_rows_give_zeros_and_leave_the_others_alone(backend):
     torch.testing.assert_close(dout[1:, :, keep], dref, rtol=1e-12, atol=1e-12)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, torch.nan_to_num(sdpa), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["math", "blocked"])
+@pytest.mark.parametrize("missing", ["q", "k", "v", "kv", "qk", "qkv"])
+def test_missing_tangents_equal_zero_tangents(backend, missing):
+    """Cross-attention to a fixed text: keys and values carry no tangent (None), and the kernels skip their terms;
+    the result equals the one with zero tangents, and the output the one of PyTorch's SDPA."""
+    (q, k, v), tangents = _qkv(torch.float64)
+    mask = _masks(q.shape[-2], k.shape[-2], q.shape[1])["key_padding"]
+    given = [None if name in missing else t for name, t in zip("qkv", tangents)]
+    zeros = [torch.zeros_like(t) if name in missing else t for name, t in zip("qkv", tangents)]
+    out, dout = jvp_attention(q, k, v, *given, attn_mask=mask, backend=backend, block_size=16)
+    ref_out, ref_dout = jvp_attention(q, k, v, *zeros, attn_mask=mask, backend="math")
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dout, ref_dout, rtol=1e-12, atol=1e-12)
+    if missing == "qkv":
+        assert dout.abs().max() == 0
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    torch.testing.assert_close(out, sdpa, rtol=1e-10, atol=1e-10)

@@ -74,20 +74,28 @@ def _scale(q: torch.Tensor, scale) -> float:
 
 
 def _scaled_queries(q, dq, scale):
-    """(Q scale, [dQ scale, Q scale]): the scale applied to the (N, d) queries, not to the (N, N) scores."""
+    """(Q scale, dQ scale, [dQ scale, Q scale]): the scale applied to the (N, d) queries, not to the (N, N) scores.
+    A missing tangent stays None (keys and values of cross-attention to a fixed text carry none)."""
     q = q * scale
-    return q, torch.cat([dq * scale, q], dim=-1)
+    dq = None if dq is None else dq * scale
+    return q, dq, None if dq is None else torch.cat([dq, q], dim=-1)
 
 
 def _scores(queries, k, dk):
-    """S = Q K^T scale and dS = (dQ K^T + Q dK^T) scale, dS as one matmul [dQ, Q] [K, dK]^T (`_scaled_queries`)."""
-    q, q_cat = queries
-    return q @ k.transpose(-1, -2), q_cat @ torch.cat([k, dk], dim=-1).transpose(-1, -2)
+    """S = Q K^T scale and dS = (dQ K^T + Q dK^T) scale (`_scaled_queries`), dS as one matmul [dQ, Q] [K, dK]^T when
+    both tangents are there, one matmul of width d when one is, None when neither is."""
+    q, dq, q_cat = queries
+    s = q @ k.transpose(-1, -2)
+    if dk is None:
+        return s, None if dq is None else dq @ k.transpose(-1, -2)
+    if dq is None:
+        return s, q @ dk.transpose(-1, -2)
+    return s, q_cat @ torch.cat([k, dk], dim=-1).transpose(-1, -2)
 
 
 def _math(q, k, v, dq, dk, dv, bias, scale, out=None):
     # SPEC.md section 6, materialized: S, P and dS are (..., Nq, Nk). `out`: the attention output when already known
-    # (the forward's), else P V.
+    # (the forward's), else P V. Missing tangents (None) are zero.
     s, ds = _scores(_scaled_queries(q, dq, scale), k, dk)
     if bias is not None:
         s = s + bias
@@ -97,9 +105,12 @@ def _math(q, k, v, dq, dk, dv, bias, scale, out=None):
         if dead.any():
             p = p.masked_fill(dead, 0.0)
     out = p @ v if out is None else out
-    pds = p * ds
-    dout = (p @ dv).add_(pds @ v).sub_(pds.sum(-1, keepdim=True) * out)
-    return out, dout
+    dout = None if dv is None else p @ dv
+    if ds is not None:
+        pds = ds.mul_(p)
+        term = (pds @ v).sub_(pds.sum(-1, keepdim=True) * out)
+        dout = term if dout is None else dout.add_(term)
+    return out, torch.zeros_like(out) if dout is None else dout
 
 
 def _blocked(q, k, v, dq, dk, dv, bias, scale, block_size):
@@ -118,25 +129,24 @@ def _blocked(q, k, v, dq, dk, dv, bias, scale, block_size):
         bias = bias.expand(*q.shape[:-2], q.shape[-2], n_k) if bias.ndim == q.ndim else bias
     queries = _scaled_queries(q, dq, scale)
     for start in range(0, n_k, block_size):
-        stop = min(start + block_size, n_k)
-        k_j, v_j, dk_j, dv_j = (
-            k[..., start:stop, :],
-            v[..., start:stop, :],
-            dk[..., start:stop, :],
-            dv[..., start:stop, :],
-        )
-        s_j, ds_j = _scores(queries, k_j, dk_j)  # (..., Nq, block)
+        block = slice(start, min(start + block_size, n_k))
+        k_j, v_j = k[..., block, :], v[..., block, :]
+        s_j, ds_j = _scores(queries, k_j, None if dk is None else dk[..., block, :])  # (..., Nq, block)
         if bias is not None:
-            s_j = s_j + bias[..., start:stop]
+            s_j = s_j + bias[..., block]
         m_new = torch.maximum(m, s_j.amax(dim=-1, keepdim=True))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows masked so far
         alpha = torch.exp(m - m_safe)
         p_j = torch.exp(s_j - m_safe)
-        pds_j = p_j * ds_j
         l = alpha * l + p_j.sum(-1, keepdim=True)
         acc_a = alpha * acc_a + p_j @ v_j
-        acc_b = alpha * acc_b + pds_j @ v_j + p_j @ dv_j
-        acc_c = alpha * acc_c + pds_j.sum(-1, keepdim=True)
+        acc_b = alpha * acc_b
+        if dv is not None:
+            acc_b = acc_b + p_j @ dv[..., block, :]
+        if ds_j is not None:
+            pds_j = ds_j.mul_(p_j)
+            acc_b = acc_b + pds_j @ v_j
+            acc_c = alpha * acc_c + pds_j.sum(-1, keepdim=True)
         m = m_new
     l = torch.where(l == 0, torch.ones_like(l), l)  # rows with every key masked: zeros, as SDPA returns
     out = acc_a / l
@@ -170,11 +180,9 @@ def jvp_attention(q, k, v, dq, dk, dv, attn_mask=None, scale=None, backend="auto
         out (`torch.Tensor`, *optional*): the attention output, when the caller has it (the "math" backend then
             skips its P V product).
     """
-    dq = torch.zeros_like(q) if dq is None else dq
-    dk = torch.zeros_like(k) if dk is None else dk
-    dv = torch.zeros_like(v) if dv is None else dv
     backend = resolve_backend(backend, q)
     if backend == "triton":
+        dq, dk, dv = (torch.zeros_like(x) if dx is None else dx for x, dx in ((q, dq), (k, dk), (v, dv)))
         return _triton(q, k, v, dq, dk, dv, attn_mask, scale)
     bias = _mask_to_bias(attn_mask, q, k, q.dtype)
     if backend == "math":
