@@ -41,6 +41,22 @@ BASE = {
     "--intermediate_timestep": 0.9,
 }
 
+
+def _stage2(steps: int, lr: float, stage1: str = "scd1000_cosine_lr2e-4", **flags) -> dict:
+    """A continuous TCM Stage 2 on t >= 0.9 (two-step middle time 0.9) from the sCD variant `stage1`, cosine decay."""
+    return {
+        "--method": "tcm",
+        "--max_train_steps": steps,
+        "--lr_scheduler": "cosine",
+        "--learning_rate": lr,
+        "--stage2_learning_rate": lr,
+        "--tcm_dividing_timestep": 0.9,
+        "--tcm_intermediate_timestep": 0.9,
+        **flags,
+        "stage1": stage1,
+    }
+
+
 # name: flags over BASE (and `stage1`: the sCD variant whose student starts TCM's Stage 2)
 VARIANTS = {
     "baseline": {},
@@ -103,59 +119,24 @@ VARIANTS = {
         "stage1": "scd1000_cosine_lr2e-4",
     },
     # Stage 2 longer, with a larger learning rate, or on t >= 1.1 (the two-step middle time follows t')
-    "tcm1000_t0.9_lr2e-4": {
-        "--method": "tcm",
-        "--max_train_steps": 1000,
-        "--lr_scheduler": "cosine",
-        "--learning_rate": 2e-4,
-        "--stage2_learning_rate": 2e-4,
-        "--tcm_dividing_timestep": 0.9,
-        "--tcm_intermediate_timestep": 0.9,
-        "stage1": "scd1000_cosine_lr2e-4",
-    },
-    "tcm500_t0.9_lr4e-4": {
-        "--method": "tcm",
-        "--max_train_steps": 500,
-        "--lr_scheduler": "cosine",
-        "--learning_rate": 4e-4,
-        "--stage2_learning_rate": 4e-4,
-        "--tcm_dividing_timestep": 0.9,
-        "--tcm_intermediate_timestep": 0.9,
-        "stage1": "scd1000_cosine_lr2e-4",
-    },
-    "tcm500_t1.1_lr2e-4": {
-        "--method": "tcm",
-        "--max_train_steps": 500,
-        "--lr_scheduler": "cosine",
-        "--learning_rate": 2e-4,
-        "--stage2_learning_rate": 2e-4,
-        "--tcm_dividing_timestep": 1.1,
-        "--tcm_intermediate_timestep": 1.1,
-        "--intermediate_timestep": 1.1,
-        "stage1": "scd1000_cosine_lr2e-4",
-    },
-    "tcm500_t0.9_lr8e-4": {
-        "--method": "tcm",
-        "--max_train_steps": 500,
-        "--lr_scheduler": "cosine",
-        "--learning_rate": 8e-4,
-        "--stage2_learning_rate": 8e-4,
-        "--tcm_dividing_timestep": 0.9,
-        "--tcm_intermediate_timestep": 0.9,
-        "stage1": "scd1000_cosine_lr2e-4",
-    },
+    "tcm1000_t0.9_lr2e-4": _stage2(1000, 2e-4),
+    "tcm500_t0.9_lr4e-4": _stage2(500, 4e-4),
+    "tcm500_t0.9_lr8e-4": _stage2(500, 8e-4),
+    "tcm500_t1.1_lr2e-4": _stage2(
+        500,
+        2e-4,
+        **{"--tcm_dividing_timestep": 1.1, "--tcm_intermediate_timestep": 1.1, "--intermediate_timestep": 1.1},
+    ),
     # larger learning rates in Stage 1 too
     "scd1000_cosine_lr4e-4": {"--max_train_steps": 1000, "--lr_scheduler": "cosine", "--learning_rate": 4e-4},
-    "tcm500_t0.9_lr4e-4_stage1_lr4e-4": {
-        "--method": "tcm",
-        "--max_train_steps": 500,
-        "--lr_scheduler": "cosine",
-        "--learning_rate": 4e-4,
-        "--stage2_learning_rate": 4e-4,
-        "--tcm_dividing_timestep": 0.9,
-        "--tcm_intermediate_timestep": 0.9,
-        "stage1": "scd1000_cosine_lr4e-4",
-    },
+    "tcm500_t0.9_lr4e-4_stage1_lr4e-4": _stage2(500, 4e-4, stage1="scd1000_cosine_lr4e-4"),
+    "scd1000_cosine_lr8e-4": {"--max_train_steps": 1000, "--lr_scheduler": "cosine", "--learning_rate": 8e-4},
+    "scd1500_cosine_lr4e-4": {"--lr_scheduler": "cosine", "--learning_rate": 4e-4},
+    "tcm500_t0.9_lr4e-4_stage1_1500_lr4e-4": _stage2(500, 4e-4, stage1="scd1500_cosine_lr4e-4"),
+    # Stage 2 at lr 4e-4: twice the batch, the log-normal time proposal, a stronger boundary term
+    "tcm500_t0.9_lr4e-4_bs128": _stage2(500, 4e-4, **{"--stage2_train_batch_size": 128}),
+    "tcm500_t0.9_lr4e-4_lognormal": _stage2(500, 4e-4, **{"--tcm_time_proposal": "lognormal"}),
+    "tcm500_t0.9_lr4e-4_boundary3": _stage2(500, 4e-4, **{"--tcm_boundary_weight": 3.0}),
     # TCM: Stage 1 = 1,000 sCD steps, Stage 2 = 500 continuous steps on t >= t' (default t' = 1.107)
     "scd1000": {"--max_train_steps": 1000},
     "scd1000_cosine": {"--max_train_steps": 1000, "--lr_scheduler": "cosine"},
