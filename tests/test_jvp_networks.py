@@ -305,3 +305,44 @@ def test_elementwise_rules_of_jvp_mode_equal_pytorch_forward_ad():
             assert elementwise_jvp(torch.div, (dual, c), {"rounding_mode": "floor"}) is None
             assert elementwise_jvp(torch.pow, (dual, c), {}) is None  # a tensor exponent
         assert elementwise_jvp(torch.mul, (dual, c), {}) is None  # gradients are recorded
+
+
+def test_convolution_and_group_norm_rules_of_jvp_mode_equal_pytorch_forward_ad():
+    """Convolutions with frozen weights (1-D, 2-D with groups, stride and 'same' padding, 3-D, with and without bias)
+    and group norms of contiguous and channels-last activations under `jvp_mode`: the same primal and tangent as
+    PyTorch's own forward-mode rules, and the channels-last layout kept."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(9)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    w2, w2g, b = r(6, 4, 3, 3), r(6, 2, 3, 3), r(6)
+    cases = {
+        "conv1d": (r(2, 4, 9), lambda x: F.conv1d(x, w1, None, 2, 1)),
+        "conv2d": (r(2, 4, 7, 7), lambda x: F.conv2d(x, w2, b, 1, "same")),
+        "conv2d groups": (r(2, 4, 7, 7), lambda x: F.conv2d(x, w2g, b, 2, 1, 1, 2)),
+        "conv3d": (r(1, 4, 3, 5, 5), lambda x: F.conv3d(x, w3, b, 1, 1)),
+        "group_norm": (r(2, 8, 5, 5), lambda x: F.group_norm(x, 4, r8, b8, 1e-5)),
+        "group_norm channels-last": (
+            r(3, 8, 5, 5).contiguous(memory_format=torch.channels_last),
+            lambda x: F.group_norm(x, 2, r8, b8, 1e-5),
+        ),
+    }
+    w1, w3, r8, b8 = r(5, 4, 3), r(6, 4, 3, 3, 3), r(8), r(8)
+    for name, (x, op) in cases.items():
+        dx = torch.randn(x.shape, generator=g, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last if "channels-last" in name else torch.contiguous_format
+        )
+        with torch.no_grad(), fwAD.dual_level():
+            # PyTorch's own group-norm rule fails on channels-last tangents: the reference takes contiguous copies
+            expected = fwAD.unpack_dual(op(fwAD.make_dual(x.contiguous(), dx.contiguous())))
+            with jvp_mode():
+                out = op(fwAD.make_dual(x, dx))
+                got = fwAD.unpack_dual(out)
+        torch.testing.assert_close(got.primal, expected.primal, rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(got.tangent, expected.tangent, rtol=1e-10, atol=1e-10, msg=name)
+        if "channels-last" in name:
+            assert got.primal.is_contiguous(memory_format=torch.channels_last), name
