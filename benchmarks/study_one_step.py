@@ -132,6 +132,14 @@ VARIANTS = {
     "tcm500_t0.9_lr4e-4_stage1_lr4e-4": _stage2(500, 4e-4, stage1="scd1000_cosine_lr4e-4"),
     "scd1000_cosine_lr8e-4": {"--max_train_steps": 1000, "--lr_scheduler": "cosine", "--learning_rate": 8e-4},
     "scd1500_cosine_lr4e-4": {"--lr_scheduler": "cosine", "--learning_rate": 4e-4},
+    # tangent normalization c = 1 (0.1 otherwise) in Stage 1, then the chosen Stage 2
+    "scd1000_cosine_lr2e-4_c1.0": {
+        "--max_train_steps": 1000,
+        "--lr_scheduler": "cosine",
+        "--learning_rate": 2e-4,
+        "--tangent_norm_c": 1.0,
+    },
+    "tcm500_t0.9_lr4e-4_stage1_c1.0": _stage2(500, 4e-4, stage1="scd1000_cosine_lr2e-4_c1.0"),
     "tcm500_t0.9_lr4e-4_stage1_1500_lr4e-4": _stage2(500, 4e-4, stage1="scd1500_cosine_lr4e-4"),
     # Stage 2 at lr 4e-4: twice the batch, the log-normal time proposal, a stronger boundary term
     "tcm500_t0.9_lr4e-4_bs128": _stage2(500, 4e-4, **{"--stage2_train_batch_size": 128}),
