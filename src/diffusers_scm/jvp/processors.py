@@ -15,7 +15,11 @@ Inside `jvp_mode()` attention is intercepted at the function level, so no proces
   at the precision of their input, and casts of float64 activations to float32 inside a network (rotary embeddings,
   Sana's linear attention, float32 norms) keep float64, so float64 finite differences can check the JVP of every
   family; float32 and half-precision networks are not affected;
-- group norms accept the channels-last activations of attention blocks under forward-mode AD.
+- group norms accept the channels-last activations of attention blocks under forward-mode AD;
+- in JVP passes without gradients (the sCM JVP), linear layers, convolutions, norms, GELU/SiLU and arithmetic
+  (`diffusers_scm.jvp.elementwise`) get direct forward-mode rules: one extra matmul or convolution for frozen
+  weights, the fused backward kernels of norms and activations with the forward's statistics, no zero tangents for
+  constants. PyTorch's generic rules cost several times more on CPU (README, "JVP / forward" table).
 
 On exit, even on error, everything is restored, so ordinary forward and backward passes keep the fused kernels.
 """
@@ -453,7 +457,8 @@ _FAST_JVP_OPS = (F.layer_norm, F.group_norm, F.rms_norm, F.silu, F.gelu)
 
 class JVPFunctionMode(TorchFunctionMode):
     """Routes `F.scaled_dot_product_attention` to the JVP-capable `attention` and `F.group_norm` to a version whose
-    forward-mode rule handles channels-last inputs and autocast, and keeps float64 activations float64 (see
+    forward-mode rule handles channels-last inputs and autocast, keeps float64 activations float64, and gives linear
+    layers, convolutions, norms, activations and arithmetic their direct rules in JVP passes without gradients (see
     `jvp_mode`).
 
     Args:
