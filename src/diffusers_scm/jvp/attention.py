@@ -73,12 +73,13 @@ def _scale(q: torch.Tensor, scale) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _scaled_queries(q, dq, scale):
+def _scaled_queries(q, dq, dk, scale):
     """(Q scale, dQ scale, [dQ scale, Q scale]): the scale applied to the (N, d) queries, not to the (N, N) scores.
-    A missing tangent stays None (keys and values of cross-attention to a fixed text carry none)."""
+    A missing tangent stays None (keys and values of cross-attention to a fixed text carry none); the concatenation
+    for `_scores`' one-matmul dS is formed only when the keys' tangent `dk` is there too."""
     q = q * scale
     dq = None if dq is None else dq * scale
-    return q, dq, None if dq is None else torch.cat([dq, q], dim=-1)
+    return q, dq, None if dq is None or dk is None else torch.cat([dq, q], dim=-1)
 
 
 def _scores(queries, k, dk):
@@ -96,7 +97,7 @@ def _scores(queries, k, dk):
 def _math(q, k, v, dq, dk, dv, bias, scale, out=None):
     # SPEC.md section 6, materialized: S, P and dS are (..., Nq, Nk). `out`: the attention output when already known
     # (the forward's), else P V. Missing tangents (None) are zero.
-    s, ds = _scores(_scaled_queries(q, dq, scale), k, dk)
+    s, ds = _scores(_scaled_queries(q, dq, dk, scale), k, dk)
     if bias is not None:
         s = s + bias
     p = torch.softmax(s, dim=-1)
@@ -127,7 +128,7 @@ def _blocked(q, k, v, dq, dk, dv, bias, scale, block_size):
     acc_c = torch.zeros_like(l)
     if bias is not None:
         bias = bias.expand(*q.shape[:-2], q.shape[-2], n_k) if bias.ndim == q.ndim else bias
-    queries = _scaled_queries(q, dq, scale)
+    queries = _scaled_queries(q, dq, dk, scale)
     for start in range(0, n_k, block_size):
         block = slice(start, min(start + block_size, n_k))
         k_j, v_j = k[..., block, :], v[..., block, :]

@@ -20,7 +20,7 @@ import torch
 
 fwAD = torch.autograd.forward_ad
 
-__all__ = ["elementwise_jvp"]
+__all__ = ["elementwise_jvp", "make_dual"]
 
 
 def _split(x):
@@ -30,7 +30,8 @@ def _split(x):
     return x, None
 
 
-def _dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """`primal` with `tangent`, the tangent cast to the primal's dtype and broadcast to its shape."""
     if tangent.dtype != primal.dtype:
         tangent = tangent.to(primal.dtype)
     if tangent.shape != primal.shape:
@@ -52,9 +53,9 @@ def _add(a, b, alpha=1, sign=1):
     else:
         out = torch.add(pa, pb, alpha=alpha) if sign == 1 else torch.sub(pa, pb, alpha=alpha)
     if tb is None:
-        return _dual(out, ta)
+        return make_dual(out, ta)
     tb = _scaled(tb, sign * alpha)
-    return _dual(out, tb if ta is None else ta + tb)
+    return make_dual(out, tb if ta is None else ta + tb)
 
 
 def _mul(a, b):
@@ -63,10 +64,10 @@ def _mul(a, b):
         return None
     out = pa * pb
     if tb is None:
-        return _dual(out, ta * pb)
+        return make_dual(out, ta * pb)
     if ta is None:
-        return _dual(out, pa * tb)
-    return _dual(out, torch.addcmul(ta * pb, pa, tb))
+        return make_dual(out, pa * tb)
+    return make_dual(out, torch.addcmul(ta * pb, pa, tb))
 
 
 def _div(a, b):
@@ -75,10 +76,10 @@ def _div(a, b):
         return None
     out = pa / pb
     if tb is None:
-        return _dual(out, ta / pb)
+        return make_dual(out, ta / pb)
     # d(a / b) = (da - (a / b) db) / b
     tangent = -out * tb if ta is None else ta - out * tb
-    return _dual(out, tangent / pb)
+    return make_dual(out, tangent / pb)
 
 
 def _pow(x, exponent):
@@ -86,10 +87,10 @@ def _pow(x, exponent):
     if tx is None or isinstance(exponent, torch.Tensor) or isinstance(exponent, bool):
         return None
     if exponent == 0:
-        return _dual(px.pow(0), torch.zeros_like(tx))
+        return make_dual(px.pow(0), torch.zeros_like(tx))
     if exponent == 2:
-        return _dual(px * px, 2 * px * tx)
-    return _dual(px.pow(exponent), exponent * px.pow(exponent - 1) * tx)
+        return make_dual(px * px, 2 * px * tx)
+    return make_dual(px.pow(exponent), exponent * px.pow(exponent - 1) * tx)
 
 
 def _addcmul(a, b, c, value=1):
@@ -104,9 +105,9 @@ def _addcmul(a, b, c, value=1):
     if tc is not None:
         product = pb * tc if product is None else torch.addcmul(product, pb, tc)
     if product is None:
-        return _dual(out, ta)
+        return make_dual(out, ta)
     product = _scaled(product, value)
-    return _dual(out, product if ta is None else ta + product)
+    return make_dual(out, product if ta is None else ta + product)
 
 
 def _cat(tensors, dim=0):
@@ -117,7 +118,7 @@ def _cat(tensors, dim=0):
     tangent = torch.cat(
         [torch.zeros_like(p, dtype=out.dtype) if t is None else t.to(out.dtype) for p, t in parts], dim
     )
-    return _dual(out, tangent)
+    return make_dual(out, tangent)
 
 
 def _linear_op(func):
@@ -127,7 +128,7 @@ def _linear_op(func):
         px, tx = _split(x)
         if tx is None:
             return None
-        return _dual(func(px, *args, **kwargs), func(tx, *args, **kwargs))
+        return make_dual(func(px, *args, **kwargs), func(tx, *args, **kwargs))
 
     return rule
 

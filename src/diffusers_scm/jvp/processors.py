@@ -34,7 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .attention import BACKENDS, attention
-from .elementwise import elementwise_jvp
+from .elementwise import elementwise_jvp, make_dual
 
 
 __all__ = ["JVPFunctionMode", "jvp_mode", "float64_precision"]
@@ -110,7 +110,7 @@ def _fused_rms_norm_modules():
             not torch.is_grad_enabled()
             and hidden_states.dtype in (torch.float32, torch.float64)
             and (weight is None or weight.dtype == hidden_states.dtype)
-            and torch.autograd.forward_ad.unpack_dual(hidden_states).tangent is not None
+            and _carries_tangent(hidden_states)
         ):
             out = F.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, self.eps)
             return out if bias is None else out + bias
@@ -250,10 +250,6 @@ class _JVPLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-    return torch.autograd.forward_ad.make_dual(primal, tangent.to(primal.dtype))
-
-
 def _jvp_only(x: torch.Tensor, op: str, args: tuple) -> torch.Tensor:
     """Elementwise and normalization ops with a direct forward-mode rule, for JVP passes without gradients (the
     stop-gradient JVP of sCD/sCT). PyTorch's generic rules for them cost 10-40x the op on CPU; these cost 2-4x. `op`
@@ -263,7 +259,7 @@ def _jvp_only(x: torch.Tensor, op: str, args: tuple) -> torch.Tensor:
     x, dx = torch.autograd.forward_ad.unpack_dual(x)[:2]
     out, *stats = _as_tuple(_PRIMAL[op](x, *args))
     work = torch.promote_types(x.dtype, torch.float32)
-    return _dual(out, _TANGENT[op](x.to(work), dx.to(work), *stats, *args))
+    return make_dual(out, _TANGENT[op](x.to(work), dx.to(work), *stats, *args))
 
 
 def _as_tuple(out):
@@ -406,7 +402,7 @@ def _fast_jvp(func, args, kwargs):
     if torch.is_grad_enabled():
         return None
     bound = _bind(func, args, kwargs)
-    if bound is None or torch.autograd.forward_ad.unpack_dual(bound[1]).tangent is None:
+    if bound is None or not _carries_tangent(bound[1]):
         return None
     op, x, rest = bound
     return _jvp_only(x, op, rest)
@@ -417,7 +413,7 @@ def _frozen_weights_jvp(func, x: torch.Tensor, weight: torch.Tensor, params: tup
     d op(x; W, b) = op(dx; W, no bias), one extra matmul or convolution. PyTorch's own rule for a convolution also
     convolves x with the weight's zero tangent and adds the bias's: about 3x a forward convolution instead of 2x."""
     x, dx = torch.autograd.forward_ad.unpack_dual(x)[:2]
-    return _dual(func(x, weight, *params), func(dx, weight, None, *params[1:]))  # params[0] is the bias
+    return make_dual(func(x, weight, *params), func(dx, weight, None, *params[1:]))  # params[0] is the bias
 
 
 def _carries_tangent(x) -> bool:
