@@ -127,6 +127,8 @@ VARIANTS = {
     "tcm500_t0.9_lr4e-4_bs128": _stage2(500, 4e-4, **{"--stage2_train_batch_size": 128}),
     "tcm500_t0.9_lr4e-4_lognormal": _stage2(500, 4e-4, **{"--tcm_time_proposal": "lognormal"}),
     "tcm500_t0.9_lr4e-4_boundary3": _stage2(500, 4e-4, **{"--tcm_boundary_weight": 3.0}),
+    # the TCM paper's own Stage-2 objective: discrete consistency steps, pseudo-Huber distance
+    "tcm500_t0.9_lr4e-4_discrete": _stage2(500, 4e-4, **{"--tcm_objective": "discrete"}),
     # TCM: Stage 1 = 1,000 sCD steps, Stage 2 = 500 continuous steps on t >= t' (default t' = 1.107)
     "scd1000": {"--max_train_steps": 1000},
     "scd1000_cosine": {"--max_train_steps": 1000, "--lr_scheduler": "cosine"},
@@ -276,20 +278,33 @@ def main(argv=None):
     p.add_argument("--work_dir", default=os.path.join("outputs", "study_one_step"))
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "study_one_step.json"))
     p.add_argument("--rerun", action="store_true", help="run variants again that the output already has")
+    p.add_argument(
+        "--class_conditional",
+        action="store_true",
+        help="the demo's class-conditional teacher (demo.py --class_conditional)",
+    )
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(EXAMPLES))
     import demo  # the demo's cached teacher: same settings, same cache key
 
-    teacher, _ = demo.train_teacher(demo.parse_args([]))
-    work = os.path.abspath(os.path.join(args.work_dir, f"seed{args.seed}"))
+    teacher, _ = demo.train_teacher(demo.parse_args(["--class_conditional"] if args.class_conditional else []))
+    key = f"seed{args.seed}" + ("_class_conditional" if args.class_conditional else "")
+    work = os.path.abspath(os.path.join(args.work_dir, key))
     os.makedirs(work, exist_ok=True)
     everything = {}
     if os.path.isfile(args.output):
         with open(args.output) as f:
             everything = json.load(f)
     record = everything.setdefault(
-        f"seed{args.seed}", {"seed": args.seed, "num_samples": args.num_samples, "base": BASE, "variants": {}}
+        key,
+        {
+            "seed": args.seed,
+            "class_conditional": args.class_conditional,
+            "num_samples": args.num_samples,
+            "base": BASE,
+            "variants": {},
+        },
     )
     upgrade(record)
     record.setdefault("teacher", {})

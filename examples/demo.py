@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher_steps", type=int, default=4000)
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_learning_rate", type=float, default=1e-3)
+    p.add_argument("--class_conditional", action="store_true", help="teacher and student conditioned on the digit")
     # the student: TCM, 1,000 sCD steps (Stage 1, cosine learning rate 2e-4) then 500 Stage-2 steps on t >= 0.9
     # (cosine 4e-4). Chosen with benchmarks/study_one_step.py on the held-out distillation seed 1 (FD-digits from
     # 5,000 samples): 1-step 2.14x / 2-step 1.01x the teacher's best, against 2.31x / 1.05x with Stage 2 at 2e-4,
@@ -76,6 +77,8 @@ def teacher_settings(args) -> dict:
         "train_batch_size": args.teacher_batch_size,
         "learning_rate": args.teacher_learning_rate,
         "seed": args.seed,
+        # only when set, so that the unconditional teacher keeps its cache key
+        **({"class_conditional": True} if args.class_conditional else {}),
     }
 
 
@@ -91,7 +94,8 @@ def train_teacher(args) -> tuple[str, bool]:
     run(
         "train_teacher.py",
         ["--preset", "tiny", "--dataset_name", "digits", "--report_to", "none", "--output_dir", partial]
-        + [f"--{k}={v}" for k, v in settings.items()]
+        + [f"--{k}={v}" for k, v in settings.items() if not isinstance(v, bool)]
+        + [f"--{k}" for k, v in settings.items() if v is True]
         + ["--checkpointing_steps", 1000, "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest"]
         + ["--validation_steps", args.teacher_steps, "--num_validation_images", 16],
     )

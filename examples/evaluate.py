@@ -28,7 +28,9 @@ Metrics (`--metrics`): `fd_digits` (Frechet distance in the features of the digi
 `diffusers_scm.metrics`, against the digits training split), `fid` (Inception features through torch-fidelity or
 clean-fid, weights already on disk or `--inception_weights`; against `--reference`), `paired_rmse` (RMSE to the
 `--paired_teacher`'s ODE solution from the same noise), `prompt_accuracy` (the share of images that the digits
-classifier labels as their prompt's digit: `--prompt_labels`, or the digit a prompt names).
+classifier labels as their prompt's digit: `--prompt_labels`, or the digit a prompt names), `class_accuracy` (a
+class-conditional digits model, whose image i is drawn for class i mod 10: the share that the classifier labels as
+their class; on by default for such a model).
 """
 
 import argparse
@@ -53,7 +55,7 @@ from diffusers_scm.metrics import paired_rmse as rmse
 from diffusers_scm.utils import square_image_grid
 
 
-METRICS = ("fd_digits", "fid", "paired_rmse", "prompt_accuracy")
+METRICS = ("fd_digits", "fid", "paired_rmse", "prompt_accuracy", "class_accuracy")
 
 
 def parse_args(argv=None):
@@ -82,6 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    args.default_metrics = args.metrics is None  # main adds class_accuracy for a class-conditional model
     if args.metrics is None:
         args.metrics = ["fd_digits"] + (["paired_rmse"] if args.paired_teacher else [])
         args.metrics += ["prompt_accuracy"] if args.prompts else []
@@ -317,6 +320,14 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     pipe = load_pipeline(args.pipeline, args.device)
     pipe, sampler = with_sampler(pipe, args.sampler, args.solver)
+    conditional = args.prompts is None and is_conditional(network_of(pipe))
+    if args.default_metrics and conditional and "class_accuracy" not in args.metrics:
+        args.metrics.append("class_accuracy")
+    if "class_accuracy" in args.metrics and not conditional:
+        raise ValueError(
+            f"--metrics class_accuracy needs a class-conditional model; {args.pipeline} has no classes (leave the "
+            "metric out)."
+        )
     name = args.name or ("teacher" if sampler.startswith("ode") else "student")
     text = None
     if args.prompts:
@@ -331,7 +342,7 @@ def main(argv=None):
     extra = {"num_samples": args.num_samples, "seed": args.seed}
 
     classifier = digits_stats = None
-    if "fd_digits" in args.metrics or "prompt_accuracy" in args.metrics:
+    if {"fd_digits", "prompt_accuracy", "class_accuracy"} & set(args.metrics):
         from diffusers_scm.training.data import DigitsDataset
 
         classifier, accuracy = load_digits_classifier()
@@ -374,6 +385,9 @@ def main(argv=None):
                 if "prompt_accuracy" in args.metrics:
                     wanted = torch.tensor([args.prompt_labels[i % len(args.prompts)] for i in range(len(images))])
                     row["prompt_accuracy"] = (classifier(images).argmax(1) == wanted).float().mean().item()
+                if "class_accuracy" in args.metrics:  # image i was drawn for class i mod 10 (generate)
+                    wanted = torch.arange(len(images)) % 10
+                    row["class_accuracy"] = (classifier(images).argmax(1) == wanted).float().mean().item()
         if inception is not None:
             row["fid"] = frechet_distance(*feature_statistics(inception(images)), *fid_stats)
         if paired is not None:

@@ -98,6 +98,45 @@ def test_evaluate_counts_nfe_and_matches_independent_metrics(pipelines, tmp_path
     assert (out / "grids" / "student-2step.png").is_file() and (out / "grids" / "teacher-5step.png").is_file()
 
 
+def test_class_conditional_model_gets_class_accuracy_by_default(tmp_path):
+    """Image i of a class-conditional model is drawn for class i mod 10; class_accuracy is the classifier's agreement,
+    recomputed here from the pipeline's own images; an unconditional model asked for it gets an error."""
+    evaluate = load_example("evaluate")
+    torch.manual_seed(0)
+    net = SCMUNet2DModel.from_preset("tiny", sample_size=8, in_channels=1, num_classes=10).eval()
+    SCMPipeline(unet=net, scheduler=TrigFlowScheduler(sigma_data=0.5)).save_pretrained(tmp_path / "student")
+    common = ["--num_samples", "30", "--batch_size", "16", "--num_grid_images", "0"]
+    out = tmp_path / "report"
+    results = evaluate.main(
+        ["--pipeline", str(tmp_path / "student"), "--steps", "1", *common, "--output_dir", str(out)]
+    )
+    (row,) = results["rows"]
+    noise = torch.randn(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    student = SCMPipeline.from_pretrained(tmp_path / "student")
+    labels = [i % 10 for i in range(30)]
+    images = student(batch_size=30, num_inference_steps=1, latents=noise, class_labels=labels, output_type="pt")
+    classifier, _ = load_digits_classifier()
+    with torch.no_grad():
+        predicted = classifier(images.images * 2 - 1).argmax(1)
+    expected = (predicted == torch.tensor(labels)).float().mean().item()
+    assert row["class_accuracy"] == pytest.approx(expected) and "class_accuracy" in (out / "results.md").read_text()
+    # fd_digits only, when the metrics are given
+    results = evaluate.main(
+        ["--pipeline", str(tmp_path / "student"), "--steps", "1", *common, "--output_dir", str(tmp_path / "b")]
+        + ["--metrics", "fd_digits"]
+    )
+    assert "class_accuracy" not in results["rows"][0]
+    unconditional = SCMPipeline(
+        unet=SCMUNet2DModel.from_preset("tiny", sample_size=8, in_channels=1), scheduler=TrigFlowScheduler()
+    )
+    unconditional.save_pretrained(tmp_path / "unconditional")
+    with pytest.raises(ValueError, match="class_accuracy needs a class-conditional model"):
+        evaluate.main(
+            ["--pipeline", str(tmp_path / "unconditional"), "--steps", "1", *common, "--metrics", "class_accuracy"]
+            + ["--output_dir", str(tmp_path / "c")]
+        )
+
+
 def test_fid_without_weights_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # not installed
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
