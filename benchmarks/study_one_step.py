@@ -127,6 +127,8 @@ VARIANTS = {
     "tcm500_t0.9_lr4e-4_bs128": _stage2(500, 4e-4, **{"--stage2_train_batch_size": 128}),
     "tcm500_t0.9_lr4e-4_lognormal": _stage2(500, 4e-4, **{"--tcm_time_proposal": "lognormal"}),
     "tcm500_t0.9_lr4e-4_boundary3": _stage2(500, 4e-4, **{"--tcm_boundary_weight": 3.0}),
+    # the training budget: 4,000 sCD steps (about 18 minutes on one core)
+    "scd4000_cosine_lr2e-4": {"--max_train_steps": 4000, "--lr_scheduler": "cosine", "--learning_rate": 2e-4},
     # the TCM paper's own Stage-2 objective: discrete consistency steps, pseudo-Huber distance
     "tcm500_t0.9_lr4e-4_discrete": _stage2(500, 4e-4, **{"--tcm_objective": "discrete"}),
     # TCM: Stage 1 = 1,000 sCD steps, Stage 2 = 500 continuous steps on t >= t' (default t' = 1.107)

@@ -186,8 +186,20 @@ def summarize(results: dict) -> dict:
         if steps in student:
             target = few_step_target(teacher, student[steps], limit)
             target["fd_ratio_to_teacher_best"] = target.pop("ratio")
+            if "class_accuracy" in student[steps]:  # class-conditional: reported beside the target
+                target["class_accuracy"] = student[steps]["class_accuracy"]
             summary["targets"][f"{steps}-step"] = target
+    if "class_accuracy" in best:
+        summary["teacher_class_accuracy"] = best["class_accuracy"]
     return summary
+
+
+def target_line(name: str, target: dict, summary: dict) -> str:
+    """A target's report line, with the class accuracy of a class-conditional student beside the teacher's."""
+    line = f"{describe_target(name, target)}: {'met' if target['met'] else 'NOT met'}"
+    if "class_accuracy" in target:
+        line += f"; class accuracy {target['class_accuracy']:.1%} (teacher {summary['teacher_class_accuracy']:.1%})"
+    return line
 
 
 def main(argv=None):
@@ -253,9 +265,7 @@ def main(argv=None):
     )
     plot_fd_vs_nfe(results["rows"], os.path.join(out, "fd_vs_nfe.png"))
     times["total"] = sum(times.values())
-    lines = [
-        f"{describe_target(name, t)}: {'met' if t['met'] else 'NOT met'}" for name, t in summary["targets"].items()
-    ]
+    lines = [target_line(name, t, summary) for name, t in summary["targets"].items()]
     demo = {**summary, "seconds": times, "teacher": teacher, "teacher_reused": reused, "args": vars(args)}
     finish_report(out, results, demo, lines, times, " (cached teacher)" if reused else "")
     return results

@@ -27,6 +27,7 @@ from accelerate.utils import set_seed
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
 from diffusers_scm.training import ConsistencyLoss, SCMLoss, TCMLoss, load_teacher, lognormal_times
 from diffusers_scm.training.data import load_image_dataset, load_text_image_dataset, to_model_channels
+from diffusers_scm.training.dmd import DMDLoss
 from diffusers_scm.training.fsdp import is_sharded, shard_module
 from diffusers_scm.training.lora import BaseModelDenoiser, add_lora
 from diffusers_scm.training.script_utils import (
@@ -155,6 +156,23 @@ def parse_args(argv=None):
         help="discrete Stage 2: first stage of the step schedule (default: where a discrete Stage 1 of this run "
         "ended, else the first stage at --dt_ratio_limit)",
     )
+    # score regularization (rCM): DMD's reverse-divergence gradient beside the sCM loss (diffusers_scm.training.dmd)
+    p.add_argument(
+        "--dmd_weight",
+        type=float,
+        default=0.0,
+        help="weight of the distribution-matching term (0: off); --method scd, and TCM's continuous Stage 2",
+    )
+    p.add_argument("--dmd_fake_updates", type=positive_int, default=4, help="fake-score updates per student update")
+    p.add_argument("--dmd_fake_learning_rate", type=float, default=None, help="default: --learning_rate")
+    p.add_argument("--dmd_P_mean", type=float, default=0.0, help="time proposal of the noised student samples")
+    p.add_argument("--dmd_P_std", type=float, default=1.6)
+    p.add_argument(
+        "--dmd_start_step",
+        type=non_negative_int,
+        default=None,
+        help="first step with the term (default: --tangent_warmup_steps; TCM Stage 2: 0)",
+    )
     add_common_args(p, output_dir="scm-student")
     args = p.parse_args(argv)
     if args.method in ("scd", "cd") and args.teacher is None:
@@ -177,6 +195,20 @@ def parse_args(argv=None):
         p.error("--method tcm needs --teacher, --student (to start Stage 1) or --stage1_model (Stage 2 only)")
     if args.teacher is None and args.student is None and args.method != "tcm":
         p.error(f"--method {args.method} needs --student or --teacher to initialize the student")
+    if args.dmd_weight < 0:
+        p.error(f"--dmd_weight must not be negative, got {args.dmd_weight}")
+    if args.dmd_weight > 0:
+        continuous = args.method == "scd" or (args.method == "tcm" and args.tcm_objective == "continuous")
+        if not continuous or args.teacher is None:
+            p.error(
+                "--dmd_weight regularizes a continuous-time student with its teacher's score: use --method scd, or "
+                "--method tcm with a continuous Stage 2 (--tcm_objective continuous), and --teacher"
+            )
+        if args.lora_rank is not None or args.fsdp:
+            p.error(
+                "--dmd_weight trains a full fake-score copy of the teacher beside the student, which is not sharded "
+                "and has no LoRA form here: drop --lora_rank / --fsdp, or --dmd_weight"
+            )
     args.tangent_norm_c = None if args.tangent_norm_c.lower() == "none" else float(args.tangent_norm_c)
     if args.guidance_scale_range is not None and args.guidance_scale_range[0] > args.guidance_scale_range[1]:
         p.error(f"--guidance_scale_range {args.guidance_scale_range}: LO must not exceed HI")
@@ -359,6 +391,7 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
     loss_fn = build_loss(args, method, sd, start_stage)
     continuous = isinstance(loss_fn, SCMLoss) or getattr(loss_fn, "objective", None) == "continuous"
     head = logvar_head if continuous and not args.no_adaptive_weighting else None
+    dmd = build_dmd(args, accelerator, teacher, student, state)
 
     def compute_loss(batch, step):
         extra = {}
@@ -372,18 +405,25 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         else:
             x0 = to_model_channels(batch["pixel_values"], channels)
             cond = {"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}
-        cond = {**cond, **extra}
         g = noise_generator
+        dmd_logs = {}
+        if dmd is not None and step >= dmd["start_step"]:  # before the main loss: its own backward pass
+            dmd_logs = dmd_step(args, accelerator, dmd, student, teacher, x0.shape, cond, extra, g)
+        cond = {**cond, **extra}
         if method == "tcm":
             t, is_boundary = loss_fn.sample_times(x0.shape[0], device=x0.device, generator=g)
         else:
             t = lognormal_times(x0.shape[0], args.P_mean, args.P_std, sd, device=g.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=g.device)
         if method == "tcm":
-            return loss_fn(student, stage1, x0, teacher, step, t, is_boundary, noise, logvar_head=head, **cond)
-        if method in ("cd", "ct"):
-            return loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, **cond)
-        return loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, logvar_head=head, **cond)
+            loss, logs = loss_fn(student, stage1, x0, teacher, step, t, is_boundary, noise, logvar_head=head, **cond)
+        elif method in ("cd", "ct"):
+            loss, logs = loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, **cond)
+        else:
+            loss, logs = loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, logvar_head=head, **cond)
+        if "dmd_loss" in dmd_logs:  # logged with the step's loss; its gradient is already in the student's
+            loss = loss + args.dmd_weight * dmd_logs["dmd_loss"]
+        return loss, {**logs, **dmd_logs}
 
     def ema_pipeline_parts():
         unwrapped = accelerator.unwrap_model(student)
@@ -422,6 +462,64 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         pipeline_parts=ema_pipeline_parts,
     )
     return student, ema, global_step, counters
+
+
+def build_dmd(args, accelerator, teacher, student, state) -> dict | None:
+    """The score regularizer of a stage with `--dmd_weight` (None without): `DMDLoss`, a fake-score network (a
+    float32 copy of the teacher, trained on the student's samples) and its Adam, prepared by `accelerator` and added to
+    the checkpointed `state`."""
+    if not getattr(args, "dmd_weight", 0):
+        return None
+    if is_sharded(accelerator.unwrap_model(student)):
+        raise ValueError(
+            "--dmd_weight trains an unsharded fake-score copy of the teacher: run it without FSDP, or drop --dmd_weight."
+        )
+    network = copy.deepcopy(teacher.inner_model).float().requires_grad_(True).train()
+    fake = TrigFlowDenoiser(network, teacher.parameterization, sigma_data=teacher.sigma_data, adapter=teacher.adapter)
+    optimizer = torch.optim.Adam(
+        fake.parameters(),
+        lr=args.dmd_fake_learning_rate or args.learning_rate,
+        betas=(0.0, args.adam_beta2),  # DMD2's critic: no momentum, it follows a moving target
+        eps=args.adam_epsilon,
+    )
+    fake, optimizer = accelerator.prepare(fake, optimizer)
+    state["modules"]["fake_score"] = fake
+    state["optimizers"] = {"fake_score": optimizer}
+    guidance = args.guidance_scale if args.guidance_scale is not None else 1.0
+    start = args.dmd_start_step if args.dmd_start_step is not None else args.tangent_warmup_steps
+    return {
+        "loss": DMDLoss(teacher.sigma_data, args.dmd_P_mean, args.dmd_P_std, guidance_scale=guidance),
+        "fake": fake,
+        "optimizer": optimizer,
+        "start_step": start,
+    }
+
+
+def dmd_step(args, accelerator, dmd, student, teacher, shape, cond, extra, generator) -> dict:
+    """One step of the score regularizer, before the stage's own loss: `--dmd_fake_updates` updates of the fake-score
+    network on fresh student samples (once per optimizer step), then the student's DMD gradient, back-propagated at
+    once (without a DDP all-reduce: the stage's own backward pass reduces the sum). Returns the losses for the log."""
+    loss_fn, fake, optimizer = dmd["loss"], dmd["fake"], dmd["optimizer"]
+    logs = {}
+    if accelerator.sync_gradients:
+        for _ in range(args.dmd_fake_updates):
+            noise = torch.randn(shape, generator=generator, device=generator.device)
+            fake_loss, fake_logs = loss_fn.fake_score_loss(fake, student, noise, generator=generator, **cond)
+            accelerator.backward(fake_loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            logs["fake_score_loss"] = fake_logs["fake_score_loss"]
+    noise = torch.randn(shape, generator=generator, device=generator.device)
+    guided = {
+        "uncond_conditioning": extra.get("uncond_conditioning"),
+        "teacher_guidance": extra.get("teacher_guidance"),
+    }
+    loss, dmd_logs = loss_fn(student, teacher, fake, noise, generator=generator, **guided, **cond)
+    with accelerator.no_sync(student):
+        accelerator.backward(args.dmd_weight * loss)
+    logs["dmd_loss"] = loss.detach()
+    logs["dmd_grad_norm"] = dmd_logs["dmd_grad_norm"]
+    return logs
 
 
 def validation_prompts(args):
@@ -535,8 +633,14 @@ def run_tcm(args, accelerator):
     if stage1_path is None:
         stage1_path = stage1_dir
         stage1_args = argparse.Namespace(
-            **{**vars(args), "output_dir": stage1_dir, "resume_from_checkpoint": resume1, "push_at_checkpoints": False}
-        )  # the repository is the Stage-2 student's: Stage 1 is not pushed
+            **{
+                **vars(args),
+                "output_dir": stage1_dir,
+                "resume_from_checkpoint": resume1,
+                "push_at_checkpoints": False,
+                "dmd_weight": 0.0,
+            }
+        )  # the repository is the Stage-2 student's: Stage 1 is not pushed; the DMD term is Stage 2's
         if args.resume_from_checkpoint and _stage1_finished(stage1_dir):
             logger.info("Stage 1 is finished in %s: going on with Stage 2.", stage1_dir)
         elif resume2 is not None and resume2 != "latest":
@@ -578,6 +682,7 @@ def run_tcm(args, accelerator):
             "train_batch_size": args.stage2_train_batch_size or args.train_batch_size,
             "max_train_steps": args.stage2_max_train_steps or args.max_train_steps,
             "tangent_warmup_steps": args.stage2_tangent_warmup_steps,
+            "dmd_start_step": args.dmd_start_step or 0,
             "tcm_dividing_timestep": t_div,
             "seed": args.seed + 1,
             "log_step_offset": stage1_steps,

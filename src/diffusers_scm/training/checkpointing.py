@@ -76,10 +76,12 @@ def save_checkpoint(
     total_limit: int | None = None,
     lr_scheduler=None,
     counters: dict | None = None,
+    optimizers: dict | None = None,
 ) -> str:
     """
-    Save `checkpoint-<step>`: each module's weights (unwrapped) and the EMA as safetensors, the optimizer state,
-    the learning-rate schedule, and per process the torch RNG state and the named generators (for exact resumption).
+    Save `checkpoint-<step>`: each module's weights (unwrapped) and the EMA as safetensors, the optimizer state (and
+    that of each further named optimizer in `optimizers`, e.g. a fake-score network's, as `optimizer_<name>.pt`), the
+    learning-rate schedule, and per process the torch RNG state and the named generators (for exact resumption).
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
@@ -101,6 +103,8 @@ def save_checkpoint(
             if ema is not None:
                 save_file(_contiguous(ema.state_dict()["shadow"]), os.path.join(tmp, "ema.safetensors"))
             torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            for name, extra in (optimizers or {}).items():
+                torch.save(extra.state_dict(), os.path.join(tmp, f"optimizer_{name}.pt"))
         meta = {
             "step": step,
             "ema_num_updates": None if ema is None else ema.num_updates,
@@ -155,6 +159,7 @@ def load_checkpoint(
     generators: dict | None = None,
     lr_scheduler=None,
     counters: dict | None = None,
+    optimizers: dict | None = None,
 ) -> int:
     """Restore what `save_checkpoint` wrote; returns the step. A damaged folder is an error that names the file that
     failed and, where there is one, the previous checkpoint to resume instead."""
@@ -163,6 +168,7 @@ def load_checkpoint(
         needed = [os.path.join(SHARDED_STATE, ".metadata"), "training_state.json"]
     else:
         needed = [f"{name}.safetensors" for name in modules] + ["optimizer.pt", "training_state.json"]
+    needed += [f"optimizer_{name}.pt" for name in optimizers or {}]
     missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         kind = "unsharded" if sharded is not None and os.path.isfile(os.path.join(folder, "optimizer.pt")) else None
@@ -184,6 +190,9 @@ def load_checkpoint(
                 accelerator.unwrap_model(module).load_state_dict(load_file(path))
             path = os.path.join(folder, "optimizer.pt")
             optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        for name, extra in (optimizers or {}).items():
+            path = os.path.join(folder, f"optimizer_{name}.pt")
+            extra.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         path = os.path.join(folder, "training_state.json")
         with open(path) as f:
             meta = json.load(f)

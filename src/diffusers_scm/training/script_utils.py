@@ -623,7 +623,7 @@ def train_loop(
             log = {"loss": mean_loss, **counters, "lr": lr, **time_bucket_logs(logs)}
             log["nonfinite_samples_in_step"] = nonfinite_in_step
             nonfinite_in_step = 0
-            for key in ("tangent_norm", "logvar", "boundary_loss"):
+            for key in ("tangent_norm", "logvar", "boundary_loss", "dmd_loss", "dmd_grad_norm", "fake_score_loss"):
                 if key in logs:
                     log[key] = logs[key].float().mean().item()
             for key in ("warmup_ratio", "discretization_ratio"):

@@ -1,0 +1,141 @@
+"""Score regularization of a consistency student: the distribution-matching (reverse-KL) gradient of DMD, which rCM
+adds to the sCM loss to sharpen one- and few-step samples (SPEC.md section 3 gives the sCM loss it is added to).
+
+Per student update, with the student's one-step time T (`generator_timestep`, arctan(80 / sd) by default, the
+sampler's t_max of SPEC.md section 4):
+
+    x = f_theta(sd n_g, T),  n_g ~ N(0, I)                 the student's one-step sample, with gradients
+    s ~ log-normal proposal (P_mean, P_std),  n ~ N(0, I)
+    x_s = cos(s) sg(x) + sin(s) sd n                      (SPEC.md section 1)
+    real = f_teacher(x_s, s)   (the teacher's data estimate, guided as in sCD: F_c + (w - 1)(F_c - F_u))
+    fake = f_fake(x_s, s)      (the fake-score network: a diffusion model of the student's own samples)
+    grad = (fake - real) / mean(|x - real|)              per sample (DMD's normalization)
+    loss = 1/2 ||x - sg(x - grad)||^2 / D                so that d loss / d x = grad / D
+
+`grad` estimates the gradient of KL(p_student || p_data) with respect to the sample: the student moves its samples
+toward where the teacher's score says the data are and away from where its own are. The fake-score network starts as
+a copy of the teacher and follows the student with the TrigFlow diffusion loss on the student's samples (no
+gradients into the student):
+
+    loss_fake = || F_fake(x_s, s) - (cos(s) sd n - sin(s) x) / sd ||^2 / D
+
+D is the number of elements per sample, so both losses are on the per-element scale of `SCMLoss`.
+"""
+
+import math
+
+import torch
+
+from .losses import _bcast, teacher_velocity
+from .time_proposals import clamp_times, lognormal_times
+
+
+__all__ = ["DMDLoss"]
+
+
+class DMDLoss:
+    """
+    The distribution-matching regularizer of a consistency student and the loss of its fake-score network.
+
+    Args:
+        sigma_data (`float`, defaults to 0.5): standard deviation of the data.
+        P_mean (`float`, defaults to 0.0), P_std (`float`, defaults to 1.6): log-normal proposal of the times s at
+            which the student's samples are noised (ln(sd tan s) ~ N(P_mean, P_std^2), SPEC.md section 3).
+        generator_timestep (`float`, *optional*): the time T of the student's one-step sample; default
+            arctan(80 / sigma_data).
+        guidance_scale (`float`, defaults to 1.0): classifier-free guidance of the teacher's estimate, as in sCD.
+    """
+
+    def __init__(
+        self,
+        sigma_data: float = 0.5,
+        P_mean: float = 0.0,
+        P_std: float = 1.6,
+        generator_timestep: float | None = None,
+        guidance_scale: float = 1.0,
+    ):
+        if P_std <= 0:
+            raise ValueError(f"P_std must be positive, got {P_std}.")
+        self.sigma_data = sigma_data
+        self.P_mean, self.P_std = P_mean, P_std
+        self.generator_timestep = (
+            math.atan(80.0 / sigma_data) if generator_timestep is None else float(generator_timestep)
+        )
+        if not 0 < self.generator_timestep <= math.pi / 2:
+            raise ValueError(f"generator_timestep must lie in (0, pi/2], got {self.generator_timestep}.")
+        self.guidance_scale = guidance_scale
+
+    def data_estimate(self, denoiser, x_t: torch.Tensor, t: torch.Tensor, **conditioning) -> torch.Tensor:
+        """f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t, t) (SPEC.md section 1), through the module's forward, so that a
+        DDP-wrapped network works too."""
+        tb = _bcast(t, x_t)
+        return torch.cos(tb) * x_t - torch.sin(tb) * self.sigma_data * denoiser(x_t, t, **conditioning).float()
+
+    def student_sample(self, student, noise: torch.Tensor, **conditioning) -> torch.Tensor:
+        """x = f_theta(sd n, T) for unit Gaussian `noise` (gradients flow when enabled)."""
+        t = torch.full((noise.shape[0],), self.generator_timestep, device=noise.device, dtype=torch.float32)
+        return self.data_estimate(student, self.sigma_data * noise.float(), t, **conditioning)
+
+    def _noised(self, x, t, diffusion_noise, generator):
+        if t is None:
+            t = lognormal_times(
+                x.shape[0], self.P_mean, self.P_std, self.sigma_data, device=x.device, generator=generator
+            )
+        if diffusion_noise is None:
+            device = x.device if generator is None else generator.device
+            diffusion_noise = torch.randn(x.shape, generator=generator, device=device)
+        t = clamp_times(t.to(x.device, torch.float32))
+        z = self.sigma_data * diffusion_noise.to(x.device, torch.float32)
+        tb = _bcast(t, x)
+        return t, z, torch.cos(tb) * x + torch.sin(tb) * z
+
+    def __call__(
+        self,
+        student,
+        teacher,
+        fake_score,
+        noise: torch.Tensor,
+        t: torch.Tensor | None = None,
+        diffusion_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        uncond_conditioning: dict | None = None,
+        teacher_guidance=None,
+        **conditioning,
+    ):
+        """The student's regularization loss from generator noise `noise` (unit Gaussian, the sample's shape).
+        `t`, `diffusion_noise`: the noising times and unit noise (drawn when not given). Returns `(loss, logs)`."""
+        x = self.student_sample(student, noise, **conditioning)
+        t, _, x_s = self._noised(x.detach(), t, diffusion_noise, generator)
+        tb = _bcast(t, x)
+        w = self.guidance_scale if teacher_guidance is None else teacher_guidance
+        with torch.no_grad():
+            velocity = teacher_velocity(
+                teacher, x_s, t, None, None, self.sigma_data, w, conditioning, uncond_conditioning
+            ).float()
+            real = torch.cos(tb) * x_s - torch.sin(tb) * velocity
+            fake = self.data_estimate(fake_score, x_s, t, **conditioning)
+            scale = (x - real).abs().flatten(1).mean(1).clamp_min(1e-5)
+            grad = (fake - real) / _bcast(scale, x)
+        per_sample = 0.5 * (x - (x - grad).detach()).pow(2).flatten(1).mean(1)
+        logs = {"t": t.detach(), "dmd_loss": per_sample.detach(), "dmd_grad_norm": grad.flatten(1).norm(dim=1)}
+        return per_sample.mean(), logs
+
+    def fake_score_loss(
+        self,
+        fake_score,
+        student,
+        noise: torch.Tensor,
+        t: torch.Tensor | None = None,
+        diffusion_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **conditioning,
+    ):
+        """The fake-score network's TrigFlow diffusion loss on the student's samples from `noise` (no gradients into
+        the student). Returns `(loss, logs)`."""
+        with torch.no_grad():
+            x = self.student_sample(student, noise, **conditioning)
+        t, z, x_s = self._noised(x, t, diffusion_noise, generator)
+        tb = _bcast(t, x)
+        target = (torch.cos(tb) * z - torch.sin(tb) * x) / self.sigma_data
+        per_sample = (fake_score(x_s, t, **conditioning).float() - target).pow(2).flatten(1).mean(1)
+        return per_sample.mean(), {"t": t.detach(), "fake_score_loss": per_sample.detach()}
