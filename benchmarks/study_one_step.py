@@ -129,6 +129,10 @@ VARIANTS = {
     "tcm500_t0.9_lr4e-4_boundary3": _stage2(500, 4e-4, **{"--tcm_boundary_weight": 3.0}),
     # the training budget: 4,000 sCD steps (about 18 minutes on one core)
     "scd4000_cosine_lr2e-4": {"--max_train_steps": 4000, "--lr_scheduler": "cosine", "--learning_rate": 2e-4},
+    # score regularization (rCM): DMD's reverse-divergence gradient in the chosen Stage 2, by its weight
+    "tcm500_t0.9_lr4e-4_dmd1": _stage2(500, 4e-4, **{"--dmd_weight": 1.0}),
+    "tcm500_t0.9_lr4e-4_dmd10": _stage2(500, 4e-4, **{"--dmd_weight": 10.0}),
+    "tcm500_t0.9_lr4e-4_dmd100": _stage2(500, 4e-4, **{"--dmd_weight": 100.0}),
     # the TCM paper's own Stage-2 objective: discrete consistency steps, pseudo-Huber distance
     "tcm500_t0.9_lr4e-4_discrete": _stage2(500, 4e-4, **{"--tcm_objective": "discrete"}),
     # TCM: Stage 1 = 1,000 sCD steps, Stage 2 = 500 continuous steps on t >= t' (default t' = 1.107)

@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--stage2_steps", type=int, default=500, help="TCM Stage-2 steps")
     p.add_argument("--stage2_learning_rate", type=float, default=4e-4, help="TCM Stage 2")
     p.add_argument("--tcm_dividing_timestep", type=float, default=0.9, help="TCM's t' (the two-step middle time too)")
+    p.add_argument("--dmd_weight", type=float, default=0.0, help="score regularization of Stage 2 (distill.py)")
+    p.add_argument("--dmd_fake_updates", type=int, default=4, help="fake-score updates per student update")
     # two-step middle time: 0.9 suits 8x8 digits (2-step FD-digits of a 1,500-step student: 1.80 at 0.9, 1.82 at 0.8,
     # 1.99 at 1.0, 2.27 at sCM's 1.1 for 64x64 images, 2.62 at 1.2)
     p.add_argument("--intermediate_timestep", type=float, default=0.9)
@@ -221,6 +223,8 @@ def main(argv=None):
         tcm = ["--stage2_max_train_steps", args.stage2_steps, "--stage2_learning_rate", args.stage2_learning_rate]
         tcm += ["--tcm_dividing_timestep", args.tcm_dividing_timestep]
         tcm += ["--tcm_intermediate_timestep", max(args.intermediate_timestep, args.tcm_dividing_timestep)]
+    if args.dmd_weight:  # Stage 2's (TCM) or the whole run's (sCD, after the tangent warmup)
+        tcm += ["--dmd_weight", args.dmd_weight, "--dmd_fake_updates", args.dmd_fake_updates]
     last = max(args.distill_steps, args.stage2_steps)
     run(
         "distill.py",

@@ -6,7 +6,9 @@ CD / CT (ECT-style) and truncated consistency models (TCM, SPEC.md section 5).
 
 `--method tcm` trains Stage 1 (`--tcm_stage1_method`, saved in `OUTPUT_DIR/stage1/`) and then Stage 2 from the Stage-1
 EMA weights on t >= t' (`--tcm_objective` discrete or continuous), or only Stage 2 with `--stage1_model PATH`. The
-Stage-2 student's scheduler config records t' and the two-step intermediate time.
+Stage-2 student's scheduler config records t' and the two-step intermediate time. `--dmd_weight W` adds rCM's score
+regularization to sCD (after the tangent warmup) or to TCM's continuous Stage 2: DMD's reverse-divergence gradient from
+a fake-score network that follows the student (`diffusers_scm.training.DMDLoss`).
 
 The teacher is any diffusers pipeline or network folder whose parameterization `load_teacher` infers (EDM, flow
 matching, DDPM eps/v, TrigFlow). The student starts as a copy of the teacher's network (or `--student`), is trained

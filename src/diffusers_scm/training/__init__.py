@@ -1,6 +1,7 @@
 """Training: sCD/sCT losses, discrete CD/CT and TCM losses, time proposals, EMA, the adaptive-weighting head, teacher
 loading (SPEC.md sections 3 and 5)."""
 
+from .dmd import DMDLoss
 from .ema import ConstantDecayEMA, PowerFunctionEMA, make_ema, sigma_rel_to_gamma
 from .logvar import LogVarHead
 from .losses import SCMLoss, TrigFlowDiffusionLoss, null_class_conditioning
@@ -18,6 +19,7 @@ from .time_proposals import (
 
 __all__ = [
     "SCMLoss",
+    "DMDLoss",
     "ConsistencyLoss",
     "TCMLoss",
     "consistency_function",
