@@ -133,6 +133,9 @@ VARIANTS = {
     "tcm500_t0.9_lr4e-4_dmd1": _stage2(500, 4e-4, **{"--dmd_weight": 1.0}),
     "tcm500_t0.9_lr4e-4_dmd10": _stage2(500, 4e-4, **{"--dmd_weight": 10.0}),
     "tcm500_t0.9_lr4e-4_dmd100": _stage2(500, 4e-4, **{"--dmd_weight": 100.0}),
+    # the term on the student's 1- and 2-step samples in turn (the 2-step ones through the middle time 0.9)
+    "tcm500_t0.9_lr4e-4_dmd100_steps2": _stage2(500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2}),
+    "tcm500_t0.9_lr4e-4_dmd300_steps2": _stage2(500, 4e-4, **{"--dmd_weight": 300.0, "--dmd_sample_steps": 2}),
     # the TCM paper's own Stage-2 objective: discrete consistency steps, pseudo-Huber distance
     "tcm500_t0.9_lr4e-4_discrete": _stage2(500, 4e-4, **{"--tcm_objective": "discrete"}),
     # TCM: Stage 1 = 1,000 sCD steps, Stage 2 = 500 continuous steps on t >= t' (default t' = 1.107)

@@ -170,6 +170,13 @@ def parse_args(argv=None):
     p.add_argument("--dmd_P_mean", type=float, default=0.0, help="time proposal of the noised student samples")
     p.add_argument("--dmd_P_std", type=float, default=1.6)
     p.add_argument(
+        "--dmd_sample_steps",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="2: the term acts on the student's 1- and 2-step samples, in turn (2-step: through the middle time)",
+    )
+    p.add_argument(
         "--dmd_start_step",
         type=non_negative_int,
         default=None,
@@ -489,8 +496,18 @@ def build_dmd(args, accelerator, teacher, student, state) -> dict | None:
     state["optimizers"] = {"fake_score": optimizer}
     guidance = args.guidance_scale if args.guidance_scale is not None else 1.0
     start = args.dmd_start_step if args.dmd_start_step is not None else args.tangent_warmup_steps
+    if args.method == "tcm":  # Stage 2's two-step time: t' unless given
+        middle = args.tcm_intermediate_timestep or args.tcm_dividing_timestep
+    else:  # the saved scheduler's two-step time (sCM's 1.1 by default)
+        middle = args.intermediate_timestep or 1.1
     return {
-        "loss": DMDLoss(teacher.sigma_data, args.dmd_P_mean, args.dmd_P_std, guidance_scale=guidance),
+        "loss": DMDLoss(
+            teacher.sigma_data,
+            args.dmd_P_mean,
+            args.dmd_P_std,
+            guidance_scale=guidance,
+            intermediate_timesteps=(middle,) if args.dmd_sample_steps > 1 else (),
+        ),
         "fake": fake,
         "optimizer": optimizer,
         "start_step": start,
@@ -503,10 +520,17 @@ def dmd_step(args, accelerator, dmd, student, teacher, shape, cond, extra, gener
     once (without a DDP all-reduce: the stage's own backward pass reduces the sum). Returns the losses for the log."""
     loss_fn, fake, optimizer = dmd["loss"], dmd["fake"], dmd["optimizer"]
     logs = {}
+    choices = 1 + len(loss_fn.intermediate_timesteps)  # the step count of each sample, drawn from 1..choices
+
+    def steps():
+        return int(torch.randint(1, choices + 1, (1,), generator=generator, device=generator.device))
+
     if accelerator.sync_gradients:
         for _ in range(args.dmd_fake_updates):
             noise = torch.randn(shape, generator=generator, device=generator.device)
-            fake_loss, fake_logs = loss_fn.fake_score_loss(fake, student, noise, generator=generator, **cond)
+            fake_loss, fake_logs = loss_fn.fake_score_loss(
+                fake, student, noise, generator=generator, steps=steps(), **cond
+            )
             accelerator.backward(fake_loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -516,7 +540,7 @@ def dmd_step(args, accelerator, dmd, student, teacher, shape, cond, extra, gener
         "uncond_conditioning": extra.get("uncond_conditioning"),
         "teacher_guidance": extra.get("teacher_guidance"),
     }
-    loss, dmd_logs = loss_fn(student, teacher, fake, noise, generator=generator, **guided, **cond)
+    loss, dmd_logs = loss_fn(student, teacher, fake, noise, generator=generator, steps=steps(), **guided, **cond)
     with accelerator.no_sync(student):
         accelerator.backward(args.dmd_weight * loss)
     logs["dmd_loss"] = loss.detach()

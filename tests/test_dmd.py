@@ -103,6 +103,25 @@ def test_dmd_descends_to_the_teachers_gaussian():
     torch.testing.assert_close(student.a.detach().abs().float(), s, atol=0.04, rtol=0)
 
 
+def test_two_step_samples_follow_the_sampler_with_gradients_through_the_last_step():
+    """steps=2: x1 = f(sd n, T), then x = f(cos(t1) x1 + sin(t1) sd n1, t1) with n1 from the generator (SPEC.md
+    section 4); only the last call carries gradients."""
+    torch.manual_seed(3)
+    loss_fn = DMDLoss(sigma_data=SD, intermediate_timesteps=(0.9,))
+    student, noise = AffineStudent(4), torch.randn(5, 4)
+    x = loss_fn.student_sample(student, noise, steps=2, generator=torch.Generator().manual_seed(7))
+    fresh = torch.randn(5, 4, generator=torch.Generator().manual_seed(7))
+    x1 = student.b + student.a * noise.double()
+    x_t = math.cos(0.9) * x1 + math.sin(0.9) * SD * fresh
+    torch.testing.assert_close(x.double(), (student.b + student.a * x_t / SD).double(), rtol=1e-5, atol=1e-6)
+    x.sum().backward()  # d/da through the last step only: x_t / sd, x1 held fixed
+    torch.testing.assert_close(student.a.grad, (x_t.detach() / SD).sum(0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs 2 intermediate time"):
+        loss_fn.student_sample(student, noise, steps=3)
+    with pytest.raises(ValueError, match="intermediate_timesteps"):
+        DMDLoss(sigma_data=SD, intermediate_timesteps=(1.6,))
+
+
 def test_bad_settings_name_the_problem():
     with pytest.raises(ValueError, match="P_std must be positive"):
         DMDLoss(P_std=0)

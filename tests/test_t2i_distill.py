@@ -92,7 +92,9 @@ def test_tcm_with_a_text_to_image_teacher(tmp_path, data_dir):
     distill.main(
         ["--teacher", str(teacher), "--method", "tcm", "--dataset_name", str(data_dir), "--output_dir", str(out)]
         + ["--max_train_steps", "2", "--stage2_max_train_steps", "2", "--guidance_scale", "2.0", *COMMON]
+        + ["--dmd_weight", "1.0", "--dmd_fake_updates", "1"]  # Stage 2 with the score regularizer, guided teacher
     )
+    assert all(np.isfinite(_losses(out))) and len(_losses(out)) == 2
     student = SCMPipeline.from_pretrained(out)
     assert student.config.family_pipeline == "SanaPipeline" and student.scheduler.config.dividing_timestep
     student.set_progress_bar_config(disable=True)

@@ -44,6 +44,10 @@ class DMDLoss:
         generator_timestep (`float`, *optional*): the time T of the student's one-step sample; default
             arctan(80 / sigma_data).
         guidance_scale (`float`, defaults to 1.0): classifier-free guidance of the teacher's estimate, as in sCD.
+        intermediate_timesteps (`tuple[float]`, defaults to `()`): the student's multistep times after T (SPEC.md
+            section 4). A sample of k steps (`steps=k`, k <= 1 + their number) is drawn as the sampler draws it, the
+            first k - 1 steps without gradients; the regularizer then acts on the student's k-step samples, as rCM
+            applies it along the student's own trajectory.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class DMDLoss:
         P_std: float = 1.6,
         generator_timestep: float | None = None,
         guidance_scale: float = 1.0,
+        intermediate_timesteps: tuple = (),
     ):
         if P_std <= 0:
             raise ValueError(f"P_std must be positive, got {P_std}.")
@@ -64,6 +69,11 @@ class DMDLoss:
         if not 0 < self.generator_timestep <= math.pi / 2:
             raise ValueError(f"generator_timestep must lie in (0, pi/2], got {self.generator_timestep}.")
         self.guidance_scale = guidance_scale
+        self.intermediate_timesteps = tuple(float(t) for t in intermediate_timesteps)
+        if any(not 0 < t < self.generator_timestep for t in self.intermediate_timesteps):
+            raise ValueError(
+                f"intermediate_timesteps {self.intermediate_timesteps} must lie in (0, {self.generator_timestep:.6f})."
+            )
 
     def data_estimate(self, denoiser, x_t: torch.Tensor, t: torch.Tensor, **conditioning) -> torch.Tensor:
         """f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t, t) (SPEC.md section 1), through the module's forward, so that a
@@ -71,10 +81,30 @@ class DMDLoss:
         tb = _bcast(t, x_t)
         return torch.cos(tb) * x_t - torch.sin(tb) * self.sigma_data * denoiser(x_t, t, **conditioning).float()
 
-    def student_sample(self, student, noise: torch.Tensor, **conditioning) -> torch.Tensor:
-        """x = f_theta(sd n, T) for unit Gaussian `noise` (gradients flow when enabled)."""
-        t = torch.full((noise.shape[0],), self.generator_timestep, device=noise.device, dtype=torch.float32)
-        return self.data_estimate(student, self.sigma_data * noise.float(), t, **conditioning)
+    def student_sample(
+        self, student, noise: torch.Tensor, steps: int = 1, generator: torch.Generator | None = None, **conditioning
+    ) -> torch.Tensor:
+        """The student's `steps`-step sample from unit Gaussian `noise` (SPEC.md section 4): x = f_theta(sd n, T), then
+        per further step x = f_theta(cos(t_i) x + sin(t_i) sd n_i, t_i) with fresh noise n_i from `generator`.
+        Gradients flow (when enabled) through the last step only."""
+        if not 1 <= steps <= 1 + len(self.intermediate_timesteps):
+            raise ValueError(
+                f"A {steps}-step sample needs {steps - 1} intermediate time(s); there are "
+                f"{len(self.intermediate_timesteps)}: pass intermediate_timesteps."
+            )
+        grad = torch.is_grad_enabled()
+
+        def step(x_t, time, last):
+            t = torch.full((noise.shape[0],), time, device=noise.device, dtype=torch.float32)
+            with torch.set_grad_enabled(grad and last):
+                return self.data_estimate(student, x_t, t, **conditioning)
+
+        x = step(self.sigma_data * noise.float(), self.generator_timestep, steps == 1)
+        for i, time in enumerate(self.intermediate_timesteps[: steps - 1]):
+            device = noise.device if generator is None else generator.device
+            fresh = torch.randn(noise.shape, generator=generator, device=device).to(noise.device)
+            x = step(math.cos(time) * x + math.sin(time) * self.sigma_data * fresh, time, i == steps - 2)
+        return x
 
     def _noised(self, x, t, diffusion_noise, generator):
         if t is None:
@@ -100,11 +130,13 @@ class DMDLoss:
         generator: torch.Generator | None = None,
         uncond_conditioning: dict | None = None,
         teacher_guidance=None,
+        steps: int = 1,
         **conditioning,
     ):
-        """The student's regularization loss from generator noise `noise` (unit Gaussian, the sample's shape).
-        `t`, `diffusion_noise`: the noising times and unit noise (drawn when not given). Returns `(loss, logs)`."""
-        x = self.student_sample(student, noise, **conditioning)
+        """The student's regularization loss from generator noise `noise` (unit Gaussian, the sample's shape), on its
+        `steps`-step samples. `t`, `diffusion_noise`: the noising times and unit noise (drawn when not given). Returns
+        `(loss, logs)`."""
+        x = self.student_sample(student, noise, steps, generator, **conditioning)
         t, _, x_s = self._noised(x.detach(), t, diffusion_noise, generator)
         tb = _bcast(t, x)
         w = self.guidance_scale if teacher_guidance is None else teacher_guidance
@@ -128,12 +160,13 @@ class DMDLoss:
         t: torch.Tensor | None = None,
         diffusion_noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        steps: int = 1,
         **conditioning,
     ):
-        """The fake-score network's TrigFlow diffusion loss on the student's samples from `noise` (no gradients into
-        the student). Returns `(loss, logs)`."""
+        """The fake-score network's TrigFlow diffusion loss on the student's `steps`-step samples from `noise` (no
+        gradients into the student). Returns `(loss, logs)`."""
         with torch.no_grad():
-            x = self.student_sample(student, noise, **conditioning)
+            x = self.student_sample(student, noise, steps, generator, **conditioning)
         t, z, x_s = self._noised(x, t, diffusion_noise, generator)
         tb = _bcast(t, x)
         target = (torch.cos(tb) * z - torch.sin(tb) * x) / self.sigma_data
