@@ -6,7 +6,8 @@ Phases (each with its own progress bar), all through the scripts a user runs:
 1. `train_teacher.py`: a tiny TrigFlow `SCMUNet2DModel` on the 8x8 digits (cached under
    `~/.cache/diffusers_scm/demo/`, keyed by its settings, and reused by later runs);
 2. `distill.py --method tcm`: the one/two-step student, from a copy of the teacher: sCD as TCM's Stage 1, then its
-   Stage 2 on t >= `--tcm_dividing_timestep` from the Stage-1 student (`--distill_method scd`: sCD only);
+   Stage 2 on t >= `--tcm_dividing_timestep` from the Stage-1 student, with rCM's score regularization
+   (`--dmd_weight`; `--distill_method scd`: sCD only);
 3. `evaluate.py`: the teacher by its ODE (DPM-Solver++ at several NFE) and the student in 1 and 2 steps, from the same
    noise, with FD-digits and the paired RMSE to the teacher's accurate ODE solution;
 4. the report: `results.json`, `results.md` (the table and the targets), `samples.png` (teacher and student side by
