@@ -223,14 +223,19 @@ def main(argv=None):
     print(f"== 2/4 {args.distill_method.upper()} distillation (distill.py)", flush=True)
     start = time.perf_counter()
     student = os.path.join(out, "student")
-    tcm = []
+    stage_flags = []
     if args.distill_method == "tcm":  # Stage 2 after the sCD Stage 1, from t' up; two steps through t'
-        tcm = ["--stage2_max_train_steps", args.stage2_steps, "--stage2_learning_rate", args.stage2_learning_rate]
-        tcm += ["--tcm_dividing_timestep", args.tcm_dividing_timestep]
-        tcm += ["--tcm_intermediate_timestep", max(args.intermediate_timestep, args.tcm_dividing_timestep)]
+        stage_flags = [
+            "--stage2_max_train_steps",
+            args.stage2_steps,
+            "--stage2_learning_rate",
+            args.stage2_learning_rate,
+        ]
+        stage_flags += ["--tcm_dividing_timestep", args.tcm_dividing_timestep]
+        stage_flags += ["--tcm_intermediate_timestep", max(args.intermediate_timestep, args.tcm_dividing_timestep)]
     if args.dmd_weight:  # Stage 2's (TCM) or the whole run's (sCD, after the tangent warmup)
-        tcm += ["--dmd_weight", args.dmd_weight, "--dmd_fake_updates", args.dmd_fake_updates]
-        tcm += ["--dmd_sample_steps", args.dmd_sample_steps]
+        stage_flags += ["--dmd_weight", args.dmd_weight, "--dmd_fake_updates", args.dmd_fake_updates]
+        stage_flags += ["--dmd_sample_steps", args.dmd_sample_steps]
     last = max(args.distill_steps, args.stage2_steps)
     run(
         "distill.py",
@@ -239,7 +244,7 @@ def main(argv=None):
         + ["--max_train_steps", args.distill_steps, "--learning_rate", args.distill_learning_rate]
         + ["--lr_scheduler", args.distill_lr_scheduler, "--tangent_warmup_steps", args.tangent_warmup_steps]
         + ["--tangent_norm_c", args.tangent_norm_c, "--intermediate_timestep", args.intermediate_timestep]
-        + tcm
+        + stage_flags
         + ["--report_to", "none", "--seed", args.seed]
         + ["--checkpointing_steps", last, "--checkpoints_total_limit", 1]
         + ["--validation_steps", last, "--num_validation_images", 16, "--output_dir", student],

@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from .losses import _bcast, teacher_velocity
-from .time_proposals import clamp_times, lognormal_times
+from .losses import TrigFlowDiffusionLoss, _bcast, noised_batch, teacher_velocity
+from .tcm import consistency_function
 
 
 __all__ = ["DMDLoss"]
@@ -69,6 +69,7 @@ class DMDLoss:
         if not 0 < self.generator_timestep <= math.pi / 2:
             raise ValueError(f"generator_timestep must lie in (0, pi/2], got {self.generator_timestep}.")
         self.guidance_scale = guidance_scale
+        self.diffusion_loss = TrigFlowDiffusionLoss(sigma_data, P_mean, P_std)  # the fake score's, on student samples
         self.intermediate_timesteps = tuple(float(t) for t in intermediate_timesteps)
         if any(not 0 < t < self.generator_timestep for t in self.intermediate_timesteps):
             raise ValueError(
@@ -78,8 +79,7 @@ class DMDLoss:
     def data_estimate(self, denoiser, x_t: torch.Tensor, t: torch.Tensor, **conditioning) -> torch.Tensor:
         """f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t, t) (SPEC.md section 1), through the module's forward, so that a
         DDP-wrapped network works too."""
-        tb = _bcast(t, x_t)
-        return torch.cos(tb) * x_t - torch.sin(tb) * self.sigma_data * denoiser(x_t, t, **conditioning).float()
+        return consistency_function(denoiser(x_t, t, **conditioning).float(), x_t, t, self.sigma_data)
 
     def student_sample(
         self, student, noise: torch.Tensor, steps: int = 1, generator: torch.Generator | None = None, **conditioning
@@ -106,19 +106,6 @@ class DMDLoss:
             x = step(math.cos(time) * x + math.sin(time) * self.sigma_data * fresh, time, i == steps - 2)
         return x
 
-    def _noised(self, x, t, diffusion_noise, generator):
-        if t is None:
-            t = lognormal_times(
-                x.shape[0], self.P_mean, self.P_std, self.sigma_data, device=x.device, generator=generator
-            )
-        if diffusion_noise is None:
-            device = x.device if generator is None else generator.device
-            diffusion_noise = torch.randn(x.shape, generator=generator, device=device)
-        t = clamp_times(t.to(x.device, torch.float32))
-        z = self.sigma_data * diffusion_noise.to(x.device, torch.float32)
-        tb = _bcast(t, x)
-        return t, z, torch.cos(tb) * x + torch.sin(tb) * z
-
     def __call__(
         self,
         student,
@@ -137,7 +124,9 @@ class DMDLoss:
         `steps`-step samples. `t`, `diffusion_noise`: the noising times and unit noise (drawn when not given). Returns
         `(loss, logs)`."""
         x = self.student_sample(student, noise, steps, generator, **conditioning)
-        t, _, x_s = self._noised(x.detach(), t, diffusion_noise, generator)
+        _, t, _, x_s = noised_batch(
+            x.detach(), t, diffusion_noise, self.sigma_data, self.P_mean, self.P_std, generator
+        )
         tb = _bcast(t, x)
         w = self.guidance_scale if teacher_guidance is None else teacher_guidance
         with torch.no_grad():
@@ -167,8 +156,5 @@ class DMDLoss:
         gradients into the student). Returns `(loss, logs)`."""
         with torch.no_grad():
             x = self.student_sample(student, noise, steps, generator, **conditioning)
-        t, z, x_s = self._noised(x, t, diffusion_noise, generator)
-        tb = _bcast(t, x)
-        target = (torch.cos(tb) * z - torch.sin(tb) * x) / self.sigma_data
-        per_sample = (fake_score(x_s, t, **conditioning).float() - target).pow(2).flatten(1).mean(1)
-        return per_sample.mean(), {"t": t.detach(), "fake_score_loss": per_sample.detach()}
+        loss, logs = self.diffusion_loss(fake_score, x, t, diffusion_noise, generator=generator, **conditioning)
+        return loss, {"t": logs["t"], "fake_score_loss": logs["loss"]}
