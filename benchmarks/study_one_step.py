@@ -136,6 +136,14 @@ VARIANTS = {
     # the term on the student's 1- and 2-step samples in turn (the 2-step ones through the middle time 0.9)
     "tcm500_t0.9_lr4e-4_dmd100_steps2": _stage2(500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2}),
     "tcm500_t0.9_lr4e-4_dmd300_steps2": _stage2(500, 4e-4, **{"--dmd_weight": 300.0, "--dmd_sample_steps": 2}),
+    # the fake score trained on the term's own batch (from here on), and more 1-step batches than 2-step ones
+    "tcm500_t0.9_lr4e-4_dmd100_steps2_batch": _stage2(500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2}),
+    "tcm500_t0.9_lr4e-4_dmd100_w21": _stage2(
+        500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_step_weights": [2, 1]}
+    ),
+    "tcm500_t0.9_lr4e-4_dmd100_w31": _stage2(
+        500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_step_weights": [3, 1]}
+    ),
     # the TCM paper's own Stage-2 objective: discrete consistency steps, pseudo-Huber distance
     "tcm500_t0.9_lr4e-4_discrete": _stage2(500, 4e-4, **{"--tcm_objective": "discrete"}),
     # TCM: Stage 1 = 1,000 sCD steps, Stage 2 = 500 continuous steps on t >= t' (default t' = 1.107)
@@ -157,7 +165,12 @@ def run(script: str, args: list, log: str) -> float:
 
 
 def flag_list(flags: dict) -> list:
-    return [item for key, value in flags.items() if key.startswith("--") for item in (key, value)]
+    """`{"--flag": value}` as command-line arguments; a list value gives several (an nargs="+" flag)."""
+    items = []
+    for key, value in flags.items():
+        if key.startswith("--"):
+            items += [key, *(value if isinstance(value, (list, tuple)) else [value])]
+    return items
 
 
 def fd_by_steps(results_json: str, model: str) -> dict:

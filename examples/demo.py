@@ -8,8 +8,9 @@ Phases (each with its own progress bar), all through the scripts a user runs:
 2. `distill.py --method tcm`: the one/two-step student, from a copy of the teacher: sCD as TCM's Stage 1, then its
    Stage 2 on t >= `--tcm_dividing_timestep` from the Stage-1 student, with rCM's score regularization
    (`--dmd_weight`; `--distill_method scd`: sCD only);
-3. `evaluate.py`: the teacher by its ODE (DPM-Solver++ at several NFE) and the student in 1 and 2 steps, from the same
-   noise, with FD-digits and the paired RMSE to the teacher's accurate ODE solution;
+3. `evaluate.py`: the teacher by its ODE (DPM-Solver++ at several NFE; cached beside the teacher, keyed by the seed,
+   sample count and NFE) and the student in 1 and 2 steps, from the same noise, with FD-digits and the paired RMSE to
+   the teacher's ODE solution at the most NFE (its saved images, `evaluate.py --paired_reference`);
 4. the report: `results.json`, `results.md` (the table and the targets), `samples.png` (teacher and student side by
    side, same noise), `fd_vs_nfe.png` (FD-digits against NFE), and the sample grids under `grids/`.
 """
@@ -109,6 +110,30 @@ def train_teacher(args) -> tuple[str, bool]:
     for name in os.listdir(partial):  # the pipeline is what is cached, not the training state
         if name.startswith("checkpoint-"):
             shutil.rmtree(os.path.join(partial, name))
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    return folder, False
+
+
+def evaluate_teacher(args, teacher: str) -> tuple[str, bool]:
+    """The teacher's rows (its DPM-Solver++ ODE at `--teacher_nfe`) from the demo's noise, cached beside the teacher
+    and keyed by the evaluation settings: a folder of `evaluate.py --save_images` whose images at the most NFE are the
+    students' paired reference. Returns (folder, reused)."""
+    settings = {"num_samples": args.num_samples, "seed": args.seed, "steps": sorted(args.teacher_nfe)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = f"{teacher}-eval-{key}"
+    if os.path.isfile(os.path.join(folder, "results.json")) and not args.retrain_teacher:
+        print(f"Reusing the teacher's cached evaluation {folder}")
+        return folder, True
+    partial = folder + ".partial"
+    if os.path.isdir(partial):
+        shutil.rmtree(partial)
+    run(
+        "evaluate.py",
+        ["--pipeline", teacher, "--name", "teacher", "--steps", *settings["steps"], "--save_images"]
+        + ["--num_samples", args.num_samples, "--seed", args.seed, "--output_dir", partial],
+    )
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.replace(partial, folder)
@@ -256,11 +281,14 @@ def main(argv=None):
     results_json = os.path.join(out, "results.json")
     if os.path.exists(results_json):
         os.remove(results_json)  # a fresh table for this run
-    common = ["--num_samples", args.num_samples, "--seed", args.seed, "--output_dir", out]
-    run("evaluate.py", ["--pipeline", teacher, "--name", "teacher", "--steps", *args.teacher_nfe] + common)
+    teacher_eval, eval_reused = evaluate_teacher(args, teacher)
+    shutil.copy(os.path.join(teacher_eval, "results.json"), results_json)  # the student's rows join the teacher's
+    shutil.copytree(os.path.join(teacher_eval, "grids"), os.path.join(out, "grids"), dirs_exist_ok=True)
+    reference = os.path.join(teacher_eval, "images", f"teacher-{max(args.teacher_nfe)}step.safetensors")
     run(
         "evaluate.py",
-        ["--pipeline", student, "--name", "student", "--steps", 1, 2, "--paired_teacher", teacher] + common,
+        ["--pipeline", student, "--name", "student", "--steps", 1, 2, "--paired_reference", reference]
+        + ["--num_samples", args.num_samples, "--seed", args.seed, "--output_dir", out],
     )
     times["evaluate"] = time.perf_counter() - start
 
@@ -282,7 +310,9 @@ def main(argv=None):
     times["total"] = sum(times.values())
     lines = [target_line(name, t, summary) for name, t in summary["targets"].items()]
     demo = {**summary, "seconds": times, "teacher": teacher, "teacher_reused": reused, "args": vars(args)}
-    finish_report(out, results, demo, lines, times, " (cached teacher)" if reused else "")
+    demo["teacher_evaluation_reused"] = eval_reused
+    cached = [what for what, hit in (("teacher", reused), ("teacher's evaluation", eval_reused)) if hit]
+    finish_report(out, results, demo, lines, times, f" (cached {' and '.join(cached)})" if cached else "")
     return results
 
 

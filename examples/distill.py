@@ -177,6 +177,13 @@ def parse_args(argv=None):
         help="2: the term acts on the student's 1- and 2-step samples, in turn (2-step: through the middle time)",
     )
     p.add_argument(
+        "--dmd_step_weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="with --dmd_sample_steps 2: relative frequencies of 1- and 2-step batches (default: 1 1)",
+    )
+    p.add_argument(
         "--dmd_start_step",
         type=non_negative_int,
         default=None,
@@ -218,6 +225,15 @@ def parse_args(argv=None):
                 "--dmd_weight trains a full fake-score copy of the teacher beside the student, which is not sharded "
                 "and has no LoRA form here: drop --lora_rank / --fsdp, or --dmd_weight"
             )
+    if args.dmd_step_weights is None:
+        args.dmd_step_weights = [1.0] * args.dmd_sample_steps
+    if len(args.dmd_step_weights) != args.dmd_sample_steps or min(args.dmd_step_weights) < 0:
+        p.error(
+            f"--dmd_step_weights {args.dmd_step_weights}: give {args.dmd_sample_steps} non-negative frequencies, one "
+            "per step count 1..--dmd_sample_steps"
+        )
+    if sum(args.dmd_step_weights) <= 0:
+        p.error("--dmd_step_weights: at least one frequency must be positive")
     args.tangent_norm_c = None if args.tangent_norm_c.lower() == "none" else float(args.tangent_norm_c)
     if args.guidance_scale_range is not None and args.guidance_scale_range[0] > args.guidance_scale_range[1]:
         p.error(f"--guidance_scale_range {args.guidance_scale_range}: LO must not exceed HI")
@@ -515,36 +531,32 @@ def build_dmd(args, accelerator, teacher, student, state) -> dict | None:
 
 
 def dmd_step(args, accelerator, dmd, student, teacher, shape, cond, extra, generator) -> dict:
-    """One step of the score regularizer, before the stage's own loss: `--dmd_fake_updates` updates of the fake-score
-    network on fresh student samples (once per optimizer step), then the student's DMD gradient, back-propagated at
-    once (without a DDP all-reduce: the stage's own backward pass reduces the sum). Returns the losses for the log."""
+    """One step of the score regularizer, before the stage's own loss: the student's DMD gradient on a batch of its
+    samples, back-propagated at once (without a DDP all-reduce: the stage's own backward pass reduces the sum), then
+    `--dmd_fake_updates` updates of the fake-score network on that same batch (DMD2's critic, fresh noise and times
+    each; once per optimizer step). Returns the losses for the log."""
     loss_fn, fake, optimizer = dmd["loss"], dmd["fake"], dmd["optimizer"]
-    logs = {}
-    choices = 1 + len(loss_fn.intermediate_timesteps)  # the step count of each sample, drawn from 1..choices
-
-    def steps():
-        return int(torch.randint(1, choices + 1, (1,), generator=generator, device=generator.device))
-
-    if accelerator.sync_gradients:
-        for _ in range(args.dmd_fake_updates):
-            noise = torch.randn(shape, generator=generator, device=generator.device)
-            fake_loss, fake_logs = loss_fn.fake_score_loss(
-                fake, student, noise, generator=generator, steps=steps(), **cond
-            )
-            accelerator.backward(fake_loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            logs["fake_score_loss"] = fake_logs["fake_score_loss"]
+    # the step count of this batch, drawn from 1..--dmd_sample_steps in the proportions --dmd_step_weights
+    frequencies = torch.tensor(args.dmd_step_weights, device=generator.device)
+    steps = 1 + int(torch.multinomial(frequencies, 1, generator=generator))
     noise = torch.randn(shape, generator=generator, device=generator.device)
     guided = {
         "uncond_conditioning": extra.get("uncond_conditioning"),
         "teacher_guidance": extra.get("teacher_guidance"),
     }
-    loss, dmd_logs = loss_fn(student, teacher, fake, noise, generator=generator, steps=steps(), **guided, **cond)
+    loss, dmd_logs = loss_fn(student, teacher, fake, noise, generator=generator, steps=steps, **guided, **cond)
     with accelerator.no_sync(student):
         accelerator.backward(args.dmd_weight * loss)
-    logs["dmd_loss"] = loss.detach()
-    logs["dmd_grad_norm"] = dmd_logs["dmd_grad_norm"]
+    logs = {"dmd_loss": loss.detach(), "dmd_grad_norm": dmd_logs["dmd_grad_norm"]}
+    if accelerator.sync_gradients:
+        for _ in range(args.dmd_fake_updates):
+            fake_loss, fake_logs = loss_fn.fake_score_loss(
+                fake, student, None, generator=generator, samples=dmd_logs["samples"], **cond
+            )
+            accelerator.backward(fake_loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            logs["fake_score_loss"] = fake_logs["fake_score_loss"]
     return logs
 
 

@@ -31,6 +31,15 @@ clean-fid, weights already on disk or `--inception_weights`; against `--referenc
 classifier labels as their prompt's digit: `--prompt_labels`, or the digit a prompt names), `class_accuracy` (a
 class-conditional digits model, whose image i is drawn for class i mod 10: the share that the classifier labels as
 their class; on by default for such a model).
+
+`--save_images` writes each step count's images to `OUTPUT_DIR/images/<name>-<steps>step.safetensors` (with the
+pipeline, sampler, seed and sample count as metadata); `--paired_reference FILE` then serves as the paired RMSE's
+reference in place of `--paired_teacher`, so that a teacher's ODE is run once for many students evaluated from the
+same `--seed` and `--num_samples`:
+
+    python examples/evaluate.py --pipeline digits-teacher --name teacher --steps 16 64 --save_images --output_dir t
+    python examples/evaluate.py --pipeline digits-student --steps 1 2 \
+        --paired_reference t/images/teacher-64step.safetensors --output_dir report
 """
 
 import argparse
@@ -74,6 +83,12 @@ def parse_args(argv=None):
     p.add_argument("--paired_teacher", default=None, help="teacher pipeline for paired_rmse")
     p.add_argument("--paired_teacher_steps", type=int, default=64)
     p.add_argument("--paired_teacher_solver", choices=["ddim", "heun", "dpmsolver++"], default="heun")
+    p.add_argument(
+        "--paired_reference",
+        default=None,
+        help="images saved by --save_images (same --seed and --num_samples) as the paired RMSE's reference",
+    )
+    p.add_argument("--save_images", action="store_true", help="write every step count's images under images/")
     p.add_argument("--inception_backend", choices=["auto", "torch-fidelity", "clean-fid"], default="auto")
     p.add_argument("--inception_weights", default=None, help="a local Inception weights file for FID")
     p.add_argument("--num_grid_images", type=int, default=64, help="images in each saved sample grid (0: none)")
@@ -86,10 +101,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.default_metrics = args.metrics is None  # main adds class_accuracy for a class-conditional model
     if args.metrics is None:
-        args.metrics = ["fd_digits"] + (["paired_rmse"] if args.paired_teacher else [])
+        paired = args.paired_teacher or args.paired_reference
+        args.metrics = ["fd_digits"] + (["paired_rmse"] if paired else [])
         args.metrics += ["prompt_accuracy"] if args.prompts else []
-    if "paired_rmse" in args.metrics and args.paired_teacher is None:
-        p.error("--metrics paired_rmse needs --paired_teacher")
+    if args.paired_teacher and args.paired_reference:
+        p.error("give --paired_teacher (its ODE is run) or --paired_reference (images already saved), not both")
+    if "paired_rmse" in args.metrics and not (args.paired_teacher or args.paired_reference):
+        p.error("--metrics paired_rmse needs --paired_teacher or --paired_reference")
     if "prompt_accuracy" in args.metrics:
         if not args.prompts:
             p.error("--metrics prompt_accuracy needs --prompts")
@@ -289,6 +307,55 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def save_images(images: torch.Tensor, path: str, row: dict, args):
+    """The images of one row as safetensors (written atomically), with what `load_images` checks as metadata."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    metadata = {
+        "pipeline": str(args.pipeline),
+        "sampler": row["sampler"],
+        "steps": str(row["steps"]),
+        "seed": str(args.seed),
+        "num_samples": str(args.num_samples),
+        "prompts": json.dumps(args.prompts),
+        "guidance_scale": json.dumps(row.get("guidance_scale")),
+    }
+    tmp = path + ".tmp"
+    save_file({"images": images.detach().float().cpu().contiguous()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_images(path: str, args, shape) -> tuple[torch.Tensor, dict]:
+    """Images saved by `--save_images` as a paired reference, checked against this run: the same seed, sample count
+    and prompts, so that image i comes from the same noise (`shape`: this run's noise). Returns the images and the
+    reference's description for results.json."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--paired_reference {path}: no such file (write it with evaluate.py --save_images)")
+    with safe_open(path, "pt") as f:
+        meta, images = f.metadata() or {}, f.get_tensor("images")
+    wanted = {"seed": str(args.seed), "num_samples": str(args.num_samples), "prompts": json.dumps(args.prompts)}
+    wrong = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
+    if wrong:
+        raise ValueError(
+            f"--paired_reference {path} was drawn with other settings than this run: "
+            + ", ".join(f"{k} {theirs} (here {ours})" for k, (theirs, ours) in wrong.items())
+            + ". Evaluate with the reference's --seed, --num_samples and --prompts, or save a new reference."
+        )
+    if images.shape[0] != shape[0]:
+        raise ValueError(f"--paired_reference {path} holds {images.shape[0]} images; this run draws {shape[0]}.")
+    description = {
+        "pipeline": meta.get("pipeline"),
+        "solver": meta.get("sampler"),
+        "steps": int(meta["steps"]) if meta.get("steps") else None,
+        "guidance_scale": json.loads(meta.get("guidance_scale", "null")),
+        "file": path,
+    }
+    return images, description
+
+
 def write_results(output_dir: str, new_rows: list[dict], extra: dict):
     """Merge `new_rows` into `results.json` (same model, sampler and steps replaced) and rewrite `results.md`."""
     path = os.path.join(output_dir, "results.json")
@@ -357,7 +424,10 @@ def main(argv=None):
         fid_stats = feature_statistics(inception(reference_images(args.reference, size, shape[1], args.image_column)))
         extra.update(fid_backend=inception.backend, fid_reference=args.reference)
     paired = None
-    if "paired_rmse" in args.metrics:
+    if "paired_rmse" in args.metrics and args.paired_reference:
+        paired, extra["paired_reference"] = load_images(args.paired_reference, args, noise.shape)
+        paired = paired.to(args.device)
+    elif "paired_rmse" in args.metrics:
         teacher = load_pipeline(args.paired_teacher, args.device)
         family = not isinstance(teacher, SCMPipeline)
         teacher, solver = with_sampler(teacher, "ode", None if family else args.paired_teacher_solver)
@@ -391,9 +461,16 @@ def main(argv=None):
         if inception is not None:
             row["fid"] = frechet_distance(*feature_statistics(inception(images)), *fid_stats)
         if paired is not None:
+            if paired.shape != images.shape:
+                raise ValueError(
+                    f"The paired reference holds images of shape {tuple(paired.shape[1:])}; {name} draws "
+                    f"{tuple(images.shape[1:])}: pair models of one resolution and channel count."
+                )
             row["paired_rmse"] = rmse(images, paired)
         row["sec_per_image"] = sec
         rows.append(row)
+        if args.save_images:
+            save_images(images, os.path.join(args.output_dir, "images", f"{name}-{steps}step.safetensors"), row, args)
         if args.num_grid_images:
             grid = grid_images(images, args.num_grid_images, len(args.prompts) if args.prompts else None)
             save_grid(grid, os.path.join(args.output_dir, "grids", f"{name}-{steps}step.png"))

@@ -98,6 +98,35 @@ def test_evaluate_counts_nfe_and_matches_independent_metrics(pipelines, tmp_path
     assert (out / "grids" / "student-2step.png").is_file() and (out / "grids" / "teacher-5step.png").is_file()
 
 
+def test_saved_teacher_images_serve_as_the_paired_reference(pipelines, tmp_path):
+    """--save_images writes a row's images; --paired_reference FILE gives the same paired RMSE as running that teacher
+    again with --paired_teacher, and a reference drawn with another seed or sample count is refused."""
+    evaluate = load_example("evaluate")
+    common = ["--num_samples", "40", "--batch_size", "16", "--num_grid_images", "0"]
+    teacher_dir, out = tmp_path / "teacher-eval", tmp_path / "report"
+    evaluate.main(
+        ["--pipeline", str(pipelines / "teacher"), "--name", "teacher", "--steps", "4", "--save_images"]
+        + [*common, "--output_dir", str(teacher_dir)]
+    )
+    reference = teacher_dir / "images" / "teacher-4step.safetensors"
+    student = ["--pipeline", str(pipelines / "student"), "--steps", "1", "2", *common]
+    ran = evaluate.main(
+        student
+        + ["--paired_teacher", str(pipelines / "teacher"), "--paired_teacher_solver", "dpmsolver++"]
+        + ["--paired_teacher_steps", "4", "--output_dir", str(tmp_path / "ran")]
+    )
+    loaded = evaluate.main(student + ["--paired_reference", str(reference), "--output_dir", str(out)])
+    for a, b in zip(ran["rows"], loaded["rows"]):
+        assert a["steps"] == b["steps"] and b["paired_rmse"] == pytest.approx(a["paired_rmse"], rel=1e-6)
+    assert loaded["paired_reference"]["steps"] == 4 and loaded["paired_reference"]["solver"] == "ode-dpmsolver++"
+    with pytest.raises(ValueError, match="seed 0 \\(here 3\\)"):
+        evaluate.main(student + ["--paired_reference", str(reference), "--seed", "3", "--output_dir", str(out)])
+    with pytest.raises(ValueError, match="num_samples 40 \\(here 20\\)"):
+        evaluate.main(
+            student + ["--num_samples", "20", "--paired_reference", str(reference), "--output_dir", str(out)]
+        )
+
+
 def test_class_conditional_model_gets_class_accuracy_by_default(tmp_path):
     """Image i of a class-conditional model is drawn for class i mod 10; class_accuracy is the classifier's agreement,
     recomputed here from the pipeline's own images; an unconditional model asked for it gets an error."""
