@@ -17,6 +17,7 @@ from diffusers_scm import SCMPipeline
 def test_two_process_dmd_regularized_distillation_resumes_exactly(teacher_dir, tmp_path):  # noqa: F811
     out = str(tmp_path / "student")
     common = short_run_args(teacher_dir) + ["--dmd_weight", "0.5", "--dmd_fake_updates", "2", "--dmd_start_step", "1"]
+    common += ["--dmd_sample_steps", "2", "--dmd_step_weights", "3", "1"]
     _launch(common + ["--output_dir", out])
     summary = json.load(open(os.path.join(out, "training_summary.json")))
     assert summary["steps"] == 4 and summary["replicas_in_sync"]
@@ -49,6 +50,7 @@ def test_dmd_weight_errors_name_the_fix(teacher_dir, tmp_path):  # noqa: F811
         (["--method", "cd"], "--dmd_weight regularizes a continuous-time student"),
         (["--method", "scd", "--lora_rank", "4"], "drop --lora_rank / --fsdp, or --dmd_weight"),
         (["--method", "scd", "--dmd_weight", "-1"], "--dmd_weight must not be negative"),
+        (["--dmd_sample_steps", "2", "--dmd_step_weights", "1"], "give 2 non-negative frequencies"),
     ):
         weight = [] if "--dmd_weight" in extra else ["--dmd_weight", "1"]
         res = subprocess.run(
