@@ -141,6 +141,9 @@ VARIANTS = {
     "tcm500_t0.9_lr4e-4_dmd100_w21": _stage2(
         500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_step_weights": [2, 1]}
     ),
+    "tcm500_t0.9_lr4e-4_dmd100_steps2_fakelr1e-4": _stage2(
+        500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_fake_learning_rate": 1e-4}
+    ),
     "tcm500_t0.9_lr4e-4_dmd100_w31": _stage2(
         500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_step_weights": [3, 1]}
     ),

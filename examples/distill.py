@@ -531,32 +531,37 @@ def build_dmd(args, accelerator, teacher, student, state) -> dict | None:
 
 
 def dmd_step(args, accelerator, dmd, student, teacher, shape, cond, extra, generator) -> dict:
-    """One step of the score regularizer, before the stage's own loss: the student's DMD gradient on a batch of its
-    samples, back-propagated at once (without a DDP all-reduce: the stage's own backward pass reduces the sum), then
-    `--dmd_fake_updates` updates of the fake-score network on that same batch (DMD2's critic, fresh noise and times
-    each; once per optimizer step). Returns the losses for the log."""
+    """One step of the score regularizer, before the stage's own loss: `--dmd_fake_updates` updates of the fake-score
+    network, each on a fresh batch of student samples (once per optimizer step), then the student's DMD gradient,
+    back-propagated at once (without a DDP all-reduce: the stage's own backward pass reduces the sum). Each batch is of
+    1..--dmd_sample_steps steps, drawn in the proportions --dmd_step_weights. Returns the losses for the log."""
     loss_fn, fake, optimizer = dmd["loss"], dmd["fake"], dmd["optimizer"]
-    # the step count of this batch, drawn from 1..--dmd_sample_steps in the proportions --dmd_step_weights
+    logs = {}
     frequencies = torch.tensor(args.dmd_step_weights, device=generator.device)
-    steps = 1 + int(torch.multinomial(frequencies, 1, generator=generator))
-    noise = torch.randn(shape, generator=generator, device=generator.device)
-    guided = {
-        "uncond_conditioning": extra.get("uncond_conditioning"),
-        "teacher_guidance": extra.get("teacher_guidance"),
-    }
-    loss, dmd_logs = loss_fn(student, teacher, fake, noise, generator=generator, steps=steps, **guided, **cond)
-    with accelerator.no_sync(student):
-        accelerator.backward(args.dmd_weight * loss)
-    logs = {"dmd_loss": loss.detach(), "dmd_grad_norm": dmd_logs["dmd_grad_norm"]}
+
+    def steps():
+        return 1 + int(torch.multinomial(frequencies, 1, generator=generator))
+
     if accelerator.sync_gradients:
         for _ in range(args.dmd_fake_updates):
+            noise = torch.randn(shape, generator=generator, device=generator.device)
             fake_loss, fake_logs = loss_fn.fake_score_loss(
-                fake, student, None, generator=generator, samples=dmd_logs["samples"], **cond
+                fake, student, noise, generator=generator, steps=steps(), **cond
             )
             accelerator.backward(fake_loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             logs["fake_score_loss"] = fake_logs["fake_score_loss"]
+    noise = torch.randn(shape, generator=generator, device=generator.device)
+    guided = {
+        "uncond_conditioning": extra.get("uncond_conditioning"),
+        "teacher_guidance": extra.get("teacher_guidance"),
+    }
+    loss, dmd_logs = loss_fn(student, teacher, fake, noise, generator=generator, steps=steps(), **guided, **cond)
+    with accelerator.no_sync(student):
+        accelerator.backward(args.dmd_weight * loss)
+    logs["dmd_loss"] = loss.detach()
+    logs["dmd_grad_norm"] = dmd_logs["dmd_grad_norm"]
     return logs
 
 

@@ -139,30 +139,22 @@ class DMDLoss:
             grad = (fake - real) / _bcast(scale, x)
         per_sample = 0.5 * (x - (x - grad).detach()).pow(2).flatten(1).mean(1)
         logs = {"t": t.detach(), "dmd_loss": per_sample.detach(), "dmd_grad_norm": grad.flatten(1).norm(dim=1)}
-        logs["samples"] = x.detach()  # the batch the fake score may train on next (`fake_score_loss(samples=...)`)
         return per_sample.mean(), logs
 
     def fake_score_loss(
         self,
         fake_score,
         student,
-        noise: torch.Tensor | None,
+        noise: torch.Tensor,
         t: torch.Tensor | None = None,
         diffusion_noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         steps: int = 1,
-        samples: torch.Tensor | None = None,
         **conditioning,
     ):
         """The fake-score network's TrigFlow diffusion loss on the student's `steps`-step samples from `noise` (no
-        gradients into the student), or on `samples` already drawn (the regularizer's own batch, as DMD2's critic
-        trains on the generator's batch: no student passes). Returns `(loss, logs)`."""
-        if samples is not None:
-            x = samples.detach()
-        elif noise is None:
-            raise ValueError("fake_score_loss needs the generator `noise` or the student's `samples`.")
-        else:
-            with torch.no_grad():
-                x = self.student_sample(student, noise, steps, generator, **conditioning)
+        gradients into the student). Returns `(loss, logs)`."""
+        with torch.no_grad():
+            x = self.student_sample(student, noise, steps, generator, **conditioning)
         loss, logs = self.diffusion_loss(fake_score, x, t, diffusion_noise, generator=generator, **conditioning)
         return loss, {"t": logs["t"], "fake_score_loss": logs["loss"]}
