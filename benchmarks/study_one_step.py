@@ -136,8 +136,7 @@ VARIANTS = {
     # the term on the student's 1- and 2-step samples in turn (the 2-step ones through the middle time 0.9)
     "tcm500_t0.9_lr4e-4_dmd100_steps2": _stage2(500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2}),
     "tcm500_t0.9_lr4e-4_dmd300_steps2": _stage2(500, 4e-4, **{"--dmd_weight": 300.0, "--dmd_sample_steps": 2}),
-    # the fake score trained on the term's own batch (from here on), and more 1-step batches than 2-step ones
-    "tcm500_t0.9_lr4e-4_dmd100_steps2_batch": _stage2(500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2}),
+    # more 1-step batches of the term than 2-step ones (--dmd_step_weights)
     "tcm500_t0.9_lr4e-4_dmd100_w21": _stage2(
         500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_step_weights": [2, 1]}
     ),
