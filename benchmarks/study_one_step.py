@@ -136,6 +136,20 @@ VARIANTS = {
     # the term on the student's 1- and 2-step samples in turn (the 2-step ones through the middle time 0.9)
     "tcm500_t0.9_lr4e-4_dmd100_steps2": _stage2(500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2}),
     "tcm500_t0.9_lr4e-4_dmd300_steps2": _stage2(500, 4e-4, **{"--dmd_weight": 300.0, "--dmd_sample_steps": 2}),
+    # three fake-score updates per step (a quarter less time), and the noising times of the term's samples moved
+    # toward high noise (where the digit's shape is decided) or low noise (its strokes)
+    "tcm500_t0.9_lr4e-4_dmd100_steps2_fake3": _stage2(
+        500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_fake_updates": 3}
+    ),
+    "tcm500_t0.9_lr4e-4_dmd100_steps2_fake3_Pmean0.8": _stage2(
+        500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_fake_updates": 3, "--dmd_P_mean": 0.8}
+    ),
+    "tcm500_t0.9_lr4e-4_dmd100_steps2_fake3_Pmean-0.4": _stage2(
+        500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_fake_updates": 3, "--dmd_P_mean": -0.4}
+    ),
+    "tcm500_t0.9_lr4e-4_dmd100_steps2_fake3_Pmean-0.8": _stage2(
+        500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_fake_updates": 3, "--dmd_P_mean": -0.8}
+    ),
     # more 1-step batches of the term than 2-step ones (--dmd_step_weights)
     "tcm500_t0.9_lr4e-4_dmd100_w21": _stage2(
         500, 4e-4, **{"--dmd_weight": 100.0, "--dmd_sample_steps": 2, "--dmd_step_weights": [2, 1]}
