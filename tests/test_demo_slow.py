@@ -1,4 +1,5 @@
-"""The README's demo end to end from the installed package: teacher, sCD student, evaluation, report (slow)."""
+"""The README's demo end to end from the installed package: teacher, TCM student with the score regularization,
+evaluation, report (slow)."""
 
 import json
 import subprocess
