@@ -92,11 +92,26 @@ def teacher_settings(args) -> dict:
     }
 
 
+def settings_key(settings: dict) -> str:
+    """The cache key of a cached output: a short hash of the settings that made it."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def publish(partial: str, folder: str) -> None:
+    """Move a finished output from `partial` to its cache `folder` (replacing an older one), without its training
+    checkpoints: the result is what is cached, not the training state."""
+    for name in os.listdir(partial):
+        if name.startswith("checkpoint-"):
+            shutil.rmtree(os.path.join(partial, name))
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+
+
 def train_teacher(args) -> tuple[str, bool]:
     """The cached teacher for these settings, trained first if needed; returns (folder, reused)."""
     settings = teacher_settings(args)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = os.path.join(args.cache_dir, f"teacher-{key}")
+    folder = os.path.join(args.cache_dir, f"teacher-{settings_key(settings)}")
     if os.path.isfile(os.path.join(folder, "model_index.json")) and not args.retrain_teacher:
         print(f"Reusing the cached teacher {folder}")
         return folder, True
@@ -109,12 +124,7 @@ def train_teacher(args) -> tuple[str, bool]:
         + ["--checkpointing_steps", 1000, "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest"]
         + ["--validation_steps", args.teacher_steps, "--num_validation_images", 16],
     )
-    for name in os.listdir(partial):  # the pipeline is what is cached, not the training state
-        if name.startswith("checkpoint-"):
-            shutil.rmtree(os.path.join(partial, name))
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.replace(partial, folder)
+    publish(partial, folder)
     return folder, False
 
 
@@ -123,8 +133,7 @@ def evaluate_teacher(args, teacher: str) -> tuple[str, bool]:
     and keyed by the evaluation settings: a folder of `evaluate.py --save_images` whose images at the most NFE are the
     students' paired reference. Returns (folder, reused)."""
     settings = {"num_samples": args.num_samples, "seed": args.seed, "steps": sorted(args.teacher_nfe)}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = f"{teacher}-eval-{key}"
+    folder = f"{teacher}-eval-{settings_key(settings)}"
     if os.path.isfile(os.path.join(folder, "results.json")) and not args.retrain_teacher:
         print(f"Reusing the teacher's cached evaluation {folder}")
         return folder, True
@@ -136,9 +145,7 @@ def evaluate_teacher(args, teacher: str) -> tuple[str, bool]:
         ["--pipeline", teacher, "--name", "teacher", "--steps", *settings["steps"], "--save_images"]
         + ["--num_samples", args.num_samples, "--seed", args.seed, "--output_dir", partial],
     )
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.replace(partial, folder)
+    publish(partial, folder)
     return folder, False
 
 

@@ -20,7 +20,6 @@ guided teacher's; 2 steps <= 1.15x; at >= 16x fewer NFE (the teacher evaluated a
 """
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from diffusers_scm.metrics import describe_target, few_step_target
 EXAMPLES = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXAMPLES))
 
-from demo import finish_report, plot_fd_vs_nfe, run, side_by_side  # noqa: E402
+from demo import finish_report, plot_fd_vs_nfe, publish, run, settings_key, side_by_side  # noqa: E402
 
 
 PROMPTS = [f"digit {w}" for w in "zero one two three four five six seven eight nine".split()]
@@ -67,8 +66,7 @@ def parse_args(argv=None):
 
 def cached(args, name: str, settings: dict, script: str, script_args: list) -> tuple[str, bool]:
     """The cached output of `script` for `settings` (trained first if needed); returns (folder, reused)."""
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = os.path.join(args.cache_dir, f"{name}-{key}")
+    folder = os.path.join(args.cache_dir, f"{name}-{settings_key(settings)}")
     if os.path.isfile(os.path.join(folder, "config.json")) or os.path.isfile(os.path.join(folder, "model_index.json")):
         if not args.retrain:
             print(f"Reusing the cached {name} {folder}")
@@ -76,11 +74,7 @@ def cached(args, name: str, settings: dict, script: str, script_args: list) -> t
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     run(script, script_args + ["--output_dir", partial])
-    for entry in os.listdir(partial):  # the model is what is cached, not the training state
-        if entry.startswith("checkpoint-"):
-            shutil.rmtree(os.path.join(partial, entry))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    publish(partial, folder)
     return folder, False
 
 

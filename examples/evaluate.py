@@ -326,10 +326,10 @@ def save_images(images: torch.Tensor, path: str, row: dict, args):
     os.replace(tmp, path)
 
 
-def load_images(path: str, args, shape) -> tuple[torch.Tensor, dict]:
+def load_images(path: str, args) -> tuple[torch.Tensor, dict]:
     """Images saved by `--save_images` as a paired reference, checked against this run: the same seed, sample count
-    and prompts, so that image i comes from the same noise (`shape`: this run's noise). Returns the images and the
-    reference's description for results.json."""
+    and prompts, so that image i comes from the same noise (their shape is checked against each row's images).
+    Returns the images and the reference's description for results.json."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -344,8 +344,6 @@ def load_images(path: str, args, shape) -> tuple[torch.Tensor, dict]:
             + ", ".join(f"{k} {theirs} (here {ours})" for k, (theirs, ours) in wrong.items())
             + ". Evaluate with the reference's --seed, --num_samples and --prompts, or save a new reference."
         )
-    if images.shape[0] != shape[0]:
-        raise ValueError(f"--paired_reference {path} holds {images.shape[0]} images; this run draws {shape[0]}.")
     description = {
         "pipeline": meta.get("pipeline"),
         "solver": meta.get("sampler"),
@@ -425,7 +423,7 @@ def main(argv=None):
         extra.update(fid_backend=inception.backend, fid_reference=args.reference)
     paired = None
     if "paired_rmse" in args.metrics and args.paired_reference:
-        paired, extra["paired_reference"] = load_images(args.paired_reference, args, noise.shape)
+        paired, extra["paired_reference"] = load_images(args.paired_reference, args)
         paired = paired.to(args.device)
     elif "paired_rmse" in args.metrics:
         teacher = load_pipeline(args.paired_teacher, args.device)
@@ -463,8 +461,8 @@ def main(argv=None):
         if paired is not None:
             if paired.shape != images.shape:
                 raise ValueError(
-                    f"The paired reference holds images of shape {tuple(paired.shape[1:])}; {name} draws "
-                    f"{tuple(images.shape[1:])}: pair models of one resolution and channel count."
+                    f"The paired reference holds images of shape {tuple(paired.shape)}; {name} draws "
+                    f"{tuple(images.shape)}: pair models of one sample count, resolution and channel count."
                 )
             row["paired_rmse"] = rmse(images, paired)
         row["sec_per_image"] = sec
