@@ -16,6 +16,7 @@ from diffusers_scm.training import (
     TCMLoss,
     student_t_cdf,
     student_t_times,
+    time_proposals,
     truncated_lognormal_times,
     truncated_student_t,
 )
@@ -87,6 +88,22 @@ def test_truncated_student_t_matches_its_cdf(df, lo, hi):
     # the check has teeth: the same samples against another degrees of freedom
     wrong = _ks(xs, _reference_truncated_t_cdf(xs, df / 10, lo, hi))
     assert wrong > 1.5 * 1.95 / math.sqrt(n), wrong
+
+
+def test_truncated_student_t_solves_its_inverse_cdf_to_rounding_in_few_evaluations(monkeypatch):
+    """Each draw z solves CDF(z) = u for its uniform u (redrawn here from the same seed) to rounding, and Newton's
+    method gets there in a few CDF evaluations: a root on a bracket end must not be bisected down to the tolerance."""
+    df, n = 0.01, 4096
+    lo, hi = math.log(SD * math.tan(0.9)) / 0.2, math.log(80) / 0.2  # TCM Stage 2 with t' = 0.9: lo < 0 < hi
+    calls = []
+    cdf = time_proposals.student_t_cdf
+    monkeypatch.setattr(time_proposals, "student_t_cdf", lambda z, d: calls.append(1) or cdf(z, d))
+    z = truncated_student_t(n, df, lo, hi, generator=torch.Generator().manual_seed(5))
+    bounds = cdf(torch.tensor([lo, hi], dtype=torch.float64), df)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    u = bounds[0] + (bounds[1] - bounds[0]) * u
+    assert (cdf(z, df) - u).abs().max().item() < 1e-14
+    assert len(calls) <= 10, len(calls)  # 1 for the bounds, then Newton's iterations (41 when bisecting)
 
 
 def test_student_t_cdf_against_scipy():

@@ -141,6 +141,7 @@ def truncated_student_t(
     s_lo = torch.full((n,), math.asinh(lo / sq), dtype=torch.float64)
     s_hi = torch.full((n,), math.asinh(hi / sq), dtype=torch.float64)
     s = 0.5 * (s_lo + s_hi)
+    root_tol = 8 * torch.finfo(torch.float64).eps
     for _ in range(200):
         z = sq * torch.sinh(s)
         phi = -student_t_tail(z, df) if in_tail else student_t_cdf(z, df)
@@ -149,10 +150,13 @@ def truncated_student_t(
         slope = torch.exp(_student_t_log_pdf(z, df)) * sq * torch.cosh(s)  # d phi / d s
         newton = s - (phi - u) / slope
         ok = torch.isfinite(newton) & (newton > s_lo) & (newton < s_hi)
-        s_new = torch.where(ok, newton, 0.5 * (s_lo + s_hi))
-        step = (s_new - s).abs().max().item()
-        s = s_new
-        if step < tol or (s_hi - s_lo).max().item() < tol:
+        # per sample, converged at phi = u to rounding, at a Newton step below tol, or in a bracket narrower than
+        # tol. Without the first test, a root that sits on a bracket end (Newton from the other side overshoots it by
+        # rounding) is found again by bisection, some 40 CDF evaluations for no change in the result
+        at_root = (phi - u).abs() <= root_tol
+        done = at_root | (ok & ((newton - s).abs() < tol)) | ((s_hi - s_lo) < tol)
+        s = torch.where(at_root, s, torch.where(ok, newton, 0.5 * (s_lo + s_hi)))
+        if bool(done.all()):
             break
     z = sq * torch.sinh(s)
     return (-z if mirror else z).to(device)
