@@ -29,6 +29,7 @@ extras = {
         "transformers>=4.41",  # text encoders of the text-to-image tests
         "datasets>=2.19",  # latent / prompt-embedding caches
         "peft>=0.14",  # LoRA students
+        "tensorboard",  # the scripts' default tracker, so that their tests start it
     ],
     "training": [
         "accelerate>=0.30",

@@ -33,6 +33,7 @@ from diffusers_scm.training.dmd import DMDLoss
 from diffusers_scm.training.fsdp import is_sharded, shard_module
 from diffusers_scm.training.lora import BaseModelDenoiser, add_lora
 from diffusers_scm.training.script_utils import (
+    adam,
     add_common_args,
     finish_training,
     log_validation,
@@ -501,7 +502,7 @@ def build_dmd(args, accelerator, teacher, student, state) -> dict | None:
         )
     network = copy.deepcopy(teacher.inner_model).float().requires_grad_(True).train()
     fake = TrigFlowDenoiser(network, teacher.parameterization, sigma_data=teacher.sigma_data, adapter=teacher.adapter)
-    optimizer = torch.optim.Adam(
+    optimizer = adam(
         fake.parameters(),
         lr=args.dmd_fake_learning_rate or args.learning_rate,
         betas=(0.0, args.adam_beta2),  # DMD2's critic: no momentum, it follows a moving target

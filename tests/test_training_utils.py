@@ -210,3 +210,48 @@ def test_report_to_names_missing_trackers(monkeypatch, tensorboard_installed):
     else:
         with pytest.raises(ValueError, match="pip install tensorboard"):
             resolve_report_to("tensorboard")
+
+
+def test_adam_is_fused_where_torch_can_and_follows_the_adam_update():
+    """`script_utils.adam` takes torch's fused kernel for plain CPU tensors and keeps its default for a sharded model;
+    either way the update is Adam's, checked against the closed form in float64 (bias-corrected moments; the weight
+    decay added to the gradient, as torch's Adam adds it)."""
+    from diffusers_scm.training.script_utils import adam
+
+    torch.manual_seed(0)
+    w = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    start = w.detach().clone()
+    lr, (b1, b2), eps, decay = 1e-2, (0.9, 0.99), 1e-8, 0.1
+    optimizer = adam([w], lr=lr, betas=(b1, b2), eps=eps, weight_decay=decay)
+    assert optimizer.param_groups[0]["fused"] is True
+    assert adam([w], sharded=True, lr=lr).param_groups[0]["fused"] is None
+    grads = [torch.randn_like(start) for _ in range(4)]
+    m, v, ref = torch.zeros_like(start), torch.zeros_like(start), start.clone()
+    for k, g in enumerate(grads, start=1):
+        w.grad = g.clone()
+        optimizer.step()
+        g = g + decay * ref
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        ref = ref - lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + eps)
+    assert (w.detach() - ref).abs().max().item() < 1e-12
+    assert (ref - start).abs().max().item() > 1e-2  # the check has teeth: the parameters moved
+
+
+def test_list_flags_reach_tensorboard_as_text(tmp_path):
+    """A run with list-valued flags (--dmd_step_weights, --validation_prompts) starts its tensorboard tracker:
+    tensorboard's hparams take only numbers, strings and booleans, so lists are passed as their JSON."""
+    pytest.importorskip("tensorboard")
+    import argparse
+
+    from diffusers_scm.training.script_utils import add_common_args, make_accelerator, tracker_config
+
+    p = argparse.ArgumentParser()
+    add_common_args(p, str(tmp_path / "run"))
+    p.add_argument("--weights", type=float, nargs="+", default=[3.0, 1.0])
+    args = p.parse_args(["--report_to", "tensorboard"])
+    config = tracker_config(vars(args))
+    assert config["weights"] == "[3.0, 1.0]" and "hub_token" not in config  # None dropped
+    accelerator = make_accelerator(args, "run")
+    accelerator.log({"loss": 1.0}, step=1)
+    accelerator.end_training()
+    assert any(name.startswith("events.") for _, _, names in os.walk(tmp_path / "run") for name in names)

@@ -9,6 +9,7 @@ import torch
 
 
 __all__ = [
+    "adam",
     "add_common_args",
     "positive_int",
     "non_negative_int",
@@ -156,6 +157,15 @@ def resolve_report_to(report_to: str | None) -> list[str] | str | None:
     return names
 
 
+def tracker_config(recorded: dict) -> dict:
+    """The run's flags as trackers take them: None dropped, lists and other values written as their JSON (tensorboard's
+    hparams take only numbers, strings and booleans)."""
+    scalar = (bool, int, float, str)
+    return {
+        k: v if isinstance(v, scalar) else json.dumps(v, default=str) for k, v in recorded.items() if v is not None
+    }
+
+
 def make_accelerator(args, project_name: str):
     """An `Accelerator` from the scripts' common flags; several processes without CUDA train on CPU with gloo."""
     from accelerate import Accelerator
@@ -182,7 +192,7 @@ def make_accelerator(args, project_name: str):
             name = args.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
             args.hub_model_id = create_hub_repo(name, token=args.hub_token, private=args.hub_private_repo)
         recorded = {k: v for k, v in vars(args).items() if k != "hub_token"}  # never write the token to disk
-        accelerator.init_trackers(project_name, config={k: v for k, v in recorded.items() if v is not None})
+        accelerator.init_trackers(project_name, config=tracker_config(recorded))
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump(recorded, f, indent=2)
     return accelerator
@@ -198,6 +208,15 @@ def train_loader(args, dataset) -> torch.utils.data.DataLoader:
         drop_last=True,
         num_workers=args.dataloader_num_workers,
     )
+
+
+def adam(params, sharded: bool = False, **kwargs) -> torch.optim.Adam:
+    """torch's Adam over `params`, fused into one kernel per step where torch has that kernel for every parameter (CPU
+    or CUDA floating-point tensors, not a sharded model's DTensors): the same update, about 3x faster than the
+    per-tensor loop torch uses by default on CPU, which shows for small networks with several updates per step."""
+    params = list(params)
+    fused = not sharded and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.Adam(params, fused=fused or None, **kwargs)
 
 
 def prepare_training(args, accelerator, model, dataset, module_name: str):
@@ -225,8 +244,9 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
             model._no_split_modules = [*blocks, type(logvar_head).__name__]
         else:  # accelerate did not shard: torch's fully_shard, the same units (CPU processes over gloo too)
             shard_module(model, blocks, accelerator.mixed_precision, extra_units=(logvar_head,))
-    optimizer = torch.optim.Adam(
+    optimizer = adam(
         [p for p in model.parameters() if p.requires_grad] + ([] if sharded else list(logvar_head.parameters())),
+        sharded=sharded,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
