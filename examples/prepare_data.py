@@ -8,6 +8,11 @@ Images go through the teacher's VAE (with its scaling and shift factors), captio
 `encode_prompt`; prompt-only data gets x0 from the teacher's guided ODE. The cache is a `datasets` Arrow dataset (see
 `diffusers_scm.training.text_to_image`); `distill.py --cache_dir` trains from it without loading the VAE or the text
 encoders (and writes it first when it is missing).
+
+The cache is written in `CACHE_DIR.tmp` and takes the place of `--cache_dir` whole when it is complete: an interrupted
+run leaves an earlier cache there as it was. Its `cache_info.json` records what it was made with (teacher, its VAE and
+text encoders, resolution, dtype); `distill.py --cache_dir` refuses a cache made with other settings than its own
+(or, with `--rebuild_cache`, writes it again).
 """
 
 import argparse
@@ -31,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--image_column", default="image")
     p.add_argument("--caption_column", default="text")
     p.add_argument("--resolution", type=positive_int, default=512)
-    p.add_argument("--cache_dir", required=True)
+    p.add_argument(
+        "--cache_dir", required=True, help="a new or empty folder, or an earlier cache (replaced whole when done)"
+    )
     p.add_argument("--batch_size", type=positive_int, default=8)
     p.add_argument("--teacher_dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--skip_bad_images", action="store_true")
@@ -49,7 +56,18 @@ def main(argv=None):
     dataset = load_text_image_dataset(
         args.dataset_name, args.resolution, args.image_column, args.caption_column, args.skip_bad_images
     )
-    rows = write_cache(dataset, teacher, args.cache_dir, args.batch_size, args.device, args.resolution)
+    rows = write_cache(
+        dataset,
+        teacher,
+        args.cache_dir,
+        args.batch_size,
+        args.device,
+        args.resolution,
+        teacher_name=args.teacher,
+        teacher_revision=args.teacher_revision,
+        dataset_name=args.dataset_name,
+        caption_column=args.caption_column,
+    )
     print(f"cached {rows} rows in {args.cache_dir}")
 
 

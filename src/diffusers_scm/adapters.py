@@ -13,6 +13,10 @@ latent size when not given. Learned-variance channels are dropped. Each adapter 
 `get_adapter(model)` chooses one by the network's class (its MRO), with a fallback for unknown networks that passes
 the timestep by keyword. Nothing outside this module special-cases a family.
 
+`adapter.conditioning_shapes(model)` gives the shapes of the text conditioning a network reads, from its config (the
+width of `encoder_hidden_states` and of `pooled_projections`), so that a pipeline can name a wrong-width input before
+the network fails on it.
+
 | family (class)                          | time the network takes        | conditioning (keywords)                        |
 | --------------------------------------- | ----------------------------- | ---------------------------------------------- |
 | UNet2DModel                             | scheduler timestep            | class_labels                                   |
@@ -29,12 +33,14 @@ the timestep by keyword. Nothing outside this module special-cases a family.
 | AuraFlowTransformer2DModel              | s                             | encoder_hidden_states                          |
 """
 
+import dataclasses
 import inspect
 
 import torch
 
 
 __all__ = [
+    "ConditioningShape",
     "NetworkAdapter",
     "KeywordAdapter",
     "UNetAdapter",
@@ -72,6 +78,10 @@ def _per_sample(timestep, sample: torch.Tensor) -> torch.Tensor:
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, 4C): the 2x2 patch tokens of Flux, Chroma and Qwen-Image (their pipelines'
     `_pack_latents`)."""
+    if latents.ndim != 4:
+        raise ValueError(
+            f"pack_latents takes an unpacked latent image (B, C, H, W), got a tensor of shape {tuple(latents.shape)}."
+        )
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
         raise ValueError(f"Packed-token networks need an even latent height and width, got {h}x{w}.")
@@ -93,6 +103,22 @@ def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
 
 
+@dataclasses.dataclass(frozen=True)
+class ConditioningShape:
+    """The shape of one conditioning tensor a network reads: `ndim` dimensions, the last of width `width`, which the
+    network's config entry `config_key` sets."""
+
+    ndim: int  # 3: text tokens (B, L, D); 2: a pooled embedding (B, D)
+    width: int
+    config_key: str
+
+    def describe(self) -> str:
+        return f"(batch, tokens, {self.width})" if self.ndim == 3 else f"(batch, {self.width})"
+
+    def matches(self, value: torch.Tensor) -> bool:
+        return value.ndim == self.ndim and value.shape[-1] == self.width
+
+
 class NetworkAdapter:
     """
     How one network family is called. `__call__` builds the keyword call with `inputs`, runs the network and reads
@@ -101,10 +127,37 @@ class NetworkAdapter:
     Attributes:
         sample_keyword (`str`): the name of the network's input (e.g. "sample" for UNets, "hidden_states").
         timestep_keyword (`str`): the name of its time input.
+        text_width_keys (`tuple[str]`): the config entries that may set the width of the text tokens
+            (`encoder_hidden_states`), the first one set wins: SD3, Flux, Chroma, Qwen-Image and AuraFlow
+            `joint_attention_dim`; Sana and PixArt `caption_channels`; UNets `encoder_hid_dim` (a projection of the
+            text) else `cross_attention_dim`; Wan `text_dim`; Lumina 2 `cap_feat_dim`.
     """
 
     sample_keyword = "hidden_states"
     timestep_keyword = "timestep"
+    text_width_keys = (
+        "joint_attention_dim",
+        "caption_channels",
+        "encoder_hid_dim",
+        "cross_attention_dim",
+        "text_dim",
+        "cap_feat_dim",
+    )
+
+    def conditioning_shapes(self, model) -> dict[str, ConditioningShape]:
+        """The shapes of the text conditioning `model` reads, from its config: `encoder_hidden_states` (B, L, D) and,
+        where the config sets `pooled_projection_dim` (SD3, Flux), `pooled_projections` (B, P). Empty for networks
+        that read no text."""
+        config = getattr(model, "config", None) or {}
+        shapes = {}
+        key = next((k for k in self.text_width_keys if _positive_int(config.get(k))), None)
+        if key is not None:
+            shapes["encoder_hidden_states"] = ConditioningShape(3, config[key], key)
+        if _positive_int(config.get("pooled_projection_dim")):
+            shapes["pooled_projections"] = ConditioningShape(
+                2, config["pooled_projection_dim"], "pooled_projection_dim"
+            )
+        return shapes
 
     def network_time(self, model, timestep: torch.Tensor) -> torch.Tensor:
         """The network's time input from the scheduler's timestep (identity by default)."""
@@ -139,6 +192,10 @@ class NetworkAdapter:
 
     def __repr__(self):
         return f"{type(self).__name__}()"
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _network_dtype(model, sample: torch.Tensor):
@@ -212,6 +269,14 @@ class PackedTokensAdapter(UnitTimeAdapter):
         return conditioning
 
     def inputs(self, model, sample, timestep, conditioning):
+        if sample.ndim != 4:
+            packed = " (a packed token sequence, as the family's own pipeline passes it)" if sample.ndim == 3 else ""
+            raise ValueError(
+                f"{type(model).__name__} takes the unpacked latent image (B, C, H, W) here, the state that training "
+                f"and sampling carry; its adapter packs it into 2x2 tokens. Got shape {tuple(sample.shape)}{packed}: "
+                "unpack it first with `diffusers_scm.adapters.unpack_latents(tokens, height, width)` (the latent "
+                "height and width)."
+            )
         conditioning = self.position_inputs(sample, conditioning)
         return super().inputs(model, pack_latents(sample), timestep, conditioning)
 
@@ -301,6 +366,9 @@ _ADAPTERS: dict[str, NetworkAdapter] = {
     "UNet2DModel": UNetAdapter(),
     "UNet2DConditionModel": UNetAdapter(),
     "SCMUNet2DModel": UNetAdapter(),
+    "EDM2UNet2DModel": UNetAdapter(),  # EDM and EDM2 networks: timestep = c_noise, class_labels
+    "SongUNet2DModel": UNetAdapter(),
+    "DhariwalUNet2DModel": UNetAdapter(),
     "DiTTransformer2DModel": NetworkAdapter(),
     "Transformer2DModel": NetworkAdapter(),
     "PixArtTransformer2DModel": PixArtAdapter(),

@@ -29,11 +29,45 @@ __all__ = [
     "PromptEncoding",
     "prompt_encoding",
     "prompt_sequence_length",
+    "check_tokenizers",
     "FAMILY_PIPELINES",
     "TEXT_COMPONENTS",
 ]
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+# Fewer tokens than this besides the special ones is no vocabulary: transformers' stand-in for a tokenizer whose files
+# were not found (CLIP's has 2 tokens, T5's 1 besides its specials; a real one has at least its bytes or characters).
+MIN_VOCABULARY = 8
+
+
+def check_tokenizers(pipeline, source: str | None = None):
+    """
+    Check that each tokenizer of a loaded pipeline holds a vocabulary. `CLIPTokenizer.from_pretrained` of a folder
+    without the tokenizer's files can return a stand-in with only its special tokens instead of raising, and a
+    teacher would then train on prompts that all encode alike.
+
+    Args:
+        pipeline (`DiffusionPipeline`): the loaded pipeline (its `tokenizer`, `tokenizer_2`, `tokenizer_3`).
+        source (`str`, *optional*): the folder or Hub id it was loaded from, for the error.
+
+    Raises:
+        `ValueError`: a tokenizer has fewer than `MIN_VOCABULARY` tokens besides its special tokens; it names the
+            component.
+    """
+    source = source or type(pipeline).__name__
+    for name in (n for n in TEXT_COMPONENTS if n.startswith("tokenizer")):
+        tokenizer = getattr(pipeline, name, None)
+        if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+            continue
+        special = set(getattr(tokenizer, "all_special_tokens", ()))
+        words = [token for token in tokenizer.get_vocab() if token not in special]
+        if len(words) < MIN_VOCABULARY:
+            raise ValueError(
+                f"{source}: the component {name!r} ({type(tokenizer).__name__}) loaded with {len(words)} tokens "
+                f"besides its special tokens {sorted(special)}: no vocabulary, so its files were not found. Check "
+                f"that {name}/ holds the tokenizer's files (tokenizer.json, or its vocabulary files such as "
+                "vocab.json and merges.txt, or spiece.model), then save or download the pipeline again."
+            )
 
 
 class LatentCodec:
@@ -106,6 +140,10 @@ class PromptEncoding(abc.ABC):
     """
 
     sequence_tokenizer: str | None = None  # the component whose tokens `max_sequence_length` pads (see the module)
+    # what the family's encode_prompt needs besides `prompt_embeds` when it is given instead of prompts
+    embeds_with_prompt_embeds: tuple[str, ...] = ()
+    # the network's conditioning keyword -> the `encode_prompt` input it is taken from when given
+    embed_names = {"encoder_hidden_states": "prompt_embeds"}
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -133,6 +171,7 @@ class PromptEncoding(abc.ABC):
         """
         if prompts is None and embeds.get("prompt_embeds") is None:
             raise ValueError("Pass `prompt` (a string or a list) or `prompt_embeds`.")
+        self._check_embeds(prompts, guidance, embeds)
         n = embeds["prompt_embeds"].shape[0] if prompts is None else (1 if isinstance(prompts, str) else len(prompts))
         prompts = None if prompts is None else ([prompts] if isinstance(prompts, str) else list(prompts))
         if isinstance(negative_prompts, str):
@@ -150,9 +189,26 @@ class PromptEncoding(abc.ABC):
             embeds["max_sequence_length"] = length
         return self._encode(prompts, negative_prompts, device, guidance, embeds)
 
+    def _check_embeds(self, prompts, guidance: bool, embeds: dict):
+        """The embeddings that the family's `encode_prompt` needs together (its pooled embeddings or padding mask
+        with `prompt_embeds`, and the same for the negative branch): a missing one is named here, not met as `None`
+        deep inside diffusers."""
+        groups = [("", prompts is None)]
+        groups.append(("negative_", guidance and embeds.get("negative_prompt_embeds") is not None))
+        family = type(self.pipeline).__name__
+        for prefix, given in groups:
+            missing = [f"`{prefix}{k}`" for k in self.embeds_with_prompt_embeds if embeds.get(prefix + k) is None]
+            if given and missing:
+                raise ValueError(
+                    f"{family}'s `encode_prompt` needs {' and '.join(missing)} with `{prefix}prompt_embeds`: pass "
+                    f"them as it returns them (`{family}.encode_prompt`), or pass `{prefix}prompt` instead."
+                )
+
 
 class SD3PromptEncoding(PromptEncoding):
     sequence_tokenizer = "tokenizer_3"
+    embeds_with_prompt_embeds = ("pooled_prompt_embeds",)
+    embed_names = {"encoder_hidden_states": "prompt_embeds", "pooled_projections": "pooled_prompt_embeds"}
 
     def _encode(self, prompts, negative, device, guidance, embeds):
         pe, npe, ppe, nppe = self.pipeline.encode_prompt(
@@ -173,6 +229,8 @@ class FluxPromptEncoding(PromptEncoding):
     negative prompt encoded the same way."""
 
     sequence_tokenizer = "tokenizer_2"
+    embeds_with_prompt_embeds = ("pooled_prompt_embeds",)
+    embed_names = {"encoder_hidden_states": "prompt_embeds", "pooled_projections": "pooled_prompt_embeds"}
 
     def _encode(self, prompts, negative, device, guidance, embeds):
         positive = {k: v for k, v in embeds.items() if not k.startswith("negative_")}
@@ -193,6 +251,7 @@ class MaskedT5PromptEncoding(PromptEncoding):
     """Sana and PixArt: embeddings with a padding mask, `encoder_attention_mask`."""
 
     sequence_tokenizer = "tokenizer"
+    embeds_with_prompt_embeds = ("prompt_attention_mask",)
 
     def _encode(self, prompts, negative, device, guidance, embeds):
         pe, mask, npe, nmask = self.pipeline.encode_prompt(
@@ -227,6 +286,8 @@ class SDPromptEncoding(PromptEncoding):
 
 class SDXLPromptEncoding(PromptEncoding):
     """SDXL: pooled text embeddings and the size micro-conditioning (`time_ids`) in `added_cond_kwargs`."""
+
+    embeds_with_prompt_embeds = ("pooled_prompt_embeds",)
 
     def _encode(self, prompts, negative, device, guidance, embeds):
         pipe = self.pipeline

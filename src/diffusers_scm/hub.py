@@ -24,13 +24,14 @@ import os
 import re
 from dataclasses import dataclass
 
-from .utils import read_json
+from .utils import _RESAVE, read_json
 
 
 __all__ = [
     "download_pipeline",
     "download_teacher",
     "check_pipeline_folder",
+    "check_network_folder",
     "local_folder",
     "pipeline_files",
     "create_hub_repo",
@@ -140,6 +141,10 @@ def _components(index: dict) -> dict[str, tuple[str, str]]:
 
 def _component_class(source: str, name: str, library: str, class_name: str):
     """The class of a component, or an `ImportError` that names the missing library or class and the fix."""
+    from diffusers import pipelines
+
+    if "." not in library and hasattr(pipelines, library):  # a diffusers pipeline module, as diffusers resolves it:
+        library = f"diffusers.pipelines.{library}"  # ["stable_diffusion", "StableDiffusionSafetyChecker"] (SD 1.5)
     try:
         found = importlib.util.find_spec(library) is not None
     except (ImportError, ValueError):
@@ -192,17 +197,92 @@ def _not_a_pipeline(source: str, found: list[str] | None = None) -> ValueError:
     )
 
 
-def _has_weights(folder: str) -> bool:
+def _has_weights(folder: str, stems=(_WEIGHTS_STEM,)) -> bool:
     return any(
-        name.startswith(_WEIGHTS_STEM) and name.endswith((".safetensors", ".bin")) for name in os.listdir(folder)
+        name.startswith(tuple(stems)) and name.endswith((".safetensors", ".bin")) for name in os.listdir(folder)
     )
+
+
+# What each kind of component must hold, by its class's bases: its config file, and the stem of its weight files by
+# extension (`diffusion_pytorch_model.safetensors` for diffusers, `model.safetensors` / `pytorch_model.bin` for
+# transformers).
+_KINDS = {
+    "ModelMixin": ("config.json", {"safetensors": _WEIGHTS_STEM, "bin": _WEIGHTS_STEM}),  # a network or a VAE
+    "PreTrainedModel": ("config.json", {"safetensors": "model", "bin": "pytorch_model"}),  # a text encoder
+    "SchedulerMixin": ("scheduler_config.json", {}),
+    "PreTrainedTokenizerBase": (None, {}),
+}
+# The files that hold a tokenizer's vocabulary (besides the `vocab_file` / `tokenizer_file` its class names).
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model")
+
+
+def _kind(cls) -> str | None:
+    bases = {base.__name__ for base in cls.__mro__}
+    return next((kind for kind in _KINDS if kind in bases), None)
+
+
+def _missing(folder: str, name: str, cls) -> str | None:
+    """What a component's folder lacks (its folder, config, weights or vocabulary), or None."""
+    sub = os.path.join(folder, name)
+    if not os.path.isdir(sub):
+        return f"has no {name}/ folder"
+    kind = _kind(cls)
+    config, stems = _KINDS.get(kind, (None, {}))
+    if config is not None and not os.path.isfile(os.path.join(sub, config)):
+        return f"has no {name}/{config}"
+    if stems and not _has_weights(sub, stems.values()):
+        return f"has no weights in {name}/ ({stems['safetensors']}.safetensors or {stems['bin']}.bin)"
+    if kind == "PreTrainedTokenizerBase":
+        declared = getattr(cls, "vocab_files_names", None) or {}
+        files = dict.fromkeys([declared.get("tokenizer_file"), declared.get("vocab_file"), *_VOCABULARY_FILES])
+        files = [f for f in files if f]
+        if not any(os.path.isfile(os.path.join(sub, f)) for f in files):
+            return f"has no vocabulary in {name}/ (one of {', '.join(files)})"
+    return None
+
+
+def _check_files(sub: str, name: str, described: str):
+    """Read every JSON file of a component's folder `sub` (named `name/` in errors) and the header of each safetensors
+    file (not the tensors), and check that the shards an index lists are there: a file cut off while being written or
+    downloaded is a `ValueError` that names it, before anything loads the component."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(os.listdir(sub)):
+        path = os.path.join(sub, file)
+        if not os.path.isfile(path):
+            continue
+        if file.endswith(".json"):
+            try:
+                content = read_json(path)
+            except ValueError as e:
+                raise ValueError(f"{described}: {e}") from e
+            shards = content.get("weight_map") if file.endswith(".index.json") and isinstance(content, dict) else None
+            shards = set((shards or {}).values()) if isinstance(shards, dict) else set()
+            absent = sorted(s for s in shards if not os.path.isfile(os.path.join(sub, s)))
+            if absent and len(absent) < len(shards):  # none there: another format or variant, not the one loaded
+                raise ValueError(
+                    f"{described}: {name}/{file} lists the weight shards {absent}, which {name}/ does not hold: the "
+                    f"folder was copied or downloaded in part. {_RESAVE}"
+                )
+        elif file.endswith(".safetensors"):
+            try:
+                with safe_open(path, framework="pt"):  # reads and checks the header
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise ValueError(
+                    f"{described}: {name}/{file} is not a readable safetensors file ({e}): the file is damaged or "
+                    f"was cut off while being written or downloaded. {_RESAVE}"
+                ) from e
 
 
 def check_pipeline_folder(
     folder: str, source: str | None = None, pipeline_class: str | None = PIPELINE_CLASS, components=None, exclude=()
 ) -> dict:
     """
-    Check a local pipeline folder and return its `model_index.json`.
+    Check a local pipeline folder and return its `model_index.json`, before any component is loaded: every component
+    that the index lists has its folder, its config (networks, text encoders, schedulers), its weights (networks,
+    text encoders) or its vocabulary (tokenizers); every JSON file in a component's folder parses, and every
+    safetensors file has a readable header.
 
     Args:
         folder (`str`): the pipeline folder.
@@ -213,29 +293,18 @@ def check_pipeline_folder(
         exclude (`list[str]`, *optional*): components not to check (those passed to `from_pretrained`, say).
 
     Raises:
-        `ValueError`: the folder has no `model_index.json`, holds another pipeline class, or lacks a component's
-            folder, config or weights. `ImportError`: a component's library or class is not installed.
+        `ValueError`: the folder has no `model_index.json`, holds another pipeline class, lacks a component's folder,
+            config, weights or vocabulary, or holds a damaged file (named with its component).
+            `ImportError`: a component's library or class is not installed.
     """
     source = source or folder
     path = os.path.join(folder, MODEL_INDEX)
     if not os.path.isfile(path):
         raise _not_a_pipeline(source, sorted(os.listdir(folder)) if os.path.isdir(folder) else None)
     index = read_json(path)
-    from diffusers import ModelMixin, SchedulerMixin
-
     for name, (library, class_name) in _check_index(index, source, pipeline_class, components, exclude).items():
-        sub = os.path.join(folder, name)
         cls = _component_class(source, name, library, class_name)
-        config = "config.json" if issubclass(cls, ModelMixin) else "scheduler_config.json"
-        problem = None
-        if not os.path.isdir(sub):
-            problem = f"has no {name}/ folder"
-        elif issubclass(cls, (ModelMixin, SchedulerMixin)) and not os.path.isfile(os.path.join(sub, config)):
-            problem = f"has no {name}/{config}"
-        elif issubclass(cls, ModelMixin) and not _has_weights(sub):
-            problem = f"has no weights in {name}/ ({_WEIGHTS_STEM}.safetensors or .bin)"
-        elif issubclass(cls, (ModelMixin, SchedulerMixin)):
-            read_json(os.path.join(sub, config))  # a damaged config is named here, not deep inside diffusers
+        problem = _missing(folder, name, cls)
         if problem is not None:
             raise ValueError(
                 f"{source} lists the component {name!r} (`{library}.{class_name}`) in {MODEL_INDEX} but {problem}. "
@@ -243,7 +312,30 @@ def check_pipeline_folder(
                 "Hub repository read from the cache offline, the cached snapshot may be incomplete: download it "
                 "again with network access."
             )
+        _check_files(os.path.join(folder, name), name, f"{source}: the component {name!r} (`{library}.{class_name}`)")
     return index
+
+
+def check_network_folder(folder: str, source: str | None = None):
+    """
+    Check a single network's folder (`config.json` and its weights, as `save_pretrained` writes them) before it is
+    loaded: the weights are there, every JSON file parses and every safetensors file has a readable header.
+
+    Args:
+        folder (`str`): the network folder.
+        source (`str`, *optional*): how to name it in errors; defaults to `folder`.
+
+    Raises:
+        `ValueError`: the folder has no weights, or holds a damaged file (named).
+    """
+    source = source or folder
+    if not _has_weights(folder):
+        raise ValueError(
+            f"{source} has a config.json but no weights ({_WEIGHTS_STEM}.safetensors or .bin): save the network "
+            "again (`save_pretrained`), or copy or download the whole folder."
+        )
+    name = os.path.basename(os.path.normpath(folder))
+    _check_files(folder, name, f"{source}: the network")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -365,8 +457,8 @@ def _not_found(repo_id: str, revision: str | None, local_files_only: bool) -> OS
     )
 
 
-def _weight_patterns(name: str, variant: str | None, extension: str) -> list[str]:
-    stem = f"{name}/{_WEIGHTS_STEM}" + (f".{variant}" if variant else "")
+def _weight_patterns(name: str, variant: str | None, extension: str, stem: str = _WEIGHTS_STEM) -> list[str]:
+    stem = f"{name}/{stem}" + (f".{variant}" if variant else "")
     return [f"{stem}.{extension}", f"{stem}-*-of-*.{extension}"]
 
 
@@ -399,9 +491,9 @@ def download_pipeline(
     """
     Download a pipeline from the Hub (or find it in the local cache) and return its local snapshot folder.
 
-    Only `model_index.json` and the folders of its components are fetched: each network's config and its safetensors
-    weights (its `.bin` weights where it has no safetensors and `use_safetensors` is not `True`), each scheduler's
-    config. `model_index.json` is checked before any weights are downloaded.
+    Only `model_index.json` and the folders of its components are fetched: each network's and text encoder's config
+    and its safetensors weights (its `.bin` weights where it has no safetensors and `use_safetensors` is not `True`),
+    each scheduler's config, each tokenizer's files. `model_index.json` is checked before any weights are downloaded.
 
     Args:
         repo_id (`str`): the repository, `"org/name"`.
@@ -421,8 +513,6 @@ def download_pipeline(
             pipeline of `pipeline_class`, or a component is missing. `ImportError`: a component's library or class is
             not installed.
     """
-    from diffusers import ModelMixin
-
     hub = {
         "revision": revision,
         "cache_dir": cache_dir,
@@ -438,18 +528,21 @@ def download_pipeline(
         raise _not_a_pipeline(repo_id, files)
     selected = _check_index(read_json(index_file), repo_id, pipeline_class, components)
 
-    networks = [
-        n for n, (lib, cls) in selected.items() if issubclass(_component_class(repo_id, n, lib, cls), ModelMixin)
-    ]
+    kinds = {n: _kind(_component_class(repo_id, n, lib, cls)) for n, (lib, cls) in selected.items()}
+    stems = {n: _KINDS[k][1] for n, k in kinds.items() if k is not None and _KINDS[k][1]}  # networks, text encoders
     first = "bin" if use_safetensors is False else "safetensors"
     patterns = [MODEL_INDEX] + [f"{name}/*.json" for name in selected]
-    patterns += [p for name in networks for p in _weight_patterns(name, variant, first)]
+    patterns += [f"{name}/*" for name, kind in kinds.items() if kind == "PreTrainedTokenizerBase"]  # vocabularies
+    patterns += [p for name in stems for p in _weight_patterns(name, variant, first, stems[name][first])]
     folder = _snapshot(repo_id, patterns, **hub)
     without = [
-        n for n in networks if not os.path.isdir(os.path.join(folder, n)) or not _has_weights(os.path.join(folder, n))
+        n
+        for n in stems
+        if not os.path.isdir(os.path.join(folder, n)) or not _has_weights(os.path.join(folder, n), stems[n].values())
     ]
     if without and use_safetensors is None:  # older repositories hold .bin weights only
-        folder = _snapshot(repo_id, [p for n in without for p in _weight_patterns(n, variant, "bin")], **hub)
+        bins = [p for n in without for p in _weight_patterns(n, variant, "bin", stems[n]["bin"])]
+        folder = _snapshot(repo_id, bins, **hub)
     check_pipeline_folder(folder, repo_id, pipeline_class, list(selected))
     return folder
 

@@ -1,10 +1,13 @@
 """Small helpers shared by the scripts and the package."""
 
+import contextlib
 import json
 import math
+import os
+import shutil
 
 
-__all__ = ["read_json", "square_image_grid"]
+__all__ = ["read_json", "square_image_grid", "atomic_folder"]
 
 _RESAVE = (
     "Save the pipeline again (`save_pretrained`, or the script that wrote it), or download it again (for a Hub id: "
@@ -41,3 +44,30 @@ def square_image_grid(images: list):
     rows = math.ceil(len(images) / cols)
     filler = [images[0].point(lambda _: 0)] * (rows * cols - len(images))
     return make_image_grid(list(images) + filler, rows=rows, cols=cols)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str):
+    """
+    Write a folder whole or not at all, as checkpoints are written: yields a temporary folder beside `final`
+    (`final + ".tmp"`, emptied first) to write into; when the block ends without an error it takes the place of
+    `final` (an existing folder there is moved aside, then deleted). On an error the temporary folder is deleted; a
+    process killed while writing leaves `final` as it was (the next write empties the stale temporary folder).
+
+    Args:
+        final (`str`): the folder to write.
+    """
+    final = os.path.normpath(final)
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)  # two renames: a folder cannot replace a non-empty one in one step
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

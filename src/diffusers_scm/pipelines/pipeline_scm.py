@@ -10,8 +10,8 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..adapters import cast_floating
-from ..conditioning import FAMILY_PIPELINES, TEXT_COMPONENTS, LatentCodec, prompt_encoding
+from ..adapters import cast_floating, get_adapter
+from ..conditioning import FAMILY_PIPELINES, TEXT_COMPONENTS, LatentCodec, check_tokenizers, prompt_encoding
 from ..denoiser import call_network
 
 
@@ -130,9 +130,11 @@ class SCMPipeline(DiffusionPipeline):
 
         A Hub id is resolved by [`~SCMPipeline.download`] (which honours `revision`, `cache_dir`, `token`,
         `local_files_only` and `HF_HUB_OFFLINE`); the folder is checked (an SCMPipeline, every component present and
-        importable) and loaded by `DiffusionPipeline.from_pretrained`, which takes the remaining arguments
-        (`torch_dtype`, `variant`, `device_map`, components to replace, ...). A path that looks local (absolute, or
-        starting with `./`, `../` or `~`, say) and does not exist is a `FileNotFoundError` that names it.
+        importable, its JSON files parsing and its safetensors headers readable) and loaded by
+        `DiffusionPipeline.from_pretrained`, which takes the remaining arguments (`torch_dtype`, `variant`,
+        `device_map`, components to replace, ...); each tokenizer loaded must hold a vocabulary. A path that looks
+        local (absolute, or starting with `./`, `../` or `~`, say) and does not exist is a `FileNotFoundError` that
+        names it.
         """
         from ..hub import check_pipeline_folder, local_folder
 
@@ -147,7 +149,9 @@ class SCMPipeline(DiffusionPipeline):
                 if key in kwargs:
                     hub_kwargs[key] = kwargs[key]
             path = cls.download(str(pretrained_model_name_or_path), **hub_kwargs)
-        return super().from_pretrained(path, **kwargs)
+        pipe = super().from_pretrained(path, **kwargs)
+        check_tokenizers(pipe, str(pretrained_model_name_or_path))
+        return pipe
 
     def register_modules(self, **kwargs):
         super().register_modules(**kwargs)
@@ -234,6 +238,34 @@ class SCMPipeline(DiffusionPipeline):
             width=width,
             **embeds,
         )
+
+    def _check_text_shapes(self, conditioning: dict, embeds: dict, negative: bool = False):
+        """
+        The text conditioning against the shapes the network's config sets (its adapter's `conditioning_shapes`):
+        a wrong width is a `ValueError` that names the input it came from (`prompt_embeds`, `pooled_prompt_embeds`,
+        their `negative_` forms) or, for prompts, the text encoders, instead of a matmul error inside the network.
+        """
+        network = self.network
+        names = FAMILY_PIPELINES[self.config.family_pipeline].embed_names
+        prefix = "negative_" if negative else ""
+        for key, shape in get_adapter(network).conditioning_shapes(network).items():
+            value = conditioning.get(key)
+            if not isinstance(value, torch.Tensor) or shape.matches(value):
+                continue
+            expected = (
+                f"{type(network).__name__} reads `{key}` of shape {shape.describe()} ({shape.config_key} = "
+                f"{shape.width} in its config)"
+            )
+            name = prefix + names.get(key, key)
+            if embeds.get(name) is not None:
+                raise ValueError(
+                    f"`{name}` has shape {tuple(value.shape)}, but {expected}: pass the embeddings that this "
+                    "pipeline's text encoders give (`pipe.family_pipeline().encode_prompt(...)`), or `prompt`."
+                )
+            raise ValueError(
+                f"The text encoders give `{key}` of shape {tuple(value.shape)}, but {expected}: the text encoders do "
+                "not belong to this network. Save the student with its teacher's text encoders and tokenizers."
+            )
 
     def _guidance_input(self) -> bool:
         """Whether the network takes a guidance value of its own (Flux's and Sana's `guidance_embeds`)."""
@@ -355,6 +387,20 @@ class SCMPipeline(DiffusionPipeline):
         unknown = [k for k in prompt_embeds if not (k.endswith("prompt_embeds") or k.endswith("attention_mask"))]
         if unknown:
             raise TypeError(f"SCMPipeline.__call__ got unexpected keyword arguments {unknown}.")
+        family = self.config.get("family_pipeline")
+        if family is not None and not text:
+            needed = FAMILY_PIPELINES[family].embeds_with_prompt_embeds
+            with_embeds = "".join(f" and `{k}`" for k in needed)
+            raise ValueError(
+                f"This SCMPipeline is a text-to-image student ({family}): pass `prompt` (a string, or a list with "
+                f"one prompt per image) or `prompt_embeds`{with_embeds} as `{family}.encode_prompt` returns them."
+            )
+        if text and family is not None:  # the given embeddings' shapes, before anything is built from them
+            for negative, prefix in ((False, ""), (True, "negative_")):
+                given = {
+                    key: prompt_embeds.get(prefix + name) for key, name in FAMILY_PIPELINES[family].embed_names.items()
+                }
+                self._check_text_shapes(given, prompt_embeds, negative)
         if text:
             n = (
                 (1 if isinstance(prompt, str) else len(prompt))
@@ -409,6 +455,9 @@ class SCMPipeline(DiffusionPipeline):
                 width=shape[-1] * factor,
                 **prompt_embeds,
             )
+            self._check_text_shapes(conditioning, prompt_embeds)
+            if uncond is not None:
+                self._check_text_shapes(uncond, prompt_embeds, negative=True)
             # the text encoders' dtype may differ from the network's (a bf16 teacher's encoders, a float32 student)
             conditioning = cast_floating(conditioning, dtype)
             uncond = None if uncond is None else cast_floating(uncond, dtype)

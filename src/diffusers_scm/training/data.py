@@ -277,20 +277,24 @@ class CaptionedImageDataset(Dataset):
         """Every item's caption (the first of several), without reading the images."""
         column = self.items[self.caption_column] if hasattr(self.items, "column_names") else None
         rows = column if column is not None else (item[self.caption_column] for item in self.items)
-        return [str(c[0] if isinstance(c, (list, tuple)) else c) for c in rows]
+        return [_caption_text(c) for c in rows]
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         item = self.items[i]
-        caption = item[self.caption_column]
-        if isinstance(caption, (list, tuple)):  # several captions per image: the first
-            caption = caption[0]
-        out = {"caption": str(caption)}
+        out = {"caption": _caption_text(item[self.caption_column])}
         if self.has_images:
             out["pixel_values"] = _center_crop(item[self.image_column], self.resolution)
         return out
+
+
+def _caption_text(caption) -> str:
+    """The caption of a row: the first of several, and the empty caption for a null one."""
+    if isinstance(caption, (list, tuple)):  # several captions per image: the first
+        caption = caption[0] if len(caption) else None
+    return "" if caption is None else str(caption)
 
 
 def _center_crop(image, resolution: int) -> torch.Tensor:
@@ -315,18 +319,69 @@ def _center_crop(image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _metadata_rows(folder: str) -> list[dict]:
+def _text_lines(path: str):
+    """`(line number, line)` of each non-blank line of a UTF-8 text file; other bytes are an error naming the line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark may open the file
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}, line {number}, is not UTF-8 text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the "
+                    "line): save the file as UTF-8."
+                ) from None
+            if line.strip():
+                yield number, line
+
+
+def _lines(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:_NAMED])) + (", ..." if len(numbers) > _NAMED else "")
+
+
+def _metadata_rows(path: str, caption_column: str) -> list[dict]:
+    """
+    The rows of a `metadata.jsonl`, every one checked when the data is loaded (before training): a JSON object with
+    the caption column, a string or a list of strings, and, where the first row has one, a `file_name`. A bad row is
+    an error naming the file and line. A null caption (`"text": null`) becomes the empty caption, with one warning
+    that counts such rows.
+    """
     import json
 
-    path = os.path.join(folder, "metadata.jsonl")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}, line {number}, is not JSON ({e}): each line is one JSON object.") from e
+    rows, null_lines, images = [], [], None
+    for number, line in _text_lines(path):
+        where = f"{path}, line {number},"
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where} is not JSON ({e}): each line is one JSON object.") from e
+        if not isinstance(row, dict):
+            raise ValueError(f'{where} is not a JSON object: each line is one, {{"file_name": ..., "text": ...}}.')
+        if images is None:  # the first row says whether the data set has images
+            images = "file_name" in row
+        if caption_column not in row:
+            raise ValueError(
+                f"{where} has no caption column {caption_column!r} (its keys: {sorted(row)}): give every line one, or "
+                "pass --caption_column with the key that holds the captions."
+            )
+        caption = row[caption_column]
+        if caption is None:
+            row[caption_column] = ""
+            null_lines.append(number)
+        elif not (isinstance(caption, str) or (caption and isinstance(caption, list) and isinstance(caption[0], str))):
+            raise ValueError(
+                f"{where} has the caption {caption!r}: a caption is a string (or a list of strings, the first used)."
+            )
+        if images and not isinstance(row.get("file_name"), str):
+            raise ValueError(
+                f"{where} has no file_name (a string), although the first line names an image: give every line its "
+                "image, or none for prompts alone."
+            )
+        rows.append(row)
+    if null_lines:
+        logger.warning(
+            f'{path}: {len(null_lines)} of the {len(rows)} rows have "{caption_column}": null (lines '
+            f"{_lines(null_lines)}); they are trained with the empty caption."
+        )
     return rows
 
 
@@ -346,6 +401,12 @@ def load_text_image_dataset(
     - a `datasets` name (its "train" split), with `image_column` and `caption_column`; without `image_column` in
       it, prompt-only.
 
+    Every line of a `metadata.jsonl` is checked here, before training: text that is not UTF-8, a line that is not a
+    JSON object, a row without the caption column (or, where the first row names an image, without `file_name`) and
+    a caption that is not text are errors naming the file and line. A null caption (`"text": null`, or `None` in a
+    `datasets` column) is trained as the empty caption (as classifier-free guidance's unconditional prompt is), with
+    one warning that counts such rows.
+
     Args:
         name (`str`): the folder, file or `datasets` name.
         resolution (`int`): image size in pixels (resized on the shorter side, center-cropped).
@@ -357,10 +418,9 @@ def load_text_image_dataset(
         return CaptionedDigitsDataset(resolution)
     if os.path.isfile(name):
         if name.endswith(".txt"):
-            with open(name, encoding="utf-8") as f:
-                rows = [{caption_column: line.strip()} for line in f if line.strip()]
+            rows = [{caption_column: line.strip()} for _, line in _text_lines(name)]
         else:
-            rows = _metadata_rows(os.path.dirname(name) or ".") if name.endswith("metadata.jsonl") else None
+            rows = _metadata_rows(name, caption_column) if name.endswith("metadata.jsonl") else None
             if rows is None:
                 raise ValueError(f"{name}: a prompt file must be .txt (one prompt per line) or a metadata.jsonl.")
         return _captioned(rows, resolution, None, caption_column, name)
@@ -370,7 +430,7 @@ def load_text_image_dataset(
                 f"{name} has no metadata.jsonl: a captioned image folder needs one line per image, "
                 '{"file_name": "0001.png", "text": "a red fox"} (the datasets imagefolder convention).'
             )
-        rows = _metadata_rows(name)
+        rows = _metadata_rows(os.path.join(name, "metadata.jsonl"), caption_column)
         if rows and "file_name" not in rows[0]:  # prompts only
             return _captioned(rows, resolution, None, caption_column, name)
         for row in rows:
@@ -398,6 +458,15 @@ def _captioned(rows, resolution, image_column, caption_column, name) -> Captione
         )
     if len(rows) == 0:
         raise ValueError(f"{name} holds no captions.")
+    if hasattr(rows, "column_names"):  # a `datasets` data set (metadata.jsonl rows are checked as they are read)
+        nulls = sum(
+            c is None or (isinstance(c, (list, tuple)) and (not c or c[0] is None)) for c in rows[caption_column]
+        )
+        if nulls:
+            logger.warning(
+                f"{name}: {nulls} of the {len(rows)} rows have no caption in {caption_column!r} (null); they are "
+                "trained with the empty caption."
+            )
     dataset = CaptionedImageDataset(rows, resolution, image_column, caption_column)
     dataset.num_skipped = 0
     if image_column is None:

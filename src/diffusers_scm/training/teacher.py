@@ -122,7 +122,7 @@ def load_teacher(
         hub_kwargs: `revision`, `cache_dir`, `token`, `local_files_only`, `force_download` for Hub ids (which also
             honour `HF_HUB_OFFLINE`); only the network, its config and the scheduler config are downloaded.
     """
-    from ..hub import download_teacher, local_folder
+    from ..hub import check_network_folder, check_pipeline_folder, download_teacher, local_folder
 
     folder = local_folder(path_or_id)  # a path that does not exist is named here
     if folder is None:
@@ -139,6 +139,8 @@ def load_teacher(
             )
         network_folder = os.path.join(folder, names[0])
         sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+        # the network and scheduler that are read: present, their JSON parses, their safetensors headers read
+        check_pipeline_folder(folder, path_or_id, pipeline_class=None, components=[names[0], "scheduler"])
     elif os.path.isfile(os.path.join(folder, "config.json")):
         network_folder = folder
         sched_path = next(
@@ -152,6 +154,7 @@ def load_teacher(
             ),
             "",
         )
+        check_network_folder(folder, path_or_id)
     else:
         raise ValueError(
             f"{path_or_id} is neither a diffusers pipeline folder (model_index.json) nor a network folder "
@@ -242,33 +245,49 @@ def load_text_to_image_teacher(
     PixArtSigmaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline) as a `TextToImageTeacher`: every
     component through `DiffusionPipeline.from_pretrained` (frozen, eval mode, `torch_dtype` for the network, VAE and
     text encoders), the parameterization inferred from its scheduler as `load_teacher` does.
+
+    The whole folder is checked once before any weights load (`diffusers_scm.hub.check_pipeline_folder`): every
+    component of `model_index.json` has its folder, its JSON files parse and its safetensors headers read, so a
+    damaged or missing file is named with its component; after loading, each tokenizer must hold a vocabulary.
+
+    Args:
+        path_or_id (`str`): a pipeline folder, or a Hub repository id (downloaded first, then checked the same way).
+        parameterization (`str`, *optional*): overrides the inferred parameterization.
+        sigma_data (`float`, *optional*): the data's standard deviation (0.5 by default).
+        torch_dtype (`torch.dtype`, *optional*): dtype to load the network, VAE and text encoders in.
+        hub_kwargs: `revision`, `cache_dir`, `token`, `local_files_only`, `force_download` for Hub ids; `variant` and
+            `use_safetensors` choose the weight files.
     """
     from diffusers import DiffusionPipeline
 
-    from ..conditioning import FAMILY_PIPELINES
-    from ..hub import local_folder
+    from ..conditioning import FAMILY_PIPELINES, check_tokenizers
+    from ..hub import check_pipeline_folder, local_folder
 
     folder = local_folder(path_or_id)
-    if folder is not None:
-        index_path = os.path.join(folder, "model_index.json")
-        if not os.path.isfile(index_path):
-            raise ValueError(
-                f"{path_or_id} is not a text-to-image pipeline folder (no model_index.json); it contains "
-                f"{sorted(os.listdir(folder))}."
-            )
-        index = read_json(index_path)
-        family = index.get("_class_name")
-        if family not in FAMILY_PIPELINES:
-            raise ValueError(
-                f"{path_or_id} is a {family}, not a supported text-to-image family ({', '.join(FAMILY_PIPELINES)})."
-            )
-        missing = [n for n in ("text_encoder", "tokenizer") if not (isinstance(index.get(n), list) and index[n][0])]
-        if missing:
-            raise ValueError(
-                f"{path_or_id} ({family}) has no {' or '.join(missing)}: a text-to-image teacher needs its text "
-                "encoder and tokenizer to encode the captions (or train from a cache made by prepare_data.py)."
-            )
-    pipe = DiffusionPipeline.from_pretrained(folder or path_or_id, torch_dtype=torch_dtype, **hub_kwargs)
+    if folder is None:  # a Hub id: the family's files, downloaded (or found in the cache), checked as a local folder
+        folder = DiffusionPipeline.download(path_or_id, **hub_kwargs)
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise ValueError(
+            f"{path_or_id} is not a text-to-image pipeline folder (no model_index.json); it contains "
+            f"{sorted(os.listdir(folder))}."
+        )
+    index = read_json(index_path)
+    family = index.get("_class_name")
+    if family not in FAMILY_PIPELINES:
+        raise ValueError(
+            f"{path_or_id} is a {family}, not a supported text-to-image family ({', '.join(FAMILY_PIPELINES)})."
+        )
+    missing = [n for n in ("text_encoder", "tokenizer") if not (isinstance(index.get(n), list) and index[n][0])]
+    if missing:
+        raise ValueError(
+            f"{path_or_id} ({family}) has no {' or '.join(missing)}: a text-to-image teacher needs its text "
+            "encoder and tokenizer to encode the captions (or train from a cache made by prepare_data.py)."
+        )
+    check_pipeline_folder(folder, path_or_id, pipeline_class=None)  # every component, before any weights load
+    load_kwargs = {k: hub_kwargs[k] for k in ("variant", "use_safetensors") if k in hub_kwargs}
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, **load_kwargs)
+    check_tokenizers(pipe, path_or_id)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval().requires_grad_(False)

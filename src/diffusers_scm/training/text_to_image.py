@@ -5,9 +5,14 @@ scale of each sample, either on the fly (teacher's VAE and text encoders) or fro
 
 The cache is a `datasets` Arrow dataset saved with `save_to_disk`: one row per image with `latents` and the
 conditioning tensors under flattened names (`cond.encoder_hidden_states`, `cond.added_cond_kwargs.text_embeds`, ...),
-beside `cache_info.json` (family, resolution, teacher) and `uncond.safetensors` (the empty prompt's conditioning).
+beside `uncond.safetensors` (the empty prompt's conditioning) and `cache_info.json`, written last: what the cache was
+made with (format version, family, teacher and revision, the class and config hash of its VAE, text encoders and
+tokenizers, resolution, dtype, sequence length), its row count and the size of each data file. A cache is built in a
+temporary folder and swapped in whole, so an interrupted write leaves the previous cache as it was; `load_cache`
+refuses a folder whose files do not match its `cache_info.json`, or that was made with other settings than the run's.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -15,14 +20,37 @@ import os
 import torch
 
 from ..adapters import cast_floating
+from ..conditioning import TEXT_COMPONENTS
 
 
-__all__ = ["TextBatches", "flatten_conditioning", "unflatten_conditioning", "write_cache", "load_cache", "sample_ode"]
+__all__ = [
+    "TextBatches",
+    "flatten_conditioning",
+    "unflatten_conditioning",
+    "teacher_record",
+    "cache_problem",
+    "write_cache",
+    "load_cache",
+    "sample_ode",
+]
 
 logger = logging.getLogger(__name__)
 
 CACHE_INFO = "cache_info.json"
 UNCOND_FILE = "uncond.safetensors"
+CACHE_DATA = "data"
+CACHE_FORMAT = 2  # cache_info.json's format_version: 2 records the settings, the data file sizes and `complete`
+# the components whose config a cache records: they make the latents and the conditioning
+CACHE_COMPONENTS = ("vae", *TEXT_COMPONENTS)
+# the settings a cache records and the flag of distill.py that sets each
+CACHE_FLAGS = {
+    "family": "--teacher",
+    "teacher": "--teacher",
+    "teacher_revision": "--teacher_revision",
+    "components": "--teacher",
+    "resolution": "--resolution",
+    "dtype": "--teacher_dtype",
+}
 
 
 def flatten_conditioning(cond: dict, prefix: str = "cond") -> dict:
@@ -174,14 +202,120 @@ def _expand(cond, n):
     return {k: (_expand(v, n) if isinstance(v, dict) else v.expand(n, *v.shape[1:])) for k, v in cond.items()}
 
 
+def _config_hash(path: str | None) -> str | None:
+    """sha256 of a component's config file (`config.json`, `tokenizer_config.json`) without the entries that name or
+    date it (`_name_or_path`, versions) or give its dtype (recorded on its own); None where there is no such file."""
+    from ..utils import read_json
+
+    if path is None or not os.path.isfile(path):
+        return None
+    config = read_json(path)
+    skip = {"transformers_version", "dtype", "torch_dtype", "name_or_path"}
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k not in skip}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def teacher_record(teacher: str | None, revision: str | None = None) -> dict:
+    """
+    The teacher's part of what a cache records, read from the pipeline's `model_index.json` and its components'
+    config files (nothing is loaded): `{"teacher", "teacher_revision", "family", "components"}`, where `components`
+    maps the VAE, the text encoders and the tokenizers to `{"class", "config_sha256"}`.
+
+    Args:
+        teacher (`str`, *optional*): the pipeline folder (recorded as an absolute path) or Hub id.
+        revision (`str`, *optional*): the Hub revision.
+    """
+    from ..hub import _hub_file, local_folder
+    from ..utils import read_json
+
+    folder = None if teacher is None else local_folder(teacher)
+
+    def file(name):
+        if folder is not None:
+            return os.path.join(folder, name)
+        return None if teacher is None else _hub_file(teacher, name, revision=revision)
+
+    index_path = file("model_index.json")
+    index = read_json(index_path) if index_path is not None and os.path.isfile(index_path) else {}
+    components = {}
+    for name in CACHE_COMPONENTS:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+            continue
+        config = "tokenizer_config.json" if name.startswith("tokenizer") else "config.json"
+        components[name] = {"class": entry[1], "config_sha256": _config_hash(file(f"{name}/{config}"))}
+    return {
+        "teacher": os.path.abspath(folder) if folder is not None else teacher,
+        "teacher_revision": revision,
+        "family": index.get("_class_name"),
+        "components": components,
+    }
+
+
+def _check_replaceable(folder: str):
+    """Writing a cache replaces its whole folder: refuse a folder that holds anything else."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--cache_dir {folder} is a file: pass a new or empty folder (or an existing cache).")
+    if not os.path.isdir(folder):
+        return
+    foreign = sorted(set(os.listdir(folder)) - {CACHE_DATA, CACHE_INFO, UNCOND_FILE})
+    if foreign:
+        raise ValueError(
+            f"--cache_dir {folder} holds other files than a cache ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}): writing the cache replaces the whole folder, so pass a new or "
+            "empty folder."
+        )
+
+
+def _file_sizes(folder: str) -> dict:
+    """`{relative path: bytes}` of the cache's data files and unconditional conditioning."""
+    sizes = {}
+    for root, _, names in os.walk(os.path.join(folder, CACHE_DATA)):
+        for name in names:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
+    sizes[UNCOND_FILE] = os.path.getsize(os.path.join(folder, UNCOND_FILE))
+    return dict(sorted(sizes.items()))
+
+
 @torch.no_grad()
-def write_cache(dataset, teacher, folder: str, batch_size: int = 8, device="cpu", resolution: int | None = None):
-    """Encode every image to latents and every caption to the family's conditioning once, with the teacher's VAE and
+def write_cache(
+    dataset,
+    teacher,
+    folder: str,
+    batch_size: int = 8,
+    device="cpu",
+    resolution: int | None = None,
+    teacher_name: str | None = None,
+    teacher_revision: str | None = None,
+    dataset_name: str | None = None,
+    caption_column: str = "text",
+):
+    """
+    Encode every image to latents and every caption to the family's conditioning once, with the teacher's VAE and
     the pipeline's own `encode_prompt`, into a `datasets` Arrow dataset at `folder` (see the module docstring).
-    Prompt-only data gets x0 from the teacher's ODE. Returns the number of rows."""
+    Prompt-only data gets x0 from the teacher's ODE. The cache is written in `folder + ".tmp"` and then takes the
+    place of `folder` whole (replacing an earlier cache there), `cache_info.json` last. Returns the number of rows.
+
+    Args:
+        dataset (`Dataset`): captioned images (`load_text_image_dataset`).
+        teacher (`TextToImageTeacher`): its VAE and text encoders encode the data.
+        folder (`str`): the cache folder: new, empty, or an earlier cache (anything else is refused).
+        batch_size (`int`), device: of the encoding.
+        resolution (`int`, *optional*): the images' size in pixels.
+        teacher_name (`str`, *optional*), teacher_revision (`str`, *optional*): the pipeline folder or Hub id the
+            teacher was loaded from, recorded with the class and config hash of its components (default: the
+            pipeline's `_name_or_path`).
+        dataset_name (`str`, *optional*), caption_column (`str`): the data, recorded for the rebuild command.
+    """
     import datasets
     from safetensors.torch import save_file
 
+    from ..conditioning import prompt_sequence_length
+    from ..utils import atomic_folder
+
+    _check_replaceable(folder)
+    record = teacher_record(teacher_name or teacher.pipeline.config.get("_name_or_path"), teacher_revision)
     batches = TextBatches(teacher, resolution=resolution)
     rows = []
     generator = torch.Generator(device=device).manual_seed(0)
@@ -194,20 +328,26 @@ def write_cache(dataset, teacher, folder: str, batch_size: int = 8, device="cpu"
             row.update({k: v[i].float().cpu().numpy() for k, v in flat.items()})
             rows.append(row)
     _, uncond = batches.encode([""], device)
-    os.makedirs(folder, exist_ok=True)
-    datasets.Dataset.from_list(rows).save_to_disk(os.path.join(folder, "data"))
-    save_file(
-        {k: v.float().contiguous().cpu() for k, v in flatten_conditioning(uncond).items()},
-        os.path.join(folder, UNCOND_FILE),
-    )
-    info = {
-        "family": teacher.family,
-        "resolution": resolution,
-        "num_rows": len(rows),
-        "sigma_data_measured": _std(rows),
-    }
-    with open(os.path.join(folder, CACHE_INFO), "w") as f:
-        json.dump(info, f, indent=2)
+    with atomic_folder(folder) as tmp:  # an interrupted write leaves the earlier cache as it was
+        datasets.Dataset.from_list(rows).save_to_disk(os.path.join(tmp, CACHE_DATA))
+        save_file(
+            {k: v.float().contiguous().cpu() for k, v in flatten_conditioning(uncond).items()},
+            os.path.join(tmp, UNCOND_FILE),
+        )
+        info = {
+            "format_version": CACHE_FORMAT,
+            **record,
+            "resolution": resolution,
+            "dtype": str(teacher.pipeline.dtype).removeprefix("torch."),
+            "max_sequence_length": prompt_sequence_length(teacher.pipeline),
+            "dataset": {"name": dataset_name, "caption_column": caption_column},
+            "num_rows": len(rows),
+            "sigma_data_measured": _std(rows),
+            "files": _file_sizes(tmp),
+            "complete": True,  # written last: a folder without it was cut off
+        }
+        with open(os.path.join(tmp, CACHE_INFO), "w") as f:
+            json.dump(info, f, indent=2)
     logger.info("Cached %d rows in %s (latent std %.4f).", len(rows), folder, info["sigma_data_measured"])
     return len(rows)
 
@@ -218,18 +358,138 @@ def _std(rows) -> float:
     return float(np.concatenate([r["latents"].ravel() for r in rows[:512]]).std()) if rows else float("nan")
 
 
-def load_cache(folder: str):
-    """`(dataset, uncond, info)` of a cache written by `write_cache`: a torch-formatted Arrow dataset, the
-    unconditional conditioning (one row) and `cache_info.json`."""
+def _rebuild_hint(folder: str, info: dict | None, expected: dict | None) -> str:
+    """The commands that write the cache again: the run's settings where given, else the recorded ones."""
+    known = {**(info or {}), **{k: v for k, v in (expected or {}).items() if v is not None}}
+    data = (info or {}).get("dataset") or {}
+    command = f"python examples/prepare_data.py --teacher {known.get('teacher') or 'TEACHER'}"
+    if known.get("teacher_revision"):
+        command += f" --teacher_revision {known['teacher_revision']}"
+    command += f" --dataset_name {data.get('name') or 'DATA'}"
+    if data.get("caption_column", "text") != "text":
+        command += f" --caption_column {data['caption_column']}"
+    command += f" --resolution {known.get('resolution') or 'RESOLUTION'}"
+    if known.get("dtype", "float32") != "float32":
+        command += f" --teacher_dtype {known['dtype']}"
+    return f"Rebuild it with `{command} --cache_dir {folder}`, or add --rebuild_cache to distill.py."
+
+
+def _component_changes(made: dict, run: dict) -> list[str]:
+    """The components whose class or config differs (where both hashes are known)."""
+    changed = []
+    for name in sorted(set(made) | set(run)):
+        a, b = made.get(name), run.get(name)
+        if a is None or b is None or a.get("class") != b.get("class"):
+            changed.append(name)
+        elif None not in (a.get("config_sha256"), b.get("config_sha256")) and a["config_sha256"] != b["config_sha256"]:
+            changed.append(name)
+    return changed
+
+
+def _inspect_cache(folder: str, expected: dict | None) -> tuple[str | None, dict | None]:
+    """`(problem or None, cache_info or None)`: see `cache_problem`."""
+    from ..utils import read_json
+
+    if not os.path.isdir(folder):
+        return f"There is no cache at {folder}.", None
+    info_path = os.path.join(folder, CACHE_INFO)
+    if not os.path.isfile(info_path):
+        return f"{folder} holds no complete cache: it has no {CACHE_INFO} (the file written last).", None
+    try:
+        info = read_json(info_path, fix="")
+    except ValueError as e:
+        return str(e).strip(), None
+    if not isinstance(info, dict) or info.get("format_version") != CACHE_FORMAT:
+        version = info.get("format_version") if isinstance(info, dict) else None
+        return (
+            f"{folder} was written by another version of diffusers-scm (cache format {version}; this version reads "
+            f"format {CACHE_FORMAT}, which records the settings and file sizes that make a cache checkable).",
+            None,
+        )
+    if info.get("complete") is not True:
+        return f"{folder} is incomplete: its {CACHE_INFO} is not marked complete.", info
+    for name, size in info.get("files", {}).items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{folder} is incomplete: {name} is missing.", info
+        if os.path.getsize(path) != size:
+            return (
+                f"{folder} is incomplete or damaged: {name} has {os.path.getsize(path)} bytes, {CACHE_INFO} records "
+                f"{size}.",
+                info,
+            )
+    if not expected:
+        return None, info
+    differences = []
+    for key, flag in CACHE_FLAGS.items():
+        if key not in expected:
+            continue
+        made, run = info.get(key), expected[key]
+        if key == "components":
+            changed = _component_changes(made, run) if made and run else []  # {}: model_index.json unreadable
+            if changed:
+                differences.append(
+                    f"{flag} {expected.get('teacher')}: its {', '.join(changed)} (class or config) differ from those "
+                    "the cache was made with"
+                )
+        elif key == "family":
+            if None not in (made, run) and made != run:
+                differences.append(f"it was made with a {made} teacher, this run's {flag} is a {run}")
+        elif made != run:
+            differences.append(f"it was made with {flag} {made}, this run has {flag} {run}")
+    if differences:
+        return (
+            f"The cache {folder} was made with other settings than this run's: {'; '.join(differences)}. Pass the "
+            "cache's values, or rebuild it for this run.",
+            info,
+        )
+    return None, info
+
+
+def cache_problem(folder: str, expected: dict | None = None) -> str | None:
+    """
+    What is wrong with the cache at `folder`, or None where it is complete and (with `expected`) was made with the
+    run's settings: a missing folder or `cache_info.json`, another cache format, data files whose sizes differ from
+    the recorded ones, or settings that differ from `expected` (each named by its flag in `CACHE_FLAGS`, with both
+    values).
+
+    Args:
+        folder (`str`): the cache folder.
+        expected (`dict`, *optional*): the run's settings: `teacher_record(...)` with `resolution` and `dtype`.
+    """
+    return _inspect_cache(folder, expected)[0]
+
+
+def load_cache(folder: str, expected: dict | None = None):
+    """
+    `(dataset, uncond, info)` of a cache written by `write_cache`: a torch-formatted Arrow dataset, the unconditional
+    conditioning (one row) and `cache_info.json`.
+
+    Args:
+        folder (`str`): the cache folder.
+        expected (`dict`, *optional*): the run's settings (see `cache_problem`).
+
+    Raises:
+        `ValueError`: the cache is missing, incomplete, damaged or was made with other settings than `expected`; the
+            error names the folder (and the flag and both values of a mismatch) and the command that rebuilds it.
+    """
     import datasets
     from safetensors.torch import load_file
 
-    from ..utils import read_json
-
-    info_path = os.path.join(folder, CACHE_INFO)
-    if not os.path.isfile(info_path):
-        raise ValueError(f"{folder} is not a cache written by prepare_data.py (no {CACHE_INFO}).")
-    data = datasets.load_from_disk(os.path.join(folder, "data")).with_format("torch")
+    problem, info = _inspect_cache(folder, expected)
+    if problem is not None:
+        raise ValueError(f"{problem} {_rebuild_hint(folder, info, expected)}")
+    try:
+        data = datasets.load_from_disk(os.path.join(folder, CACHE_DATA)).with_format("torch")
+        uncond = unflatten_conditioning(load_file(os.path.join(folder, UNCOND_FILE)))
+    except Exception as e:  # Arrow and safetensors raise OSError, ArrowInvalid, SafetensorError, ... for damaged files
+        raise ValueError(
+            f"Cannot read the cache {folder} ({type(e).__name__}: {e}). {_rebuild_hint(folder, info, expected)}"
+        ) from e
+    if len(data) != info["num_rows"]:
+        raise ValueError(
+            f"The cache {folder} holds {len(data)} rows, its {CACHE_INFO} records {info['num_rows']}. "
+            + _rebuild_hint(folder, info, expected)
+        )
     data = data.remove_columns([c for c in data.column_names if c == "caption"])
-    uncond = unflatten_conditioning(load_file(os.path.join(folder, UNCOND_FILE)))
-    return data, uncond, read_json(info_path)
+    return data, uncond, info
