@@ -19,6 +19,13 @@ install_requires = [
     "Pillow",
 ]
 
+docs = [
+    "mkdocs>=1.6",  # validation of links and anchors
+    "mkdocs-material>=9.5",
+    "mkdocstrings[python]>=0.28",
+    "mkdocstrings-python>=1.19",  # `filters: public` (a module's __all__)
+]
+
 extras = {
     "test": [
         "pytest>=7",
@@ -30,6 +37,7 @@ extras = {
         "datasets>=2.19",  # latent / prompt-embedding caches
         "peft>=0.14",  # LoRA students
         "tensorboard",  # the scripts' default tracker, so that their tests start it
+        *docs,  # tests/test_docs.py builds the documentation site
     ],
     "training": [
         "accelerate>=0.30",
@@ -43,6 +51,7 @@ extras = {
     ],
     "flash": ["flash-attn", "xformers", "jvp-flash-attention"],
     "metrics": ["scipy", "torch-fidelity", "matplotlib"],
+    "docs": docs,
 }
 extras["dev"] = sorted(set(extras["test"] + extras["training"] + ["ruff>=0.4"]))
 
