@@ -37,12 +37,12 @@ from diffusers_scm.training.script_utils import (
     add_common_args,
     finish_training,
     log_validation,
-    make_accelerator,
     non_negative_int,
     positive_int,
     prepare_training,
     publish_pipeline,
     train_loop,
+    training_run,
 )
 from diffusers_scm.training.teacher import load_text_to_image_teacher
 from diffusers_scm.training.text_to_image import TextBatches
@@ -110,6 +110,12 @@ def parse_args(argv=None):
         default=None,
         help="latents and prompt embeddings cached once (examples/prepare_data.py); training from it loads neither "
         "the VAE nor the text encoders",
+    )
+    p.add_argument(
+        "--rebuild_cache",
+        action="store_true",
+        help="write the --cache_dir cache again when it is incomplete or was made with other settings (teacher, "
+        "--resolution, --teacher_dtype) instead of stopping with an error",
     )
     p.add_argument("--jvp_method", choices=["forward_ad", "func", "finite_difference"], default="forward_ad")
     p.add_argument("--jvp_dtype", choices=["float32", "auto"], default="float32", help="'auto': the step's dtype")
@@ -404,8 +410,9 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
             args.label_column,
             skip_bad_images=args.skip_bad_images,
         )
+    stage1_method = {"--tcm_stage1_method": method} if args.method == "tcm" and method != "tcm" else None
     student, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
-        args, accelerator, student, dataset, "student"
+        args, accelerator, student, dataset, "student", teacher=teacher, record=stage1_method
     )
     if args.fsdp_shard_teacher and not is_sharded(accelerator.unwrap_model(student)):
         raise ValueError("--fsdp_shard_teacher shards beside a sharded student: add --fsdp (or launch with FSDP2).")
@@ -605,22 +612,46 @@ def text_dataset(args, accelerator):
 
 
 def prepare_cache(args, accelerator):
-    """--cache_dir: write the cache (main process) unless it exists, then train from it without the VAE and text
-    encoders."""
-    from diffusers_scm.training.text_to_image import CACHE_INFO, load_cache, write_cache
+    """--cache_dir: write the cache (main process) when it is missing (with --rebuild_cache also when it is incomplete
+    or was made with other settings), check that it was made with this run's teacher, --resolution and
+    --teacher_dtype, then train from it without the VAE and text encoders."""
+    from diffusers_scm.training.text_to_image import CACHE_INFO, cache_problem, load_cache, teacher_record, write_cache
 
-    if not os.path.isfile(os.path.join(args.cache_dir, CACHE_INFO)):
-        if accelerator.is_main_process:
+    expected = {
+        **teacher_record(args.teacher, args.teacher_revision),
+        "resolution": args.resolution,
+        "dtype": args.teacher_dtype,
+    }
+    if accelerator.is_main_process:
+        missing = not os.path.isfile(os.path.join(args.cache_dir, CACHE_INFO))
+        problem = None if missing or not args.rebuild_cache else cache_problem(args.cache_dir, expected)
+        if missing or problem is not None:
+            if problem is not None:
+                logger.warning(f"--rebuild_cache: writing the cache again. {problem}")
             teacher = load_text_to_image_teacher(
-                args.teacher, args.teacher_parameterization, args.sigma_data, revision=args.teacher_revision
+                args.teacher,
+                args.teacher_parameterization,
+                args.sigma_data,
+                torch_dtype=getattr(torch, args.teacher_dtype),
+                revision=args.teacher_revision,
             )
             dataset = load_text_image_dataset(
                 args.dataset_name, args.resolution, args.image_column, args.caption_column, args.skip_bad_images
             )
-            write_cache(dataset, teacher, args.cache_dir, device=accelerator.device, resolution=args.resolution)
+            write_cache(
+                dataset,
+                teacher,
+                args.cache_dir,
+                device=accelerator.device,
+                resolution=args.resolution,
+                teacher_name=args.teacher,
+                teacher_revision=args.teacher_revision,
+                dataset_name=args.dataset_name,
+                caption_column=args.caption_column,
+            )
             del teacher
-        accelerator.wait_for_everyone()
-    args.cache = load_cache(args.cache_dir)
+    accelerator.wait_for_everyone()
+    args.cache = load_cache(args.cache_dir, expected)  # refuses an incomplete cache or one of other settings
     logger.info("Training from the cache %s (%d rows).", args.cache_dir, len(args.cache[0]))
 
 
@@ -740,9 +771,9 @@ def run_tcm(args, accelerator):
     return student, ema, scheduler, steps, counters
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    accelerator = make_accelerator(args, "scm-distill")
+def train(args, accelerator):
+    """The run: train (TCM: both stages), save the EMA student (which ends the process group), then sample it, write its
+    model card and upload it (main process)."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
@@ -763,6 +794,12 @@ def main(argv=None):
         accelerator, args.output_dir, student, ema, scheduler, global_step, counters, components=components, lora=lora
     )
     publish_pipeline(args, accelerator, sample_steps=(1, 2))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with training_run(args, "scm-distill") as accelerator:  # locks --output_dir; ends through end_run
+        train(args, accelerator)
 
 
 if __name__ == "__main__":

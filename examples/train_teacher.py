@@ -50,11 +50,11 @@ from diffusers_scm.training.script_utils import (
     add_common_args,
     finish_training,
     log_validation,
-    make_accelerator,
     positive_int,
     prepare_training,
     publish_pipeline,
     train_loop,
+    training_run,
 )
 
 
@@ -153,9 +153,14 @@ def build_model(args) -> TrigFlowDenoiser:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.objective == "flow_matching":
-        return train_flow_matching(args)
-    accelerator = make_accelerator(args, "trigflow-teacher")
+    flow = args.objective == "flow_matching"
+    project = "flow-matching-teacher" if flow else "trigflow-teacher"
+    with training_run(args, project) as accelerator:  # locks --output_dir; ends through end_run
+        (train_flow_matching if flow else train_trigflow)(args, accelerator)
+
+
+def train_trigflow(args, accelerator):
+    """The TrigFlow teacher: see the module docstring."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
@@ -296,12 +301,11 @@ def flow_sample_grids(pipe, prompts, args, folder, name, accelerator=None, step=
     return grids
 
 
-def train_flow_matching(args):
+def train_flow_matching(args, accelerator):
     """--objective flow_matching: see the module docstring."""
     from diffusers_scm.conditioning import LatentCodec, prompt_encoding
-    from diffusers_scm.training.script_utils import _write_summary, replica_check
+    from diffusers_scm.training.script_utils import _write_summary, end_run, replica_check
 
-    accelerator = make_accelerator(args, "flow-matching-teacher")
     if accelerator.is_fsdp2 or accelerator.distributed_type.name == "FSDP":
         raise ValueError("FSDP is not supported for flow_matching teachers yet: launch without --use_fsdp (DDP).")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -376,7 +380,7 @@ def train_flow_matching(args):
         accumulate=(model, logvar_head),
     )
     replicas = replica_check(accelerator, model)
-    accelerator.wait_for_everyone()
+    end_run(accelerator)  # trackers and process group: the main process saves and samples alone
     if accelerator.is_main_process:
         _write_summary(args.output_dir, accelerator, steps, counters, **replicas)
         final = ema_pipeline()
@@ -391,7 +395,6 @@ def train_flow_matching(args):
         from diffusers_scm.utils import square_image_grid
 
         square_image_grid(numpy_to_pil(grids[max(grids)])).save(os.path.join(args.output_dir, SAMPLE_GRID))
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

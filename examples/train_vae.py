@@ -23,7 +23,13 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from diffusers_scm.training.data import load_image_dataset, to_model_channels
-from diffusers_scm.training.script_utils import make_accelerator, non_negative_int, positive_int, train_loader
+from diffusers_scm.training.script_utils import (
+    end_run,
+    non_negative_int,
+    positive_int,
+    train_loader,
+    training_run,
+)
 from diffusers_scm.training.vae import (
     VAE_PRESETS,
     VAETrainingModule,
@@ -134,9 +140,8 @@ def save_reconstructions(path, images, recon, count=16):
     make_image_grid(pil, rows=2, cols=len(pil) // 2).save(path)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    accelerator = make_accelerator(args, "vae")
+def train(args, accelerator):
+    """Train the VAE, then (main process) set its latent scaling, save it and evaluate it."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
     from diffusers.optimization import get_scheduler
@@ -198,7 +203,7 @@ def main(argv=None):
             if step >= args.max_train_steps:
                 break
 
-    accelerator.wait_for_everyone()
+    end_run(accelerator)  # trackers and process group: the main process measures, saves and evaluates alone
     if accelerator.is_main_process:
         vae = accelerator.unwrap_model(model).vae.eval()
         count = min(args.statistics_images, len(dataset))
@@ -230,7 +235,12 @@ def main(argv=None):
             mean,
             std,
         )
-    accelerator.end_training()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with training_run(args, "vae") as accelerator:  # locks --output_dir; ends through end_run
+        train(args, accelerator)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ then a rename), so an interrupted save never damages an existing checkpoint. A s
 optimizer state and EMA are written shard by shard with torch.distributed.checkpoint (`fsdp.save_sharded_state`)."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from .fsdp import SHARDED_STATE, is_sharded, load_sharded_state, save_sharded_st
 __all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "rotate_checkpoints", "CHECKPOINT_PATTERN"]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+logger = logging.getLogger(__name__)
 
 
 def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -77,11 +80,14 @@ def save_checkpoint(
     lr_scheduler=None,
     counters: dict | None = None,
     optimizers: dict | None = None,
+    run_config: dict | None = None,
 ) -> str:
     """
     Save `checkpoint-<step>`: each module's weights (unwrapped) and the EMA as safetensors, the optimizer state (and
     that of each further named optimizer in `optimizers`, e.g. a fake-score network's, as `optimizer_<name>.pt`), the
     learning-rate schedule, and per process the torch RNG state and the named generators (for exact resumption).
+    `run_config` (`script_utils.run_config`: the flags and networks that shape this state) is recorded in
+    `training_state.json` with the names of the modules and optimizers; `load_checkpoint` compares them on resume.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
@@ -109,7 +115,11 @@ def save_checkpoint(
             "step": step,
             "ema_num_updates": None if ema is None else ema.num_updates,
             "sharded": sharded is not None,
+            "modules": sorted(modules),
+            "optimizers": sorted(optimizers or {}),
         }
+        if run_config is not None:
+            meta["run_config"] = run_config
         if counters is not None:  # e.g. skipped steps: totals that a resumed run goes on counting
             meta["counters"] = dict(counters)
         if lr_scheduler is not None:  # LambdaLR: counters and learning rates (its lambdas are rebuilt from the flags)
@@ -144,10 +154,121 @@ def _previous_checkpoint(folder: str) -> str | None:
 
 
 def _resume_hint(folder: str) -> str:
+    """The way on from a damaged checkpoint: the previous one, where there is one."""
     previous = _previous_checkpoint(folder)
     if previous is None:
         return "No earlier checkpoint is beside it: start again without --resume_from_checkpoint."
     return f"Delete it, or resume the previous one with --resume_from_checkpoint {previous}."
+
+
+SETTINGS_FIX = "resume with the flags it was written with, or start a new --output_dir"
+# flags naming where a network was loaded from: a folder may move, so a change is logged, not refused
+SOURCE_FLAGS = ("--teacher", "--student", "--model", "--model_config")
+# modules that a flag adds to a run's state
+MODULE_FLAGS = {"fake_score": "--dmd_weight"}
+
+
+def _flag_text(flag: str, value) -> str:
+    if value is None or value is False:
+        return f"no {flag}"
+    if value is True:
+        return flag
+    return f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def _network_texts(old, new) -> tuple[str, str]:
+    """The two network records, each as its class and the config entries in which they differ."""
+    if not (isinstance(old, dict) and isinstance(new, dict)) or old.get("class") != new.get("class"):
+        return (old or {}).get("class", "none"), (new or {}).get("class", "none")
+    a, b = old.get("config") or {}, new.get("config") or {}
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))[:4]
+    if not keys:
+        return f"{old['class']} (weights of other shapes)", f"{new['class']} (weights of other shapes)"
+    return tuple(f"{old['class']}({', '.join(f'{k}={c.get(k)!r}' for k in keys)})" for c in (a, b))
+
+
+def _same_network(old, new) -> bool:
+    strip = lambda r: {k: v for k, v in r.items() if k != "from"} if isinstance(r, dict) else r  # noqa: E731
+    return strip(old) == strip(new)
+
+
+def _settings_difference(key: str, old, new) -> str:
+    if key == "network":
+        was, now = _network_texts(old, new)
+        source = f" (from {new['from']})" if isinstance(new, dict) and new.get("from") else ""
+        return f"was written for a {was}; this run trains a {now}{source}"
+    if key == "teacher network":
+        was, now = _network_texts(old, new)
+        return f"was written with the teacher {was}; this run's --teacher is a {now}"
+    if key == "--fsdp":  # also accelerate's FSDP2 (`accelerate launch --use_fsdp`), which has no flag of ours
+        if old:
+            return "was written by a sharded (FSDP) run; this run is not sharded (add --fsdp, or accelerate's FSDP2)"
+        return "was written without --fsdp; this run is sharded (drop --fsdp, or accelerate's FSDP config)"
+    return f"was written with {_flag_text(key, old)}; this run has {_flag_text(key, new)}"
+
+
+def _check_settings(folder: str, meta: dict, run_config: dict | None, modules: dict, optimizers: dict | None):
+    """Compare the checkpoint's record of the state-shaping settings (`training_state.json`) with this run's, before
+    any tensor is read: a change is an error that names the flag and both values (never a "corrupted" checkpoint).
+    Checkpoints written without a record are not checked."""
+    recorded = meta.get("run_config")
+    if run_config is not None and isinstance(recorded, dict):
+        current = json.loads(json.dumps(run_config, default=str))  # as the record was written
+        changed, moved = [], []
+        for key in [k for k in current if k in recorded]:  # flags, then networks
+            old, new = recorded[key], current[key]
+            if old == new or (key.endswith("network") and _same_network(old, new)):
+                continue
+            (moved if key in SOURCE_FLAGS else changed).append(_settings_difference(key, old, new))
+        if changed:
+            raise ValueError(f"Checkpoint {folder} " + "; it ".join(changed + moved) + f": {SETTINGS_FIX}.")
+        for difference in moved:
+            logger.warning("Checkpoint %s %s (the same networks): resuming.", folder, difference)
+    lacking = [name for name in modules if "modules" in meta and name not in meta["modules"]]
+    lacking += [f"optimizer_{n}" for n in optimizers or {} if "optimizers" in meta and n not in meta["optimizers"]]
+    if lacking:
+        flags = sorted({MODULE_FLAGS[n] for n in modules if n in MODULE_FLAGS and n in lacking})
+        added = f" (added by {', '.join(flags)})" if flags else ""
+        raise ValueError(
+            f"Checkpoint {folder} holds no state of {lacking}, which this run trains{added}: it was written with other "
+            f"settings; {SETTINGS_FIX}."
+        )
+
+
+def _shorten(error: Exception, lines: int = 4, width: int = 200) -> str:
+    """An exception's text in a few short lines (a state-dict error lists every key)."""
+    text = [line.strip() for line in str(error).splitlines() if line.strip()]
+    short = [line if len(line) <= width else line[: width - 3] + "..." for line in text[:lines]]
+    more = f" (+{len(text) - lines} more lines)" if len(text) > lines else ""
+    return f"{type(error).__name__}: " + " ".join(short) + more
+
+
+def _read(folder: str, path: str, reader):
+    """`reader(path)`; a file that cannot be read is a damaged checkpoint."""
+    try:
+        return reader(path)
+    except Exception as e:  # safetensors, torch.load and JSON errors alike
+        raise ValueError(
+            f"Checkpoint {folder} could not be loaded: {path} failed ({_shorten(e)}). The file may be corrupted (an "
+            f"interrupted copy, a full disk). {_resume_hint(folder)}"
+        ) from e
+
+
+def _apply(folder: str, what: str, load):
+    """`load()`, which puts state that was read into this run's objects; a mismatch means other settings."""
+    try:
+        return load()
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(
+            f"Checkpoint {folder} does not fit this run: loading {what} failed ({_shorten(e)}). Its files were read, "
+            "so it was most likely written with other settings (model, LoRA or sharding flags, --resolution, "
+            f"--method); {SETTINGS_FIX}."
+        ) from e
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def load_checkpoint(
@@ -160,9 +281,19 @@ def load_checkpoint(
     lr_scheduler=None,
     counters: dict | None = None,
     optimizers: dict | None = None,
+    run_config: dict | None = None,
 ) -> int:
-    """Restore what `save_checkpoint` wrote; returns the step. A damaged folder is an error that names the file that
-    failed and, where there is one, the previous checkpoint to resume instead."""
+    """Restore what `save_checkpoint` wrote; returns the step. The recorded settings are compared with `run_config`
+    first: a changed flag is an error naming it and both values. A damaged folder is an error that names the file that
+    failed and, where there is one, the previous checkpoint to resume instead; state that was read but does not fit
+    this run's objects is an error that points to changed settings."""
+    state_path = os.path.join(folder, "training_state.json")
+    try:
+        meta = _read_json(state_path)
+    except (OSError, ValueError):
+        meta = None  # missing or damaged: reported below
+    if isinstance(meta, dict):
+        _check_settings(folder, meta, run_config, modules, optimizers)
     sharded = _sharded_root(accelerator, modules)
     if sharded is not None:
         needed = [os.path.join(SHARDED_STATE, ".metadata"), "training_state.json"]
@@ -179,48 +310,51 @@ def load_checkpoint(
                 "or the accelerate FSDP config)."
             )
         raise ValueError(f"Checkpoint {folder} is incomplete or corrupted: missing {missing}. {_resume_hint(folder)}")
-    path = folder  # the file being read, for the error
-    try:
-        if sharded is not None:
-            path = os.path.join(folder, SHARDED_STATE)
+    meta = _read(folder, state_path, _read_json)
+    if sharded is not None:  # reads and loads at once: a failure may be either
+        try:
             load_sharded_state(folder, sharded, optimizer, ema)
-        else:
-            for name, module in modules.items():
-                path = os.path.join(folder, f"{name}.safetensors")
-                accelerator.unwrap_model(module).load_state_dict(load_file(path))
-            path = os.path.join(folder, "optimizer.pt")
-            optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        for name, extra in (optimizers or {}).items():
-            path = os.path.join(folder, f"optimizer_{name}.pt")
-            extra.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        path = os.path.join(folder, "training_state.json")
-        with open(path) as f:
-            meta = json.load(f)
-        if ema is not None:
-            ema.num_updates = int(meta["ema_num_updates"])
-        if ema is not None and sharded is None:
-            path = os.path.join(folder, "ema.safetensors")
-            ema.load_state_dict({"shadow": load_file(path), "num_updates": meta["ema_num_updates"]})
-        if counters is not None:  # updated in place
-            counters.update(meta.get("counters", {}))
-        if lr_scheduler is not None and "lr_scheduler" in meta:
-            lr_scheduler.load_state_dict(meta["lr_scheduler"])
-        if accelerator.scaler is not None and "grad_scaler" in meta:
-            accelerator.scaler.load_state_dict(meta["grad_scaler"])
-        rng_path = os.path.join(folder, f"rng_state_{accelerator.process_index}.safetensors")
-        if os.path.isfile(rng_path):
-            path = rng_path
-            rng = load_file(rng_path)
+        except Exception as e:
+            previous = _previous_checkpoint(folder)
+            instead = f"resume the previous one with --resume_from_checkpoint {previous}" if previous else None
+            raise ValueError(
+                f"Checkpoint {folder} could not be loaded: {os.path.join(folder, SHARDED_STATE)} failed "
+                f"({_shorten(e)}). Either it was written with other settings ({SETTINGS_FIX}), or its files are "
+                f"damaged (an interrupted copy, a full disk){': ' + instead if instead else ''}."
+            ) from e
+    else:
+        for name, module in modules.items():
+            weights = _read(folder, os.path.join(folder, f"{name}.safetensors"), load_file)
+            _apply(folder, f"the {name} weights", lambda: accelerator.unwrap_model(module).load_state_dict(weights))
+        path = os.path.join(folder, "optimizer.pt")
+        state = _read(folder, path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+        _apply(folder, "the optimizer state", lambda: optimizer.load_state_dict(state))
+    for name, extra in (optimizers or {}).items():
+        path = os.path.join(folder, f"optimizer_{name}.pt")
+        state = _read(folder, path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+        _apply(folder, f"the {name} optimizer state", lambda: extra.load_state_dict(state))
+    if ema is not None:
+        _apply(folder, "the EMA", lambda: setattr(ema, "num_updates", int(meta["ema_num_updates"])))
+        if sharded is None:
+            shadow = _read(folder, os.path.join(folder, "ema.safetensors"), load_file)
+            _apply(folder, "the EMA", lambda: ema.load_state_dict({"shadow": shadow, "num_updates": ema.num_updates}))
+    if counters is not None:  # updated in place
+        counters.update(meta.get("counters", {}))
+    if lr_scheduler is not None and "lr_scheduler" in meta:
+        _apply(folder, "the learning-rate schedule", lambda: lr_scheduler.load_state_dict(meta["lr_scheduler"]))
+    if accelerator.scaler is not None and "grad_scaler" in meta:
+        _apply(folder, "the gradient scaler", lambda: accelerator.scaler.load_state_dict(meta["grad_scaler"]))
+    rng_path = os.path.join(folder, f"rng_state_{accelerator.process_index}.safetensors")
+    if os.path.isfile(rng_path):
+        rng = _read(folder, rng_path, load_file)
+
+        def set_rng():
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
             for name, generator in (generators or {}).items():
                 if f"generator.{name}" in rng:
                     generator.set_state(rng[f"generator.{name}"])
-    except Exception as e:  # safetensors, torch.load and JSON errors alike
-        raise ValueError(
-            f"Checkpoint {folder} could not be loaded: {path} failed ({type(e).__name__}: {e}). The file may be "
-            "corrupted (an interrupted copy, a full disk), or the checkpoint was written with other model settings. "
-            f"{_resume_hint(folder)}"
-        ) from e
+
+        _apply(folder, "the random number generator states", set_rng)
     return int(meta["step"])

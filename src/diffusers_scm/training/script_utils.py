@@ -1,5 +1,6 @@
-"""Glue shared by the accelerate scripts (`examples/distill.py`, `examples/train_teacher.py`)."""
+"""Glue shared by the accelerate scripts (`examples/distill.py`, `examples/train_teacher.py`, `examples/train_vae.py`)."""
 
+import contextlib
 import json
 import logging
 import math
@@ -17,6 +18,9 @@ __all__ = [
     "push_checkpoint",
     "train_loop",
     "make_accelerator",
+    "training_run",
+    "end_run",
+    "run_config",
     "network_component",
     "time_bucket_logs",
     "log_validation",
@@ -167,7 +171,10 @@ def tracker_config(recorded: dict) -> dict:
 
 
 def make_accelerator(args, project_name: str):
-    """An `Accelerator` from the scripts' common flags; several processes without CUDA train on CPU with gloo."""
+    """An `Accelerator` from the scripts' common flags; several processes without CUDA train on CPU with gloo. The main
+    process takes the lock of `--output_dir` (`output_lock.OutputDirLock`): a second run into a folder that a live run
+    holds is refused on every process, with the holder's process id. Scripts end the run with `training_run` (or
+    `end_run`), which releases it; so does the exit of the process."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
@@ -184,8 +191,8 @@ def make_accelerator(args, project_name: str):
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    _lock_output_dir(accelerator, args.output_dir)
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         if getattr(args, "push_to_hub", False):  # create the repository now: a bad token fails before training
             from ..hub import create_hub_repo
 
@@ -196,6 +203,84 @@ def make_accelerator(args, project_name: str):
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump(recorded, f, indent=2)
     return accelerator
+
+
+def _lock_output_dir(accelerator, output_dir: str):
+    """The main process locks `output_dir`; every process raises its refusal (no process trains alone)."""
+    from .output_lock import lock_output_dir
+
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock_output_dir(output_dir)
+        except Exception as e:  # OutputDirLockedError, or a folder that cannot be written
+            refusal = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise refusal
+
+
+@contextlib.contextmanager
+def training_run(args, project_name: str):
+    """
+    The frame of every training script: `make_accelerator` (which locks `--output_dir`) on entry; on exit `end_run`
+    (pending collectives, trackers, the process group) and the lock released. After an error only the lock is
+    released (waiting for the other processes could hang).
+
+    Args:
+        args (`argparse.Namespace`): the script's flags (`add_common_args`, or `output_dir`, `logging_dir`,
+            `report_to`, `mixed_precision` and `gradient_accumulation_steps`).
+        project_name (`str`): the trackers' project.
+    """
+    from .output_lock import release_output_dir
+
+    accelerator = make_accelerator(args, project_name)
+    try:
+        yield accelerator
+        end_run(accelerator)
+    finally:
+        if accelerator.is_main_process:
+            release_output_dir(args.output_dir)
+
+
+def end_run(accelerator):
+    """
+    End a run the same way in every script, before the interpreter tears modules down: wait for every process (their
+    collectives are done), finish the trackers, then destroy the process group. Idempotent (a run that ended in
+    `finish_training` passes through here again).
+
+    DDP's `Reducer` holds the process group from C++. If it goes last, at module teardown, it destroys a gloo group
+    with the GIL held while the group joins its worker threads, which may wait for the GIL to free a finished
+    all-gather's tensors: a hang, once in ten to thirty 2-process CPU runs. So every DDP module gives up its reducer
+    first, while the group is alive, and the group goes in `destroy_process_group`, whose destructor releases the GIL.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        accelerator.wait_for_everyone()
+        _release_ddp_reducers()
+    accelerator.end_training()  # the trackers, then torch.distributed.destroy_process_group()
+    accelerator.trackers = []  # finished: a second call finishes nothing
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not accelerator.state.fork_launched:
+        torch.distributed.destroy_process_group()
+
+
+def _release_ddp_reducers():
+    """Drop the reducer (and its logger) of every DistributedDataParallel module, then collect: each Reducer goes now,
+    while the process group has other references (see `end_run`). The modules cannot train afterwards."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    gc.collect()  # unreachable modules (an earlier stage's) go while the group is alive
+    for obj in gc.get_objects():
+        if issubclass(type(obj), DistributedDataParallel):  # type(): no attribute lookups on arbitrary objects
+            for name in ("logger", "reducer"):
+                obj.__dict__.pop(name, None)
+    gc.collect()
 
 
 def train_loader(args, dataset) -> torch.utils.data.DataLoader:
@@ -219,12 +304,72 @@ def adam(params, sharded: bool = False, **kwargs) -> torch.optim.Adam:
     return torch.optim.Adam(params, fused=fused or None, **kwargs)
 
 
-def prepare_training(args, accelerator, model, dataset, module_name: str):
+# flags that shape a checkpoint's state or what it means (script_utils.run_config); the folders a network was loaded
+# from (--teacher, --student, --model, --model_config) are recorded too, and a change of them alone is only logged
+RUN_CONFIG_FLAGS = (
+    "method",
+    "objective",
+    "resolution",
+    "lora_rank",
+    "lora_alpha",
+    "lora_target_modules",
+    "teacher",
+    "student",
+    "model",
+    "model_config",
+)
+
+
+def network_record(network, source: str | None = None) -> dict:
+    """A network's architecture for `run_config`: its class and config (without the `_`-prefixed entries), or a
+    digest of its parameter names and shapes where it has no config; `source`: the flag it came from."""
+    record = {"class": type(network).__name__}
+    config = getattr(network, "config", None)
+    if config is not None:
+        record["config"] = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    else:
+        import hashlib
+
+        shapes = repr([(name, tuple(p.shape)) for name, p in network.named_parameters()])
+        record["shapes"] = hashlib.sha1(shapes.encode()).hexdigest()[:16]
+    if source is not None:
+        record["from"] = source
+    return record
+
+
+def run_config(args, model, teacher=None, sharded: bool = False, record: dict | None = None) -> dict:
+    """
+    The flags and networks that shape a run's checkpoints: `save_checkpoint` writes this record into each checkpoint's
+    `training_state.json`, and `load_checkpoint` compares it on resume before reading any tensor, so that a changed
+    flag is an error naming the flag and both values.
+
+    Args:
+        args (`argparse.Namespace`): the script's flags; those of `RUN_CONFIG_FLAGS` that it has are recorded.
+        model (`torch.nn.Module`): the trained model (its `inner_model`: the network's class and config).
+        teacher (`TrigFlowDenoiser`, *optional*): the teacher (its network's class and config).
+        sharded (`bool`): whether the model is sharded (`--fsdp`, or accelerate's FSDP2).
+        record (`dict`, *optional*): further entries, flag -> value (e.g. TCM Stage 1's `--tcm_stage1_method`).
+
+    Returns:
+        `dict`: JSON values, keyed by flag (`"--lora_rank"`) or `"network"` / `"teacher network"`.
+    """
+    entries = {f"--{name}": getattr(args, name) for name in RUN_CONFIG_FLAGS if hasattr(args, name)}
+    entries["--fsdp"] = bool(sharded)
+    entries.update(record or {})
+    sources = [f"--{n}" for n in ("student", "teacher", "model", "model_config", "preset") if getattr(args, n, None)]
+    entries["network"] = network_record(model.inner_model, sources[0] if sources else None)
+    if teacher is not None:
+        entries["teacher network"] = network_record(teacher.inner_model, "--teacher")
+    return json.loads(json.dumps(entries, default=str))
+
+
+def prepare_training(args, accelerator, model, dataset, module_name: str, teacher=None, record: dict | None = None):
     """Data loader, adaptive-weighting head, Adam, EMA and the time/noise generator, prepared by `accelerator`.
 
-    Returns `(model, logvar_head, optimizer, loader, ema, generator, state)`, where `state` is what checkpoints hold.
-    The generator for times and noise is saved in checkpoints, so a resumed run draws what the uninterrupted run
-    would have drawn.
+    Returns `(model, logvar_head, optimizer, loader, ema, generator, state)`, where `state` is what checkpoints hold,
+    with the `run_config` of `args`, `model` and `teacher` (and the entries of `record`) that resumes are checked
+    against. The generator for times and noise is saved in checkpoints, so a resumed run draws what the uninterrupted
+    run would have drawn.
     """
     from diffusers.optimization import get_scheduler
 
@@ -234,6 +379,7 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
     loader = train_loader(args, dataset)
     logvar_head = LogVarHead()
     sharded = _use_fsdp(args, accelerator, model)
+    settings = run_config(args, model, teacher, sharded, record)
     if sharded:  # one FSDP root holds the student and the head: one optimizer over both, one gradient clip
         from .fsdp import block_class_names, shard_module
 
@@ -273,6 +419,7 @@ def prepare_training(args, accelerator, model, dataset, module_name: str):
         "lr_scheduler": lr_scheduler,
         "ema": ema,
         "generators": {"noise": generator},
+        "run_config": settings,
     }
     return model, logvar_head, optimizer, loader, ema, generator, state
 
@@ -387,8 +534,8 @@ def finish_training(
     `train_loop`, or a number of skipped steps), and save the EMA network with `scheduler` (and `components`: a
     text-to-image student's VAE, text encoders, tokenizers and `family_pipeline`) as an SCMPipeline folder. A LoRA
     student (`lora`: `{"save_adapter": bool}`) is saved merged, beside its adapter in diffusers' LoRA format.
-    `end_training=False` keeps the trackers and the process group for a
-    further stage (TCM)."""
+    Then `end_run` (trackers and process group; the main process may go on alone, e.g. `publish_pipeline`), unless
+    `end_training=False`, which keeps them for a further stage (TCM)."""
     from ..pipelines import SCMPipeline
     from .fsdp import is_sharded
 
@@ -410,24 +557,40 @@ def finish_training(
         SCMPipeline(scheduler=scheduler, **parts).save_pretrained(output_dir)
         logger.info("Saved the EMA model to %s", output_dir)
     if end_training:
-        accelerator.end_training()
+        end_run(accelerator)
 
 
 def replica_check(accelerator, model) -> dict:
     """Whether every process holds the same weights (checksums gathered; a collective), for the training summary:
-    `{"replicas_in_sync", "replica_checksums"}`, or `{"sharded": True}` for an FSDP student (each process holds its
-    shards: nothing to compare)."""
+    `{"replicas_in_sync", "replica_checksums"}` and, where some are NaN or infinite, `"nonfinite_weights"` (their
+    names, also logged); or `{"sharded": True}` for an FSDP student (each process holds its shards: nothing to
+    compare). A NaN checksum equals a NaN checksum: non-finite weights are reported as such, not as replicas that
+    differ."""
     from .fsdp import is_sharded
 
     unwrapped = accelerator.unwrap_model(model)
     if is_sharded(unwrapped):
         return {"sharded": True}
-    params = torch.cat([p.detach().double().flatten() for p in unwrapped.parameters()])
+    named = list(unwrapped.named_parameters())
+    params = torch.cat([p.detach().double().flatten() for _, p in named])
     checksums = accelerator.gather(torch.stack([params.sum(), params.abs().sum(), (params * params).sum()])[None])
-    in_sync = bool((checksums - checksums[:1]).abs().max() == 0)
+    first = checksums[:1].expand_as(checksums)
+    in_sync = bool(((checksums == first) | (checksums.isnan() & first.isnan())).all())
     if not in_sync:
         logger.warning("Replica weights differ after training: %s", checksums.tolist())
-    return {"replicas_in_sync": in_sync, "replica_checksums": checksums.tolist()}
+    result = {"replicas_in_sync": in_sync, "replica_checksums": checksums.tolist()}
+    nonfinite = [name.removeprefix("inner_model.") for name, p in named if not torch.isfinite(p.detach()).all()]
+    if nonfinite:
+        result["nonfinite_weights"] = nonfinite
+        if accelerator.is_main_process:
+            shown = ", ".join(nonfinite[:8]) + (f" and {len(nonfinite) - 8} more" if len(nonfinite) > 8 else "")
+            logger.warning(
+                "%d of %d weight tensors hold NaN or infinite values after training: %s.",
+                len(nonfinite),
+                len(named),
+                shown,
+            )
+    return result
 
 
 def _write_summary(folder: str, accelerator, steps: int, counters, **extra):
