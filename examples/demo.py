@@ -167,9 +167,17 @@ def side_by_side(output_dir: str, panels: list[tuple[str, str]], path: str):
     canvas.save(path)
 
 
-def plot_fd_vs_nfe(rows: list[dict], path: str, students=(("student", "s", "student"),), teacher_label="teacher"):
-    """FD-digits against NFE: the teacher's rows as a line, each student's (`students`: (model, marker, label)) as
-    points."""
+def plot_fd_vs_nfe(
+    rows: list[dict],
+    path: str,
+    students=(("student", "s", "student"),),
+    teacher_label="teacher",
+    metric: str = "fd_digits",
+    ylabel: str = "FD-digits (lower is better)",
+    log_y: bool = False,
+):
+    """`metric` (FD-digits) against NFE: the teacher's rows as a line, each student's (`students`: (model, marker,
+    label)) as points; rows without the metric are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,13 +185,15 @@ def plot_fd_vs_nfe(rows: list[dict], path: str, students=(("student", "s", "stud
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for model, style, label in (("teacher", "o-", teacher_label), *students):
-        points = sorted((r["nfe"], r["fd_digits"]) for r in rows if r["model"] == model)
+        points = sorted((r["nfe"], r[metric]) for r in rows if r["model"] == model and r.get(metric) is not None)
         if points:
             nfe, fd = zip(*points)
             ax.plot(nfe, fd, style, label=label, markersize=7)
     ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("network evaluations per image (NFE)")
-    ax.set_ylabel("FD-digits (lower is better)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

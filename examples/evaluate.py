@@ -1,4 +1,5 @@
-"""Evaluate a saved pipeline at a list of step counts: FD-digits, FID, paired RMSE to a teacher, seconds per image.
+"""Evaluate a saved pipeline at a list of step counts: FD-digits, FID, paired RMSE and FD to a teacher's samples,
+per-prompt diversity, seconds per image.
 
     python examples/evaluate.py --pipeline digits-teacher --name teacher --steps 4 8 16 32 --output_dir report
     python examples/evaluate.py --pipeline digits-student --name student --steps 1 2 \
@@ -27,17 +28,24 @@ classifier-free guidance `--guidance_scale`; NFE then counts both branches of th
 Metrics (`--metrics`): `fd_digits` (Frechet distance in the features of the digits classifier of
 `diffusers_scm.metrics`, against the digits training split), `fid` (Inception features through torch-fidelity or
 clean-fid, weights already on disk or `--inception_weights`; against `--reference`), `paired_rmse` (RMSE to the
-`--paired_teacher`'s ODE solution from the same noise), `prompt_accuracy` (the share of images that the digits
-classifier labels as their prompt's digit: `--prompt_labels`, or the digit a prompt names), `class_accuracy` (a
-class-conditional digits model, whose image i is drawn for class i mod 10: the share that the classifier labels as
-their class; on by default for such a model).
+`--paired_teacher`'s ODE solution from the same noise), `fd_to_teacher` (the Frechet distance in the same digit
+features to those ODE samples: to what a student was taught, rather than to the data; with `paired_rmse` by default),
+`prompt_accuracy` (the share of images that the digits classifier labels as their prompt's digit: `--prompt_labels`,
+or the digit a prompt names), `diversity` (the mean pairwise distance in the digit features between the images of one
+prompt, averaged over the prompts, `metrics.group_diversity`; each prompt's value under `diversity_per_group` in
+results.json; on by default with `--prompts`; a class-conditional model's groups are its classes, an unconditional
+model's one group), `class_accuracy` (a class-conditional digits model, whose image i is drawn for class i mod 10: the
+share that the classifier labels as their class; on by default for such a model).
 
 `--save_images` writes each step count's images to `OUTPUT_DIR/images/<name>-<steps>step.safetensors` (with the
 pipeline, sampler, seed and sample count as metadata); `--paired_reference FILE` then serves as the paired RMSE's
-reference in place of `--paired_teacher`, so that a teacher's ODE is run once for many students evaluated from the
-same `--seed` and `--num_samples`:
+reference (of `paired_rmse` and `fd_to_teacher`) in place of `--paired_teacher`, so that a teacher's ODE is run once
+for many students evaluated from the same `--seed` and `--num_samples` (and `--prompts`), and for the teacher's own
+rows at fewer steps (the yardstick of `fd_to_teacher`: how far the teacher's own cheaper samples are from it):
 
-    python examples/evaluate.py --pipeline digits-teacher --name teacher --steps 16 64 --save_images --output_dir t
+    python examples/evaluate.py --pipeline digits-teacher --name teacher --steps 64 --save_images --output_dir t
+    python examples/evaluate.py --pipeline digits-teacher --name teacher --steps 8 16 --output_dir t \
+        --paired_reference t/images/teacher-64step.safetensors
     python examples/evaluate.py --pipeline digits-student --steps 1 2 \
         --paired_reference t/images/teacher-64step.safetensors --output_dir report
 """
@@ -48,6 +56,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -58,13 +67,15 @@ from diffusers_scm.metrics import (
     digit_of_prompt,
     feature_statistics,
     frechet_distance,
+    group_diversity,
     load_digits_classifier,
 )
 from diffusers_scm.metrics import paired_rmse as rmse
 from diffusers_scm.utils import square_image_grid
 
 
-METRICS = ("fd_digits", "fid", "paired_rmse", "prompt_accuracy", "class_accuracy")
+METRICS = ("fd_digits", "fid", "paired_rmse", "fd_to_teacher", "prompt_accuracy", "diversity", "class_accuracy")
+PAIRED = ("paired_rmse", "fd_to_teacher")  # the metrics against --paired_teacher or --paired_reference
 
 
 def parse_args(argv=None):
@@ -102,12 +113,13 @@ def parse_args(argv=None):
     args.default_metrics = args.metrics is None  # main adds class_accuracy for a class-conditional model
     if args.metrics is None:
         paired = args.paired_teacher or args.paired_reference
-        args.metrics = ["fd_digits"] + (["paired_rmse"] if paired else [])
-        args.metrics += ["prompt_accuracy"] if args.prompts else []
+        args.metrics = ["fd_digits"] + (list(PAIRED) if paired else [])
+        args.metrics += ["prompt_accuracy", "diversity"] if args.prompts else []
     if args.paired_teacher and args.paired_reference:
         p.error("give --paired_teacher (its ODE is run) or --paired_reference (images already saved), not both")
-    if "paired_rmse" in args.metrics and not (args.paired_teacher or args.paired_reference):
-        p.error("--metrics paired_rmse needs --paired_teacher or --paired_reference")
+    for metric in PAIRED:
+        if metric in args.metrics and not (args.paired_teacher or args.paired_reference):
+            p.error(f"--metrics {metric} needs --paired_teacher or --paired_reference")
     if "prompt_accuracy" in args.metrics:
         if not args.prompts:
             p.error("--metrics prompt_accuracy needs --prompts")
@@ -375,6 +387,17 @@ def write_results(output_dir: str, new_rows: list[dict], extra: dict):
             f"{results['classifier_accuracy']:.1%}) to the {results.get('fd_reference_size', '?')} digits of the "
             f"training split, from {results.get('num_samples', '?')} samples."
         )
+    reference = results.get("paired_reference")
+    if any(r.get("fd_to_teacher") is not None for r in rows) and reference:
+        lines.append(
+            f"\nfd_to_teacher: the same Frechet distance to the samples of {reference.get('pipeline')} "
+            f"({reference.get('solver')}, {reference.get('steps')} steps) from the same noise and prompts."
+        )
+    if any(r.get("diversity") is not None for r in rows):
+        lines.append(
+            "\ndiversity: the mean pairwise distance in the classifier's features between the images of one prompt "
+            "(class), averaged over the prompts."
+        )
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return results
@@ -407,7 +430,7 @@ def main(argv=None):
     extra = {"num_samples": args.num_samples, "seed": args.seed}
 
     classifier = digits_stats = None
-    if {"fd_digits", "prompt_accuracy", "class_accuracy"} & set(args.metrics):
+    if {"fd_digits", "prompt_accuracy", "class_accuracy", "fd_to_teacher", "diversity"} & set(args.metrics):
         from diffusers_scm.training.data import DigitsDataset
 
         classifier, accuracy = load_digits_classifier()
@@ -421,11 +444,11 @@ def main(argv=None):
         size = shape[-1]
         fid_stats = feature_statistics(inception(reference_images(args.reference, size, shape[1], args.image_column)))
         extra.update(fid_backend=inception.backend, fid_reference=args.reference)
-    paired = None
-    if "paired_rmse" in args.metrics and args.paired_reference:
+    paired = paired_stats = None
+    if set(PAIRED) & set(args.metrics) and args.paired_reference:
         paired, extra["paired_reference"] = load_images(args.paired_reference, args)
         paired = paired.to(args.device)
-    elif "paired_rmse" in args.metrics:
+    elif set(PAIRED) & set(args.metrics):
         teacher = load_pipeline(args.paired_teacher, args.device)
         family = not isinstance(teacher, SCMPipeline)
         teacher, solver = with_sampler(teacher, "ode", None if family else args.paired_teacher_solver)
@@ -438,6 +461,11 @@ def main(argv=None):
             "steps": args.paired_teacher_steps,
             "guidance_scale": args.guidance_scale if text else None,
         }
+    if "fd_to_teacher" in args.metrics:
+        with torch.no_grad():
+            paired_stats = feature_statistics(classifier.embed(paired))
+    # diversity within the images of one prompt (image i: prompt i mod n), class (i mod 10), or all of them
+    groups = len(args.prompts) if args.prompts else (10 if conditional else 1)
 
     rows = []
     for steps in tqdm(args.steps, desc=f"evaluate {name}"):
@@ -445,11 +473,22 @@ def main(argv=None):
         row = {"model": name, "pipeline": args.pipeline, "sampler": sampler, "steps": steps, "nfe": nfe}
         if text is not None and text["guidance_scale"] is not None and sampler.startswith("ode"):
             row["guidance_scale"] = text["guidance_scale"]
+        if paired is not None and paired.shape != images.shape:
+            raise ValueError(
+                f"The paired reference holds images of shape {tuple(paired.shape)}; {name} draws "
+                f"{tuple(images.shape)}: pair models of one sample count, resolution and channel count."
+            )
         if classifier is not None:
             with torch.no_grad():
+                embedded = classifier.embed(images)
                 if "fd_digits" in args.metrics:
-                    features = feature_statistics(classifier.embed(images))
-                    row["fd_digits"] = frechet_distance(*features, *digits_stats)
+                    row["fd_digits"] = frechet_distance(*feature_statistics(embedded), *digits_stats)
+                if "fd_to_teacher" in args.metrics:
+                    row["fd_to_teacher"] = frechet_distance(*feature_statistics(embedded), *paired_stats)
+                if "diversity" in args.metrics:
+                    per_group = group_diversity(embedded, groups)
+                    row["diversity"] = float(np.nanmean(per_group)) if not np.isnan(per_group).all() else None
+                    row["diversity_per_group"] = [None if np.isnan(v) else float(v) for v in per_group]
                 if "prompt_accuracy" in args.metrics:
                     wanted = torch.tensor([args.prompt_labels[i % len(args.prompts)] for i in range(len(images))])
                     row["prompt_accuracy"] = (classifier(images).argmax(1) == wanted).float().mean().item()
@@ -458,12 +497,7 @@ def main(argv=None):
                     row["class_accuracy"] = (classifier(images).argmax(1) == wanted).float().mean().item()
         if inception is not None:
             row["fid"] = frechet_distance(*feature_statistics(inception(images)), *fid_stats)
-        if paired is not None:
-            if paired.shape != images.shape:
-                raise ValueError(
-                    f"The paired reference holds images of shape {tuple(paired.shape)}; {name} draws "
-                    f"{tuple(images.shape)}: pair models of one sample count, resolution and channel count."
-                )
+        if "paired_rmse" in args.metrics:
             row["paired_rmse"] = rmse(images, paired)
         row["sec_per_image"] = sec
         rows.append(row)

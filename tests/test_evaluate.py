@@ -341,3 +341,89 @@ def test_a_short_t5_tokenizer_sets_the_sequence_length_of_every_call(tmp_path):
     chunk = torch.randn(2, 4, 4, 4)
     kwargs = evaluate.text_call(teacher, chunk, 0, {"prompts": ["digit two"], "guidance_scale": 2.0, "resolution": 32})
     assert kwargs["max_sequence_length"] == 8 and kwargs["prompt"] == ["digit two"] * 2
+
+
+def _mean_pairwise_distance_loop(features: np.ndarray) -> float:
+    """The mean distance over distinct pairs, written out pair by pair (independent of metrics.group_diversity)."""
+    from itertools import combinations
+
+    return float(np.mean([np.linalg.norm(a - b) for a, b in combinations(features, 2)]))
+
+
+def test_fd_to_the_teacher_samples_and_its_yardstick_from_saved_images(pipelines, tmp_path):
+    """The teacher's samples saved once (--save_images) serve as the reference of `fd_to_teacher`: for its own rows at
+    fewer steps (the yardstick) and for a student, equal to the textbook FD between digit features of the two image
+    sets; `diversity` (one group for an unconditional model) equals the mean pairwise feature distance."""
+    evaluate = load_example("evaluate")
+    out = tmp_path / "report"
+    common = ["--num_samples", "120", "--batch_size", "60", "--num_grid_images", "0", "--output_dir", str(out)]
+    teacher = ["--pipeline", str(pipelines / "teacher"), "--name", "teacher"]
+    evaluate.main(teacher + ["--steps", "6", "--save_images", *common])
+    reference = out / "images" / "teacher-6step.safetensors"
+    paired = ["--paired_reference", str(reference), "--metrics", "fd_digits", "fd_to_teacher", "diversity"]
+    evaluate.main(teacher + ["--steps", "2", "--save_images", *paired, *common])
+    results = evaluate.main(
+        ["--pipeline", str(pipelines / "student"), "--steps", "1", "--save_images", *paired, *common]
+    )
+    rows = {(r["model"], r["steps"]): r for r in results["rows"]}
+    assert "fd_to_teacher" not in rows["teacher", 6]  # the reference itself
+
+    from safetensors.torch import load_file
+
+    classifier, _ = load_digits_classifier()
+    with torch.no_grad():
+        features = {
+            name: classifier.embed(load_file(out / "images" / f"{name}.safetensors")["images"]).double().numpy()
+            for name in ("teacher-6step", "teacher-2step", "student-1step")
+        }
+    for key, name in ((("teacher", 2), "teacher-2step"), (("student", 1), "student-1step")):
+        expected = reference_fd(features[name], features["teacher-6step"])
+        assert rows[key]["fd_to_teacher"] == pytest.approx(expected, rel=1e-5)
+        assert rows[key]["diversity"] == pytest.approx(_mean_pairwise_distance_loop(features[name]), rel=1e-6)
+    assert rows["teacher", 2]["fd_to_teacher"] > 0 and "fd_to_teacher" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit):  # the metric needs a reference
+        evaluate.parse_args(["--pipeline", "x", "--metrics", "fd_to_teacher"])
+
+
+def test_text_to_image_diversity_is_per_prompt_and_on_by_default(tmp_path, one_thread):
+    """With --prompts (image i for prompt i mod n) the diversity is taken within each prompt's images and averaged;
+    fd_to_teacher and diversity are default metrics of a text-to-image student evaluated against saved teacher
+    images."""
+    from t2i_pipelines import IMAGE_SIZE, save_tiny_pipeline
+
+    from diffusers_scm.conditioning import TEXT_COMPONENTS
+    from diffusers_scm.metrics import feature_statistics, frechet_distance
+
+    evaluate = load_example("evaluate")
+    teacher = save_tiny_pipeline("sd3", tmp_path / "teacher")
+    parts = {k: getattr(teacher, k) for k in TEXT_COMPONENTS if getattr(teacher, k, None) is not None}
+    SCMPipeline(
+        transformer=teacher.transformer,
+        vae=teacher.vae,
+        scheduler=TrigFlowScheduler(parameterization="flow_matching", max_timesteps=1.5),
+        family_pipeline=type(teacher).__name__,
+        **parts,
+    ).save_pretrained(tmp_path / "student")
+    prompts = ["digit zero", "digit one", "digit two"]
+    out = tmp_path / "report"
+    common = ["--num_samples", "9", "--batch_size", "9", "--output_dir", str(out), "--num_grid_images", "0"]
+    common += ["--prompts", *prompts, "--guidance_scale", "3", "--resolution", str(IMAGE_SIZE), "--save_images"]
+    evaluate.main(["--pipeline", str(tmp_path / "teacher"), "--name", "teacher", "--steps", "2", *common])
+    reference = str(out / "images" / "teacher-2step.safetensors")
+    results = evaluate.main(
+        ["--pipeline", str(tmp_path / "student"), "--steps", "1", "--paired_reference", reference, *common]
+    )
+    row = {r["model"]: r for r in results["rows"]}["student"]
+
+    from safetensors.torch import load_file
+
+    classifier, _ = load_digits_classifier()
+    with torch.no_grad():
+        student = classifier.embed(load_file(out / "images" / "student-1step.safetensors")["images"]).double()
+        teacher_features = classifier.embed(load_file(reference)["images"]).double()
+    per_prompt = [_mean_pairwise_distance_loop(student[p::3].numpy()) for p in range(3)]
+    assert row["diversity_per_group"] == pytest.approx(per_prompt, rel=1e-6)
+    assert row["diversity"] == pytest.approx(np.mean(per_prompt), rel=1e-6)
+    expected = frechet_distance(*feature_statistics(student), *feature_statistics(teacher_features))
+    assert row["fd_to_teacher"] == pytest.approx(expected, rel=1e-6) and row["paired_rmse"] > 0
+    assert "diversity" in {r["model"]: r for r in results["rows"]}["teacher"]

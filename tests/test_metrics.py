@@ -74,3 +74,82 @@ def test_few_step_target_compares_with_the_teacher_at_16x_the_nfe():
     assert not short["met"] and short["teacher_nfe"] is None and short["nfe_reduction"] == 0.0
     one = few_step_target(teacher, {"nfe": 1, "fd_digits": 60.0}, 1.5)
     assert one["met"] and one["teacher_nfe"] == 16 and one["ratio_at_nfe"] == pytest.approx(1.25)
+
+
+def test_group_diversity_against_closed_forms_and_a_loop():
+    from itertools import combinations
+
+    from diffusers_scm.metrics import group_diversity, mean_pairwise_distance
+
+    # a regular simplex: every pair of the scaled basis vectors s e_i is s sqrt(2) apart
+    assert mean_pairwise_distance(3.0 * np.eye(5)) == pytest.approx(3.0 * np.sqrt(2), rel=1e-12)
+    assert mean_pairwise_distance(np.ones((4, 7))) == 0.0  # one image for every noise
+    # 1-d Gaussian N(0, s^2): E|x - y| = 2 s / sqrt(pi)
+    x = torch.randn(3000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
+    assert mean_pairwise_distance(x) == pytest.approx(2 * 1.5 / np.sqrt(np.pi), rel=0.02)
+    # groups: sample i belongs to group i mod 3; group 2 has a single sample (NaN)
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(8, 4))
+    features[0::3] = features[0]  # group 0: three copies of one point
+    per_group = group_diversity(torch.from_numpy(features), 3)
+    members = features[1::3]
+    loop = np.mean([np.linalg.norm(a - b) for a, b in combinations(members, 2)])
+    assert per_group[0] == 0.0 and per_group[1] == pytest.approx(loop, rel=1e-12)
+    assert group_diversity(features[:5], 3)[2] != group_diversity(features[:5], 3)[2]  # NaN: one sample
+    assert group_diversity(features, 1)[0] == pytest.approx(
+        np.mean([np.linalg.norm(a - b) for a, b in combinations(features, 2)]), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="n >= 2"):
+        mean_pairwise_distance(np.zeros((1, 3)))
+
+
+def test_teacher_samples_target_fails_a_collapsed_student():
+    """FD to the teacher's samples in units of the teacher's own at fewer NFE, diversity in units of the reference's,
+    NFE reduction to the reference; a student that draws each prompt's mean teacher image fails however close its FD."""
+    from diffusers_scm.metrics import (
+        describe_teacher_samples_target,
+        fd_digits,
+        group_diversity,
+        load_digits_classifier,
+        teacher_samples_target,
+    )
+    from diffusers_scm.training.data import DigitsDataset
+
+    yardstick = {"nfe": 8, "fd_to_teacher": 0.5}
+    reference = {"nfe": 64, "diversity": 4.0}
+    one = teacher_samples_target({"nfe": 1, "fd_to_teacher": 1.4, "diversity": 3.0}, yardstick, reference, 3, (0.5, 2))
+    assert one["fd_ratio_to_yardstick"] == pytest.approx(2.8) and one["diversity_ratio"] == pytest.approx(0.75)
+    assert one["nfe_reduction"] == 64 and one["met"]
+    line = describe_teacher_samples_target("sCD 1-step", one)
+    assert "2.80x the teacher's own at 8 NFE (target <= 3x)" in line and "diversity 0.75x" in line
+    assert not teacher_samples_target(
+        {"nfe": 1, "fd_to_teacher": 1.6, "diversity": 3.0}, yardstick, reference, 3, (0.5, 2)
+    )["met"]
+    assert not teacher_samples_target(
+        {"nfe": 1, "fd_to_teacher": 1.0, "diversity": 9.0}, yardstick, reference, 3, (0.5, 2)
+    )["met"]
+    slow = teacher_samples_target(
+        {"nfe": 8, "fd_to_teacher": 0.1, "diversity": 4.0}, yardstick, reference, 3, (0.5, 2)
+    )
+    assert slow["nfe_reduction"] == 8 and not slow["met"]  # 8x fewer NFE than the reference: not >= 16x
+
+    # a "teacher" whose samples are the digits (image i of digit i mod 10), and a student drawing each digit's mean
+    classifier, _ = load_digits_classifier()
+    data = DigitsDataset(8, "train")
+    order = torch.cat([torch.nonzero(data.labels == d).flatten()[:40] for d in range(10)])
+    teacher = data.images[order.view(10, 40).T.flatten()]  # image i: digit i mod 10
+    means = torch.stack([teacher[d::10].mean(0) for d in range(10)])
+    student = means.repeat(40, 1, 1, 1)
+    with torch.no_grad():
+        teacher_diversity = group_diversity(classifier.embed(teacher), 10)
+        student_diversity = group_diversity(classifier.embed(student), 10)
+    assert (student_diversity < 1e-6).all() and (teacher_diversity > 0.5).all()
+    row = {"nfe": 1, "fd_to_teacher": fd_digits(student, teacher, classifier), "diversity": student_diversity.mean()}
+    collapsed = teacher_samples_target(
+        row,
+        {"nfe": 8, "fd_to_teacher": 10 * row["fd_to_teacher"]},
+        {"nfe": 64, "diversity": teacher_diversity.mean()},
+        3,
+        (0.5, 2),
+    )
+    assert collapsed["fd_ratio_to_yardstick"] <= 3 and collapsed["diversity_ratio"] < 1e-6 and not collapsed["met"]

@@ -1,4 +1,5 @@
-"""Sample-quality metrics: Frechet distances on features, a digits classifier for "FD-digits", paired distances."""
+"""Sample-quality metrics: Frechet distances on features, a digits classifier for "FD-digits", paired distances,
+the diversity of a prompt's samples, and the demos' targets."""
 
 import os
 
@@ -15,9 +16,13 @@ __all__ = [
     "train_digits_classifier",
     "load_digits_classifier",
     "fd_digits",
+    "mean_pairwise_distance",
+    "group_diversity",
     "digit_of_prompt",
     "few_step_target",
     "describe_target",
+    "teacher_samples_target",
+    "describe_teacher_samples_target",
     "InceptionFeatures",
     "fid",
     "to_uint8",
@@ -138,6 +143,38 @@ def fd_digits(images: torch.Tensor, reference: torch.Tensor, classifier: "Digits
     )
 
 
+def mean_pairwise_distance(features) -> float:
+    """The mean Euclidean distance over the n (n - 1) / 2 distinct pairs of rows of `features` (n, d), in float64: the
+    spread of a sample set in a feature space (0 for identical samples)."""
+    x = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"Need features of shape (n >= 2, d), got {x.shape}.")
+    n, x = x.shape[0], torch.from_numpy(x)
+    distances = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # exact, not |a|^2 + |b|^2 - 2ab
+    return float(distances.sum() / (n * (n - 1)))
+
+
+def group_diversity(features, num_groups: int = 1) -> np.ndarray:
+    """
+    The diversity of each group of samples: the mean pairwise distance (`mean_pairwise_distance`) between the
+    features of its samples, where sample i belongs to group i mod `num_groups` (`evaluate.py` draws image i for prompt
+    i mod the number of prompts). A generator that draws one image per prompt, whatever the noise, scores 0.
+
+    Args:
+        features (`torch.Tensor` or `np.ndarray`): features of shape (n, d), e.g. `DigitsClassifier.embed(images)`.
+        num_groups (`int`, defaults to 1): the number of prompts (or classes); 1 for one group of all samples.
+
+    Returns:
+        `np.ndarray` of shape (num_groups,), float64: NaN for a group with fewer than 2 samples.
+    """
+    x = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}.")
+    return np.array(
+        [mean_pairwise_distance(x[g::num_groups]) if len(x[g::num_groups]) >= 2 else np.nan for g in range(num_groups)]
+    )
+
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -184,6 +221,60 @@ def describe_target(name: str, target: dict, metric: str = "FD-digits") -> str:
     return line + (
         f", {target['ratio_at_nfe']:.2f}x the teacher at {target['teacher_nfe']:g} NFE "
         f"({target['nfe_reduction']:g}x fewer NFE)"
+    )
+
+
+def teacher_samples_target(
+    row: dict,
+    yardstick: dict,
+    reference: dict,
+    fd_limit: float,
+    diversity_band: tuple[float, float],
+    nfe_reduction: float = 16,
+) -> dict:
+    """
+    Whether a few-step row matches what it was taught: its FD to the teacher's own samples (same noise, prompts and
+    guidance; `fd_to_teacher` of `evaluate.py --paired_reference`) <= `fd_limit` x the yardstick's (the teacher's own
+    samples at fewer NFE against the same reference), its diversity within `diversity_band` x the reference's, at
+    >= `nfe_reduction` x fewer network evaluations than the reference.
+
+    Args:
+        row (`dict`): the few-step row: `nfe`, `fd_to_teacher`, `diversity`.
+        yardstick (`dict`): the teacher's row at fewer NFE than the reference: `nfe`, `fd_to_teacher`.
+        reference (`dict`): the teacher's row whose samples are the reference: `nfe`, `diversity`.
+        fd_limit (`float`): the largest FD to the teacher's samples, in units of the yardstick's.
+        diversity_band (`tuple[float, float]`): the (lowest, highest) diversity, in units of the reference's.
+        nfe_reduction (`float`, defaults to 16): the least ratio of the reference's NFE to the row's.
+
+    Returns:
+        `dict`: `fd_to_teacher`, `fd_ratio_to_yardstick`, `fd_limit`, `yardstick_nfe`, `diversity_ratio`,
+        `diversity_band`, `reference_nfe`, `nfe_reduction` (the reference's NFE / the row's) and `met`.
+    """
+    fd_ratio = row["fd_to_teacher"] / yardstick["fd_to_teacher"]
+    diversity_ratio = row["diversity"] / reference["diversity"]
+    reduction = reference["nfe"] / row["nfe"]
+    low, high = diversity_band
+    return {
+        "fd_to_teacher": row["fd_to_teacher"],
+        "fd_ratio_to_yardstick": fd_ratio,
+        "fd_limit": fd_limit,
+        "yardstick_nfe": yardstick["nfe"],
+        "diversity_ratio": diversity_ratio,
+        "diversity_band": [low, high],
+        "reference_nfe": reference["nfe"],
+        "nfe_reduction": reduction,
+        "met": bool(fd_ratio <= fd_limit and low <= diversity_ratio <= high and reduction >= nfe_reduction),
+    }
+
+
+def describe_teacher_samples_target(name: str, target: dict) -> str:
+    """One report line for a `teacher_samples_target` result."""
+    low, high = target["diversity_band"]
+    return (
+        f"- {name}: FD to the teacher's {target['reference_nfe']:g}-NFE samples {target['fd_to_teacher']:.4g} = "
+        f"{target['fd_ratio_to_yardstick']:.2f}x the teacher's own at {target['yardstick_nfe']:g} NFE (target <= "
+        f"{target['fd_limit']:g}x), diversity {target['diversity_ratio']:.2f}x the teacher's "
+        f"(target {low:g}-{high:g}x), {target['nfe_reduction']:g}x fewer NFE"
     )
 
 
