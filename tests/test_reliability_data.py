@@ -15,7 +15,7 @@ from conftest import load_script
 from PIL import Image
 from t2i_pipelines import IMAGE_SIZE, VAE_SCALE_FACTOR, save_tiny_pipeline
 
-from diffusers_scm.training import text_to_image
+from diffusers_scm.training.data import latent_cache as text_to_image
 from diffusers_scm.training.data.captions import load_text_image_dataset
 
 
