@@ -45,7 +45,7 @@ def worker(family: str, mode: str, repeats: int, out: str):
 
     from diffusers_scm import TrigFlowDenoiser
     from diffusers_scm.training import LogVarHead, SCMLoss, make_ema
-    from diffusers_scm.training.fsdp import shard_module
+    from diffusers_scm.training.machinery.fsdp import shard_module
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)

@@ -24,7 +24,7 @@ def measure(family, mode, rank, repeats, queue):
 
     from diffusers_scm import TrigFlowDenoiser
     from diffusers_scm.training import LogVarHead, SCMLoss
-    from diffusers_scm.training.lora import BaseModelDenoiser, add_lora
+    from diffusers_scm.training.machinery.lora import BaseModelDenoiser, add_lora
 
     base = peak_memory_baseline("cpu")
     torch.manual_seed(0)

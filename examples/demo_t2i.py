@@ -113,7 +113,7 @@ def cached(args, name: str, settings: dict, script: str, script_args: list) -> t
 
 def captioned_digits(args) -> str:
     """The captioned digits as an image folder (metadata.jsonl), the data of the teacher and the students."""
-    from diffusers_scm.training.data import save_captioned_digits
+    from diffusers_scm.training.data.captions import save_captioned_digits
 
     folder = os.path.join(args.cache_dir, f"digits-{args.resolution}")
     if not os.path.isfile(os.path.join(folder, "metadata.jsonl")):

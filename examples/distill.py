@@ -27,25 +27,19 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
-from diffusers_scm.training import ConsistencyLoss, SCMLoss, TCMLoss, load_teacher, lognormal_times
-from diffusers_scm.training.data import load_image_dataset, load_text_image_dataset, to_model_channels
-from diffusers_scm.training.dmd import DMDLoss
-from diffusers_scm.training.fsdp import is_sharded, shard_module
-from diffusers_scm.training.lora import BaseModelDenoiser, add_lora
-from diffusers_scm.training.script_utils import (
-    adam,
-    add_common_args,
-    finish_training,
-    log_validation,
-    non_negative_int,
-    positive_int,
-    prepare_training,
-    publish_pipeline,
-    train_loop,
-    training_run,
-)
+from diffusers_scm.training import ConsistencyLoss, SCMLoss, TCMLoss, load_teacher
+from diffusers_scm.training.data.captions import load_text_image_dataset
+from diffusers_scm.training.data.images import load_image_dataset, to_model_channels
+from diffusers_scm.training.data.latent_cache import TextBatches
+from diffusers_scm.training.machinery.arguments import add_common_args, non_negative_int, positive_int
+from diffusers_scm.training.machinery.fsdp import is_sharded, shard_module
+from diffusers_scm.training.machinery.loop import train_loop
+from diffusers_scm.training.machinery.lora import BaseModelDenoiser, add_lora
+from diffusers_scm.training.machinery.publishing import finish_training, log_validation, publish_pipeline
+from diffusers_scm.training.machinery.run import adam, prepare_training, training_run
+from diffusers_scm.training.objectives.dmd import DMDLoss
+from diffusers_scm.training.objectives.objective import OBJECTIVES
 from diffusers_scm.training.teacher import load_text_to_image_teacher
-from diffusers_scm.training.text_to_image import TextBatches
 
 
 logger = get_logger(__name__)
@@ -253,7 +247,7 @@ def parse_args(argv=None):
 def text_to_image_family(teacher: str, revision: str | None = None) -> str | None:
     """The family pipeline class of a text-to-image teacher (its model_index.json), else None."""
     from diffusers_scm.conditioning import FAMILY_PIPELINES
-    from diffusers_scm.hub import local_folder
+    from diffusers_scm.hub.folders import local_folder
     from diffusers_scm.utils import read_json
 
     folder = local_folder(teacher)
@@ -426,37 +420,29 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
     head = logvar_head if continuous and not args.no_adaptive_weighting else None
     dmd = build_dmd(args, accelerator, teacher, student, state)
 
-    def compute_loss(batch, step):
-        extra = {}
+    def inputs(batch):  # x0, the network's conditioning, the teacher's guidance inputs
         if text is not None:  # latents, prompt conditioning, CFG's unconditional branch, w per sample
             x0, cond, uncond, w = text(batch, accelerator.device, noise_generator)
-            extra = {"uncond_conditioning": uncond}
-            if isinstance(loss_fn, SCMLoss):
-                extra["teacher_guidance"] = w
-            elif isinstance(w, torch.Tensor):
-                raise ValueError("--guidance_scale_range is for --method scd/sct (and continuous TCM) only.")
-        else:
-            x0 = to_model_channels(batch["pixel_values"], channels)
-            cond = {"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}
-        g = noise_generator
-        dmd_logs = {}
-        if dmd is not None and step >= dmd["start_step"]:  # before the main loss: its own backward pass
-            dmd_logs = dmd_step(args, accelerator, dmd, student, teacher, x0.shape, cond, extra, g)
-        cond = {**cond, **extra}
-        if method == "tcm":
-            t, is_boundary = loss_fn.sample_times(x0.shape[0], device=x0.device, generator=g)
-        else:
-            t = lognormal_times(x0.shape[0], args.P_mean, args.P_std, sd, device=g.device, generator=g)
-        noise = torch.randn(x0.shape, generator=g, device=g.device)
-        if method == "tcm":
-            loss, logs = loss_fn(student, stage1, x0, teacher, step, t, is_boundary, noise, logvar_head=head, **cond)
-        elif method in ("cd", "ct"):
-            loss, logs = loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, **cond)
-        else:
-            loss, logs = loss_fn(student, x0, teacher=teacher, step=step, t=t, noise=noise, logvar_head=head, **cond)
-        if "dmd_loss" in dmd_logs:  # logged with the step's loss; its gradient is already in the student's
-            loss = loss + args.dmd_weight * dmd_logs["dmd_loss"]
-        return loss, {**logs, **dmd_logs}
+            return x0, cond, {"uncond_conditioning": uncond, "teacher_guidance": w}
+        x0 = to_model_channels(batch["pixel_values"], channels)
+        return x0, ({"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}), {}
+
+    def regularizer(shape, cond, guidance, step):  # before the main loss: its own backward pass
+        if step < dmd["start_step"]:
+            return {}
+        return dmd_step(args, accelerator, dmd, student, teacher, shape, cond, guidance, noise_generator)
+
+    objective = OBJECTIVES[method](
+        loss_fn,
+        student,
+        inputs,
+        noise_generator,
+        teacher=teacher,
+        logvar_head=head,
+        regularizer=regularizer if dmd is not None else None,
+        regularizer_weight=args.dmd_weight or 0.0,
+        **({"stage1": stage1} if stage1 is not None else {}),
+    )
 
     def ema_pipeline_parts():
         unwrapped = accelerator.unwrap_model(student)
@@ -488,7 +474,7 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         loader,
         ema,
         state,
-        compute_loss,
+        objective,
         validate,
         desc=method.upper() if method != "tcm" else f"TCM stage 2 ({args.tcm_objective})",
         accumulate=(student, logvar_head),
@@ -538,7 +524,7 @@ def build_dmd(args, accelerator, teacher, student, state) -> dict | None:
     }
 
 
-def dmd_step(args, accelerator, dmd, student, teacher, shape, cond, extra, generator) -> dict:
+def dmd_step(args, accelerator, dmd, student, teacher, shape, cond, guidance, generator) -> dict:
     """One step of the score regularizer, before the stage's own loss: `--dmd_fake_updates` updates of the fake-score
     network, each on a fresh batch of student samples (once per optimizer step), then the student's DMD gradient,
     back-propagated at once (without a DDP all-reduce: the stage's own backward pass reduces the sum). Each batch is of
@@ -562,8 +548,8 @@ def dmd_step(args, accelerator, dmd, student, teacher, shape, cond, extra, gener
             logs["fake_score_loss"] = fake_logs["fake_score_loss"]
     noise = torch.randn(shape, generator=generator, device=generator.device)
     guided = {
-        "uncond_conditioning": extra.get("uncond_conditioning"),
-        "teacher_guidance": extra.get("teacher_guidance"),
+        "uncond_conditioning": guidance.get("uncond_conditioning"),
+        "teacher_guidance": guidance.get("teacher_guidance"),
     }
     loss, dmd_logs = loss_fn(student, teacher, fake, noise, generator=generator, steps=steps(), **guided, **cond)
     with accelerator.no_sync(student):
@@ -615,7 +601,13 @@ def prepare_cache(args, accelerator):
     """--cache_dir: write the cache (main process) when it is missing (with --rebuild_cache also when it is incomplete
     or was made with other settings), check that it was made with this run's teacher, --resolution and
     --teacher_dtype, then train from it without the VAE and text encoders."""
-    from diffusers_scm.training.text_to_image import CACHE_INFO, cache_problem, load_cache, teacher_record, write_cache
+    from diffusers_scm.training.data.latent_cache import (
+        CACHE_INFO,
+        cache_problem,
+        load_cache,
+        teacher_record,
+        write_cache,
+    )
 
     expected = {
         **teacher_record(args.teacher, args.teacher_revision),

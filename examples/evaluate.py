@@ -276,7 +276,7 @@ def _scale_factor(pipe) -> int:
 
 
 def reference_images(name: str, resolution: int, channels: int, image_column: str) -> torch.Tensor:
-    from diffusers_scm.training.data import DigitsDataset, load_image_dataset
+    from diffusers_scm.training.data.images import DigitsDataset, load_image_dataset
 
     if name == "digits":
         return DigitsDataset(resolution, "train").images
@@ -431,7 +431,7 @@ def main(argv=None):
 
     classifier = digits_stats = None
     if {"fd_digits", "prompt_accuracy", "class_accuracy", "fd_to_teacher", "diversity"} & set(args.metrics):
-        from diffusers_scm.training.data import DigitsDataset
+        from diffusers_scm.training.data.images import DigitsDataset
 
         classifier, accuracy = load_digits_classifier()
         reference = DigitsDataset(8, "train").images

@@ -20,10 +20,10 @@ import logging
 
 import torch
 
-from diffusers_scm.training.data import load_text_image_dataset
-from diffusers_scm.training.script_utils import positive_int
+from diffusers_scm.training.data.captions import load_text_image_dataset
+from diffusers_scm.training.data.latent_cache import write_cache
+from diffusers_scm.training.machinery.arguments import positive_int
 from diffusers_scm.training.teacher import load_text_to_image_teacher
-from diffusers_scm.training.text_to_image import write_cache
 
 
 def parse_args(argv=None):

@@ -35,27 +35,22 @@ from accelerate.utils import set_seed
 
 from diffusers_scm import SCMUNet2DModel, TrigFlowDenoiser, TrigFlowODEScheduler
 from diffusers_scm.models import PRESETS
-from diffusers_scm.training import TrigFlowDiffusionLoss, load_teacher, lognormal_times
-from diffusers_scm.training.data import DIGIT_CAPTIONS, load_image_dataset, load_text_image_dataset, to_model_channels
-from diffusers_scm.training.flow_matching import (
+from diffusers_scm.training import TrigFlowDiffusionLoss, load_teacher
+from diffusers_scm.training.data.captions import DIGIT_CAPTIONS, load_text_image_dataset
+from diffusers_scm.training.data.encoded import CaptionCache, cache_latents
+from diffusers_scm.training.data.images import load_image_dataset, to_model_channels
+from diffusers_scm.training.machinery.arguments import add_common_args, positive_int
+from diffusers_scm.training.machinery.loop import train_loop
+from diffusers_scm.training.machinery.publishing import finish_training, log_validation, publish_pipeline
+from diffusers_scm.training.machinery.run import prepare_training, training_run
+from diffusers_scm.training.objectives.flow_matching import (
     WEIGHTING_SCHEMES,
-    CaptionCache,
     FlowMatchingLoss,
     FlowMatchingModel,
-    cache_latents,
     drop_captions,
     network_from_config,
 )
-from diffusers_scm.training.script_utils import (
-    add_common_args,
-    finish_training,
-    log_validation,
-    positive_int,
-    prepare_training,
-    publish_pipeline,
-    train_loop,
-    training_run,
-)
+from diffusers_scm.training.objectives.objective import DiffusionObjective, FlowMatchingObjective
 
 
 logger = get_logger(__name__)
@@ -185,14 +180,12 @@ def train_trigflow(args, accelerator):
     loss_fn = TrigFlowDiffusionLoss(args.sigma_data, args.P_mean, args.P_std)
     scheduler = TrigFlowODEScheduler(sigma_data=args.sigma_data, parameterization="trigflow", solver="dpmsolver++")
 
-    def compute_loss(batch, step):
+    def inputs(batch):  # x0, class labels, no guidance
         x0 = to_model_channels(batch["pixel_values"], channels)
-        cond = {"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}
-        g = noise_generator
-        t = lognormal_times(x0.shape[0], args.P_mean, args.P_std, args.sigma_data, device=g.device, generator=g)
-        noise = torch.randn(x0.shape, generator=g, device=g.device)
-        head = None if args.no_adaptive_weighting else logvar_head
-        return loss_fn(model, x0, t=t, noise=noise, logvar_head=head, **cond)
+        return x0, ({"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}), {}
+
+    head = None if args.no_adaptive_weighting else logvar_head
+    objective = DiffusionObjective(loss_fn, model, inputs, noise_generator, logvar_head=head)
 
     def ema_pipeline_parts():
         network = ema.averaged_model(accelerator.unwrap_model(model).inner_model)  # FSDP: None off the main process
@@ -219,7 +212,7 @@ def train_trigflow(args, accelerator):
         loader,
         ema,
         state,
-        compute_loss,
+        objective,
         validate,
         desc="teacher",
         accumulate=(model, logvar_head),
@@ -235,7 +228,7 @@ def flow_teacher_parts(args, captions):
     import diffusers
 
     from diffusers_scm.conditioning import LatentCodec
-    from diffusers_scm.training.text_encoders import text_components, text_to_image_family
+    from diffusers_scm.training.data.text_encoders import text_components, text_to_image_family
 
     network = network_from_config(args.model_config)
     family = text_to_image_family(network)  # an error naming the supported classes for others
@@ -304,7 +297,8 @@ def flow_sample_grids(pipe, prompts, args, folder, name, accelerator=None, step=
 def train_flow_matching(args, accelerator):
     """--objective flow_matching: see the module docstring."""
     from diffusers_scm.conditioning import LatentCodec, prompt_encoding
-    from diffusers_scm.training.script_utils import _write_summary, end_run, replica_check
+    from diffusers_scm.training.machinery.publishing import _write_summary, replica_check
+    from diffusers_scm.training.machinery.run import end_run
 
     if accelerator.is_fsdp2 or accelerator.distributed_type.name == "FSDP":
         raise ValueError("FSDP is not supported for flow_matching teachers yet: launch without --use_fsdp (DDP).")
@@ -349,14 +343,16 @@ def train_flow_matching(args, accelerator):
 
     text_cache = CaptionCache(encoding, accelerator.device)
 
-    def compute_loss(batch, step):
+    def inputs(batch):  # latents, captions (dropped at --caption_dropout for CFG), no teacher
         if "latents" in batch:  # --cache_latents
             x0 = batch["latents"].to(accelerator.device)
         else:
             x0 = codec.encode(batch["pixel_values"].to(accelerator.device))  # (z - shift_factor) * scaling_factor
         cond, uncond = text_cache(batch["caption"])
         cond = drop_captions(cond, uncond, args.caption_dropout, noise_generator)
-        return loss_fn(model, x0, generator=noise_generator, **cond)
+        return x0, cond, {}
+
+    objective = FlowMatchingObjective(loss_fn, model, inputs, noise_generator)
 
     def ema_pipeline():
         network = ema.averaged_model(accelerator.unwrap_model(model).inner_model).eval()
@@ -374,7 +370,7 @@ def train_flow_matching(args, accelerator):
         loader,
         ema,
         state,
-        compute_loss,
+        objective,
         validate,
         desc="flow-matching teacher",
         accumulate=(model, logvar_head),

@@ -22,15 +22,10 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
-from diffusers_scm.training.data import load_image_dataset, to_model_channels
-from diffusers_scm.training.script_utils import (
-    end_run,
-    non_negative_int,
-    positive_int,
-    train_loader,
-    training_run,
-)
-from diffusers_scm.training.vae import (
+from diffusers_scm.training.data.images import load_image_dataset, to_model_channels
+from diffusers_scm.training.machinery.arguments import non_negative_int, positive_int
+from diffusers_scm.training.machinery.run import end_run, train_loader, training_run
+from diffusers_scm.training.objectives.vae import (
     VAE_PRESETS,
     VAETrainingModule,
     latent_statistics,

@@ -18,8 +18,9 @@ from families import FAMILIES  # noqa: E402
 
 from diffusers_scm import TrigFlowDenoiser  # noqa: E402
 from diffusers_scm.training import SCMLoss  # noqa: E402
-from diffusers_scm.training.fsdp import is_sharded  # noqa: E402
-from diffusers_scm.training.script_utils import _local, prepare_training  # noqa: E402
+from diffusers_scm.training.machinery.fsdp import is_sharded
+from diffusers_scm.training.machinery.loop import _local
+from diffusers_scm.training.machinery.run import prepare_training
 
 
 def train(accelerator, fsdp_flag: bool, family) -> dict:

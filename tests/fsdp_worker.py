@@ -18,7 +18,7 @@ from families import FAMILIES  # noqa: E402
 from diffusers_scm import TrigFlowDenoiser  # noqa: E402
 from diffusers_scm.jvp import jvp  # noqa: E402
 from diffusers_scm.training import make_ema  # noqa: E402
-from diffusers_scm.training.fsdp import (  # noqa: E402
+from diffusers_scm.training.machinery.fsdp import (
     block_class_names,
     is_sharded,
     load_sharded_state,

@@ -55,7 +55,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from diffusers_scm.training import text_encoders
+from diffusers_scm.training.data import text_encoders
 
 
 __all__ = [

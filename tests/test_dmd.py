@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusers_scm.training.dmd import DMDLoss
+from diffusers_scm.training.objectives.dmd import DMDLoss
 
 
 SD = 0.5

@@ -74,7 +74,7 @@ def test_evaluate_counts_nfe_and_matches_independent_metrics(pipelines, tmp_path
         - 1
     )
     classifier, accuracy = load_digits_classifier()
-    from diffusers_scm.training.data import DigitsDataset
+    from diffusers_scm.training.data.images import DigitsDataset
 
     with torch.no_grad():
         fa = classifier.embed(images).double().numpy()

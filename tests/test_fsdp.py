@@ -120,8 +120,8 @@ def test_fsdp_refuses_lora_students(tmp_path):
     from conftest import tiny_cond_unet
 
     from diffusers_scm import TrigFlowDenoiser
-    from diffusers_scm.training.lora import add_lora
-    from diffusers_scm.training.script_utils import _use_fsdp
+    from diffusers_scm.training.machinery.lora import add_lora
+    from diffusers_scm.training.machinery.run import _use_fsdp
 
     args = argparse.Namespace(fsdp=True, gradient_accumulation_steps=1)
     network = tiny_cond_unet()

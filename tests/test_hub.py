@@ -675,3 +675,35 @@ def test_clear_errors(hub_cache, tmp_path):
     put_in_cache(hub_cache, "org/notes", tmp_path / "notes", COMMIT_A)
     with pytest.raises(ValueError, match=r"neither a diffusers pipeline folder.*notes.txt"):
         load_teacher("org/notes")
+
+
+def test_a_card_lists_its_own_methods_hyperparameters_only():
+    from diffusers_scm.hub import method_hyperparameters
+
+    args = {
+        "method": "scd",
+        "learning_rate": 1e-4,
+        "tangent_warmup_steps": 100,
+        "jvp_backend": "auto",
+        "consistency_distance": "pseudo_huber",
+        "huber_c": 0.03,
+        "dt_q": 2.0,
+        "tcm_objective": "continuous",
+        "tcm_stage1_method": "scd",
+        "tcm_boundary_prob": 0.25,
+        "stage2_learning_rate": 5e-5,
+        "dmd_weight": 0.0,
+        "dmd_P_mean": -0.8,
+        "lora_rank": None,
+        "lora_alpha": 8,
+        "output_dir": "out",
+    }
+    names = lambda method, **changed: [k for k, _ in method_hyperparameters({**args, **changed}, method)]  # noqa: E731
+    assert names("scd") == ["method", "learning_rate", "tangent_warmup_steps", "jvp_backend"]
+    assert names("cd") == ["method", "learning_rate", "consistency_distance", "huber_c", "dt_q"]
+    tcm = names("tcm")  # continuous Stage 2 after an sCD Stage 1: TCM's and the continuous flags
+    assert "tcm_boundary_prob" in tcm and "stage2_learning_rate" in tcm and "tangent_warmup_steps" in tcm
+    assert "huber_c" not in tcm and "dt_q" not in tcm
+    assert "huber_c" in names("tcm", tcm_objective="discrete")  # the paper's discrete Stage 2
+    on = names("scd", dmd_weight=0.5, lora_rank=4)  # the regularizer's and LoRA's flags once switched on
+    assert {"dmd_weight", "dmd_P_mean", "lora_rank", "lora_alpha"} <= set(on)

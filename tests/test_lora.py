@@ -16,7 +16,7 @@ from test_t2i_distill import COMMON, PROMPTS, data_dir  # noqa: F401 (data_dir i
 from diffusers_scm import SCMPipeline, TrigFlowDenoiser
 from diffusers_scm.jvp import float64_precision, jvp
 from diffusers_scm.training import LogVarHead, SCMLoss, make_ema
-from diffusers_scm.training.lora import BaseModelDenoiser, add_lora, lora_parameters
+from diffusers_scm.training.machinery.lora import BaseModelDenoiser, add_lora, lora_parameters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

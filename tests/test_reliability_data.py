@@ -15,8 +15,8 @@ from conftest import load_script
 from PIL import Image
 from t2i_pipelines import IMAGE_SIZE, VAE_SCALE_FACTOR, save_tiny_pipeline
 
-from diffusers_scm.training import text_to_image
-from diffusers_scm.training.data import load_text_image_dataset
+from diffusers_scm.training.data import latent_cache as text_to_image
+from diffusers_scm.training.data.captions import load_text_image_dataset
 
 
 PROMPTS = ["a red fox", "a bowl of soup", "a blue bird", "a small cat"]
@@ -165,7 +165,7 @@ def test_metadata_rows_are_checked_when_loaded_naming_file_and_line(tmp_path, ca
 
     # null captions: the empty caption, with one warning that counts them
     write(b'{"file_name": "0.png", "text": null}', row[1], b'{"file_name": "2.png", "text": null}')
-    with caplog.at_level(logging.WARNING, logger="diffusers_scm.training.data"):
+    with caplog.at_level(logging.WARNING, logger="diffusers_scm.training.data.captions"):
         dataset = load_text_image_dataset(str(folder), IMAGE_SIZE)
     assert [dataset[i]["caption"] for i in range(3)] == ["", PROMPTS[1], ""] and dataset.captions[0] == ""
     warnings = [r.getMessage() for r in caplog.records if "null" in r.getMessage()]

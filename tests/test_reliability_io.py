@@ -17,8 +17,8 @@ from huggingface_hub import constants
 
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler, TrigFlowScheduler
 from diffusers_scm.training import load_teacher
-from diffusers_scm.training.checkpointing import load_checkpoint, save_checkpoint
-from diffusers_scm.training.data import DigitsDataset, load_image_dataset
+from diffusers_scm.training.data.images import DigitsDataset, load_image_dataset
+from diffusers_scm.training.machinery.checkpointing import load_checkpoint, save_checkpoint
 from diffusers_scm.utils import read_json
 
 

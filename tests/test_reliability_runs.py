@@ -57,9 +57,9 @@ def test_resume_with_another_lora_rank_or_without_lora_names_the_flag(tmp_path):
     from accelerate import Accelerator
     from conftest import tiny_cond_unet
 
-    from diffusers_scm.training.checkpointing import load_checkpoint, save_checkpoint
-    from diffusers_scm.training.lora import add_lora
-    from diffusers_scm.training.script_utils import run_config
+    from diffusers_scm.training.machinery.checkpointing import load_checkpoint, save_checkpoint
+    from diffusers_scm.training.machinery.lora import add_lora
+    from diffusers_scm.training.machinery.run import run_config
 
     accelerator = Accelerator(cpu=True)
 
@@ -138,7 +138,7 @@ def test_resume_with_another_teacher_names_it_and_a_mismatch_is_not_called_corru
 
 
 def _write_lock(folder: Path, pid: int):
-    from diffusers_scm.training.output_lock import _process_start
+    from diffusers_scm.training.machinery.output_lock import _process_start
 
     folder.mkdir(parents=True, exist_ok=True)
     record = {"pid": pid, "hostname": socket.gethostname(), "started": "then", "process_start": _process_start(pid)}
@@ -147,8 +147,8 @@ def _write_lock(folder: Path, pid: int):
 
 
 def test_output_dir_lock_refuses_a_live_run_and_takes_over_a_stale_one(tmp_path, caplog):
-    from diffusers_scm.training.output_lock import OutputDirLockedError
-    from diffusers_scm.training.script_utils import training_run
+    from diffusers_scm.training.machinery.output_lock import OutputDirLockedError
+    from diffusers_scm.training.machinery.run import training_run
 
     train_vae = load_script("train_vae")
     out = tmp_path / "vae"
@@ -197,7 +197,7 @@ def test_two_process_run_into_a_locked_output_dir_is_refused_on_every_process(tm
         holder.wait()
     assert res.returncode != 0
     for rank in (0, 1):  # each process raised the refusal itself (none was stopped by the other's failure)
-        error = f"[rank{rank}]: diffusers_scm.training.output_lock.OutputDirLockedError: {out} is in use by another "
+        error = f"[rank{rank}]: diffusers_scm.training.machinery.output_lock.OutputDirLockedError: {out} is in use by another "
         assert f"{error}training run: process {holder.pid} on" in res.stderr, res.stderr[-3000:]
     assert not (out / "training_args.json").exists()
 
@@ -211,7 +211,7 @@ def test_end_run_drops_ddp_reducers_before_destroying_the_process_group(tmp_path
 
     import torch.distributed as dist
 
-    from diffusers_scm.training.script_utils import end_run, training_run
+    from diffusers_scm.training.machinery.run import end_run, training_run
 
     train_vae = load_script("train_vae")
     args = train_vae.parse_args(["--output_dir", str(tmp_path / "run"), "--report_to", "none"])
@@ -262,7 +262,7 @@ def test_every_script_ends_through_training_run():
 def test_replica_check_names_nonfinite_weights_instead_of_a_difference(caplog):
     from accelerate import Accelerator
 
-    from diffusers_scm.training.script_utils import replica_check
+    from diffusers_scm.training.machinery.publishing import replica_check
 
     unet = tiny_unet(num_class_embeds=10)
     with torch.no_grad():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from diffusers_scm import TrigFlowDenoiser
 from diffusers_scm.training import SCMLoss
-from diffusers_scm.training.losses import gradient_pass, select_samples
+from diffusers_scm.training.objectives.common import gradient_pass, select_samples
 
 
 BAD_CLASS = 3
@@ -128,7 +128,8 @@ def test_nonfinite_gradient_norm_skips_the_update(tmp_path, caplog):
     """A finite loss with a NaN gradient at step 2: that update is skipped (weights unchanged), counted and logged."""
     from accelerate import Accelerator
 
-    from diffusers_scm.training.script_utils import prepare_training, train_loop
+    from diffusers_scm.training.machinery.loop import train_loop
+    from diffusers_scm.training.machinery.run import prepare_training
 
     distill = load_script("distill")
     args = distill.parse_args(

@@ -7,7 +7,7 @@ import torch
 from conftest import TimeConditionedNet, ToyMLP
 
 import diffusers_scm.jvp.functional as jvp_functional
-import diffusers_scm.training.losses as losses_module
+import diffusers_scm.training.objectives.scm as losses_module
 from diffusers_scm import TrigFlowDenoiser
 from diffusers_scm.training import LogVarHead, SCMLoss, lognormal_times
 

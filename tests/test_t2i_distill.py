@@ -105,8 +105,8 @@ def test_tcm_with_a_text_to_image_teacher(tmp_path, data_dir):
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "sana", "pixart_sigma", "sd15"])
 def test_cache_round_trip_and_training_without_vae_or_text_encoders(family, tmp_path, data_dir, monkeypatch):
     """Cached and on-the-fly batches are equal; a run from the cache never loads the teacher's text encoders."""
-    from diffusers_scm.training import text_to_image
-    from diffusers_scm.training.data import load_text_image_dataset
+    from diffusers_scm.training.data import latent_cache as text_to_image
+    from diffusers_scm.training.data.captions import load_text_image_dataset
     from diffusers_scm.training.teacher import load_text_to_image_teacher
 
     teacher_dir = tmp_path / family
@@ -176,7 +176,7 @@ def test_guidance_range_student_and_prompt_only_data(tmp_path):
 
 
 def test_bad_text_to_image_inputs_have_clear_errors(tmp_path, data_dir):
-    from diffusers_scm.training.data import load_text_image_dataset
+    from diffusers_scm.training.data.captions import load_text_image_dataset
     from diffusers_scm.training.teacher import load_text_to_image_teacher
 
     with pytest.raises(ValueError, match="no caption column 'caption'.*--caption_column"):

@@ -16,10 +16,10 @@ from diffusers_scm.training import (
     TCMLoss,
     student_t_cdf,
     student_t_times,
-    time_proposals,
     truncated_lognormal_times,
     truncated_student_t,
 )
+from diffusers_scm.training.objectives import time_proposals
 
 
 SD = 0.5

@@ -16,16 +16,15 @@ import torch
 from conftest import load_script
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from diffusers_scm.training.flow_matching import (
-    CaptionCache,
+from diffusers_scm.training.data.encoded import CaptionCache, cache_latents
+from diffusers_scm.training.data.text_encoders import caption_words, text_components
+from diffusers_scm.training.objectives.flow_matching import (
     FlowMatchingLoss,
     FlowMatchingModel,
-    cache_latents,
     drop_captions,
     flow_matching_times,
     network_from_config,
 )
-from diffusers_scm.training.text_encoders import caption_words, text_components
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,8 +67,8 @@ def model_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     """An untrained tiny AutoencoderKL with its latent scaling measured on the digits, as train_vae.py saves it."""
-    from diffusers_scm.training.data import DigitsDataset
-    from diffusers_scm.training.vae import latent_statistics, save_vae, set_latent_scaling, tiny_autoencoder
+    from diffusers_scm.training.data.images import DigitsDataset
+    from diffusers_scm.training.objectives.vae import latent_statistics, save_vae, set_latent_scaling, tiny_autoencoder
 
     torch.manual_seed(0)
     vae = tiny_autoencoder("tiny", RESOLUTION).eval()
@@ -262,7 +261,7 @@ def test_model_call_matches_load_teacher_time_map(vae_dir):
 def test_train_flow_matching_teacher_loads_everywhere_and_distills(tmp_path, model_config, vae_dir):
     from diffusers_scm import SCMPipeline
     from diffusers_scm.training import load_teacher
-    from diffusers_scm.training.data import save_captioned_digits
+    from diffusers_scm.training.data.captions import save_captioned_digits
     from diffusers_scm.training.teacher import load_text_to_image_teacher
 
     train_teacher = load_script("train_teacher")
@@ -326,7 +325,7 @@ def test_cache_latents_equals_the_codec(vae_dir):
     from diffusers import AutoencoderKL
 
     from diffusers_scm.conditioning import LatentCodec
-    from diffusers_scm.training.data import CaptionedDigitsDataset
+    from diffusers_scm.training.data.captions import CaptionedDigitsDataset
 
     data = torch.utils.data.Subset(CaptionedDigitsDataset(RESOLUTION), range(10))
     codec = LatentCodec(AutoencoderKL.from_pretrained(vae_dir), sample=False)

@@ -11,8 +11,8 @@ from conftest import load_script
 from diffusers import AutoencoderKL
 
 from diffusers_scm.conditioning import LatentCodec
-from diffusers_scm.training.data import DigitsDataset
-from diffusers_scm.training.vae import (
+from diffusers_scm.training.data.images import DigitsDataset
+from diffusers_scm.training.objectives.vae import (
     VAETrainingModule,
     latent_statistics,
     save_vae,

@@ -16,8 +16,8 @@ from diffusers import (
 
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler
 from diffusers_scm.training import ConstantDecayEMA, PowerFunctionEMA, load_teacher, sigma_rel_to_gamma
-from diffusers_scm.training.checkpointing import find_checkpoint, load_checkpoint, rotate_checkpoints
-from diffusers_scm.training.data import DigitsDataset, to_model_channels
+from diffusers_scm.training.data.images import DigitsDataset, to_model_channels
+from diffusers_scm.training.machinery.checkpointing import find_checkpoint, load_checkpoint, rotate_checkpoints
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ class _FakeAccelerator:
 
 
 def test_checkpoints_round_trip_rotate_and_detect_corruption(tmp_path):
-    from diffusers_scm.training.checkpointing import save_checkpoint
+    from diffusers_scm.training.machinery.checkpointing import save_checkpoint
 
     acc = _FakeAccelerator()
     model = torch.nn.Linear(3, 2)
@@ -171,7 +171,7 @@ def test_checkpoints_round_trip_rotate_and_detect_corruption(tmp_path):
 
 
 def test_interrupted_save_keeps_the_existing_checkpoint(tmp_path, monkeypatch):
-    import diffusers_scm.training.checkpointing as ckpt
+    import diffusers_scm.training.machinery.checkpointing as ckpt
 
     acc = _FakeAccelerator()
     model = torch.nn.Linear(2, 2)
@@ -194,7 +194,7 @@ def test_report_to_names_missing_trackers(monkeypatch, tensorboard_installed):
     the default is tensorboard when it is installed, else no tracker."""
     import importlib.util
 
-    from diffusers_scm.training.script_utils import resolve_report_to
+    from diffusers_scm.training.machinery.arguments import resolve_report_to
 
     installed = {"tensorboard"} if tensorboard_installed else set()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in installed else None)
@@ -213,10 +213,10 @@ def test_report_to_names_missing_trackers(monkeypatch, tensorboard_installed):
 
 
 def test_adam_is_fused_where_torch_can_and_follows_the_adam_update():
-    """`script_utils.adam` takes torch's fused kernel for plain CPU tensors and keeps its default for a sharded model;
+    """`adam` takes torch's fused kernel for plain CPU tensors and keeps its default for a sharded model;
     either way the update is Adam's, checked against the closed form in float64 (bias-corrected moments; the weight
     decay added to the gradient, as torch's Adam adds it)."""
-    from diffusers_scm.training.script_utils import adam
+    from diffusers_scm.training.machinery.run import adam
 
     torch.manual_seed(0)
     w = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
@@ -243,7 +243,8 @@ def test_list_flags_reach_tensorboard_as_text(tmp_path):
     pytest.importorskip("tensorboard")
     import argparse
 
-    from diffusers_scm.training.script_utils import add_common_args, make_accelerator, tracker_config
+    from diffusers_scm.training.machinery.arguments import add_common_args, tracker_config
+    from diffusers_scm.training.machinery.run import make_accelerator
 
     p = argparse.ArgumentParser()
     add_common_args(p, str(tmp_path / "run"))

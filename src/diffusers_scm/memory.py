@@ -86,7 +86,7 @@ def count_parameters(network) -> int:
 
 def _lora_parameters(network, rank: int) -> int:
     """rank (in + out) per attention projection (the default LoRA targets)."""
-    from .training.lora import default_lora_targets
+    from .training.machinery.lora import default_lora_targets
 
     targets = default_lora_targets(network)
     total = 0

@@ -91,7 +91,7 @@ class DigitsClassifier(nn.Module):
 
 def train_digits_classifier(epochs: int = 60, seed: int = 0) -> tuple["DigitsClassifier", float]:
     """Train deterministically (CPU, seconds) on the digits training split; returns the model and held-out accuracy."""
-    from .training.data import DigitsDataset
+    from .training.data.images import DigitsDataset
 
     train, test = DigitsDataset(8, "train"), DigitsDataset(8, "test")
     generator = torch.Generator().manual_seed(seed)

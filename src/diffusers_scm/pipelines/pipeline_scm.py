@@ -116,7 +116,7 @@ class SCMPipeline(DiffusionPipeline):
             force_download (`bool`, defaults to `False`): download again even if cached.
             variant (`str`, *optional*), use_safetensors (`bool`, *optional*): which weight files to fetch.
         """
-        from ..hub import download_pipeline
+        from ..hub.folders import download_pipeline
 
         keys = cls._hub_kwargs + ("variant", "use_safetensors")
         return download_pipeline(
@@ -136,7 +136,7 @@ class SCMPipeline(DiffusionPipeline):
         local (absolute, or starting with `./`, `../` or `~`, say) and does not exist is a `FileNotFoundError` that
         names it.
         """
-        from ..hub import check_pipeline_folder, local_folder
+        from ..hub.folders import check_pipeline_folder, local_folder
 
         hub_kwargs = {k: kwargs.pop(k) for k in cls._hub_kwargs if k in kwargs}
         path = local_folder(pretrained_model_name_or_path)  # a path that does not exist is named here

@@ -1,13 +1,26 @@
-"""Training: sCD/sCT losses, discrete CD/CT and TCM losses, time proposals, EMA, the adaptive-weighting head, teacher
-loading (SPEC.md sections 3 and 5)."""
+"""Training, grouped by concern:
 
-from .dmd import DMDLoss
-from .ema import ConstantDecayEMA, PowerFunctionEMA, make_ema, sigma_rel_to_gamma
-from .logvar import LogVarHead
-from .losses import SCMLoss, TrigFlowDiffusionLoss, null_class_conditioning
-from .tcm import ConsistencyLoss, TCMLoss, consistency_function
-from .teacher import infer_parameterization, load_teacher
-from .time_proposals import (
+- `objectives`: what a step minimizes (sCD/sCT, discrete CD/CT, TCM, DMD, the TrigFlow diffusion, flow-matching and VAE
+  losses, time proposals, the adaptive-weighting head), each called as `loss, logs = objective(batch, step)`;
+- `data`: images, captions, text encoders, the latent cache;
+- `machinery`: flags, accelerator setup, the loop, checkpoints, EMA, FSDP2, LoRA, publishing;
+- `teacher`: loading teachers of every family.
+"""
+
+import sys
+
+from .data import text_encoders
+from .machinery import fsdp, lora
+from .machinery.ema import ConstantDecayEMA, PowerFunctionEMA, make_ema, sigma_rel_to_gamma
+from .objectives import flow_matching, vae
+from .objectives.common import null_class_conditioning
+from .objectives.consistency import ConsistencyLoss, consistency_function
+from .objectives.diffusion import TrigFlowDiffusionLoss
+from .objectives.dmd import DMDLoss
+from .objectives.logvar import LogVarHead
+from .objectives.scm import SCMLoss
+from .objectives.tcm import TCMLoss
+from .objectives.time_proposals import (
     clamp_times,
     lognormal_times,
     student_t_cdf,
@@ -15,6 +28,13 @@ from .time_proposals import (
     truncated_lognormal_times,
     truncated_student_t,
 )
+from .teacher import infer_parameterization, load_teacher
+
+
+# Module paths of earlier releases (the README named them), still importable: `diffusers_scm.training.fsdp` is
+# `diffusers_scm.training.machinery.fsdp`.
+for _module in (text_encoders, fsdp, lora, flow_matching, vae):
+    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}"] = _module
 
 
 __all__ = [

@@ -122,7 +122,7 @@ def load_teacher(
         hub_kwargs: `revision`, `cache_dir`, `token`, `local_files_only`, `force_download` for Hub ids (which also
             honour `HF_HUB_OFFLINE`); only the network, its config and the scheduler config are downloaded.
     """
-    from ..hub import check_network_folder, check_pipeline_folder, download_teacher, local_folder
+    from ..hub.folders import check_network_folder, check_pipeline_folder, download_teacher, local_folder
 
     folder = local_folder(path_or_id)  # a path that does not exist is named here
     if folder is None:
@@ -261,7 +261,7 @@ def load_text_to_image_teacher(
     from diffusers import DiffusionPipeline
 
     from ..conditioning import FAMILY_PIPELINES, check_tokenizers
-    from ..hub import check_pipeline_folder, local_folder
+    from ..hub.folders import check_pipeline_folder, local_folder
 
     folder = local_folder(path_or_id)
     if folder is None:  # a Hub id: the family's files, downloaded (or found in the cache), checked as a local folder

@@ -86,7 +86,7 @@ def save_checkpoint(
     Save `checkpoint-<step>`: each module's weights (unwrapped) and the EMA as safetensors, the optimizer state (and
     that of each further named optimizer in `optimizers`, e.g. a fake-score network's, as `optimizer_<name>.pt`), the
     learning-rate schedule, and per process the torch RNG state and the named generators (for exact resumption).
-    `run_config` (`script_utils.run_config`: the flags and networks that shape this state) is recorded in
+    `run_config` (`run.run_config`: the flags and networks that shape this state) is recorded in
     `training_state.json` with the names of the modules and optimizers; `load_checkpoint` compares them on resume.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")

@@ -26,8 +26,9 @@ import math
 
 import torch
 
-from .losses import TrigFlowDiffusionLoss, _bcast, noised_batch, teacher_velocity
-from .tcm import consistency_function
+from .common import _bcast, noised_batch, teacher_velocity
+from .consistency import consistency_function
+from .diffusion import TrigFlowDiffusionLoss
 
 
 __all__ = ["DMDLoss"]

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from ..denoiser import TrigFlowDenoiser
+from ...denoiser import TrigFlowDenoiser
 
 
 __all__ = [

@@ -19,8 +19,8 @@ import os
 
 import torch
 
-from ..adapters import cast_floating
-from ..conditioning import TEXT_COMPONENTS
+from ...adapters import cast_floating
+from ...conditioning import TEXT_COMPONENTS
 
 
 __all__ = [
@@ -83,7 +83,7 @@ def unflatten_conditioning(flat: dict, prefix: str = "cond") -> dict:
 def sample_ode(denoiser, x_T, cond, uncond=None, guidance_scale=1.0, num_inference_steps=16, solver="dpmsolver++"):
     """x0 from the teacher's guided probability-flow ODE (SPEC.md sections 1 and 8) from x_T = sd n at t_max:
     `TrigFlowODEScheduler` steps on F = F_c + (w - 1)(F_c - F_u)."""
-    from ..schedulers import TrigFlowODEScheduler
+    from ...schedulers import TrigFlowODEScheduler
 
     # the denoiser answers in TrigFlow F whatever the network's family: a "trigflow" sampler steps it
     scheduler = TrigFlowODEScheduler(parameterization="trigflow", sigma_data=denoiser.sigma_data, solver=solver)
@@ -205,7 +205,7 @@ def _expand(cond, n):
 def _config_hash(path: str | None) -> str | None:
     """sha256 of a component's config file (`config.json`, `tokenizer_config.json`) without the entries that name or
     date it (`_name_or_path`, versions) or give its dtype (recorded on its own); None where there is no such file."""
-    from ..utils import read_json
+    from ...utils import read_json
 
     if path is None or not os.path.isfile(path):
         return None
@@ -225,8 +225,8 @@ def teacher_record(teacher: str | None, revision: str | None = None) -> dict:
         teacher (`str`, *optional*): the pipeline folder (recorded as an absolute path) or Hub id.
         revision (`str`, *optional*): the Hub revision.
     """
-    from ..hub import _hub_file, local_folder
-    from ..utils import read_json
+    from ...hub.folders import _hub_file, local_folder
+    from ...utils import read_json
 
     folder = None if teacher is None else local_folder(teacher)
 
@@ -311,8 +311,8 @@ def write_cache(
     import datasets
     from safetensors.torch import save_file
 
-    from ..conditioning import prompt_sequence_length
-    from ..utils import atomic_folder
+    from ...conditioning import prompt_sequence_length
+    from ...utils import atomic_folder
 
     _check_replaceable(folder)
     record = teacher_record(teacher_name or teacher.pipeline.config.get("_name_or_path"), teacher_revision)
@@ -388,7 +388,7 @@ def _component_changes(made: dict, run: dict) -> list[str]:
 
 def _inspect_cache(folder: str, expected: dict | None) -> tuple[str | None, dict | None]:
     """`(problem or None, cache_info or None)`: see `cache_problem`."""
-    from ..utils import read_json
+    from ...utils import read_json
 
     if not os.path.isdir(folder):
         return f"There is no cache at {folder}.", None
