@@ -159,7 +159,7 @@ def parse_args(argv=None):
         help="discrete Stage 2: first stage of the step schedule (default: where a discrete Stage 1 of this run "
         "ended, else the first stage at --dt_ratio_limit)",
     )
-    # score regularization (rCM): DMD's reverse-divergence gradient beside the sCM loss (diffusers_scm.training.dmd)
+    # score regularization (rCM): DMD's reverse-divergence gradient beside the sCM loss (diffusers_scm.training.objectives.dmd)
     p.add_argument(
         "--dmd_weight",
         type=float,

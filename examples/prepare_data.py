@@ -6,7 +6,7 @@
 
 Images go through the teacher's VAE (with its scaling and shift factors), captions through the family pipeline's own
 `encode_prompt`; prompt-only data gets x0 from the teacher's guided ODE. The cache is a `datasets` Arrow dataset (see
-`diffusers_scm.training.text_to_image`); `distill.py --cache_dir` trains from it without loading the VAE or the text
+`diffusers_scm.training.data.latent_cache`); `distill.py --cache_dir` trains from it without loading the VAE or the text
 encoders (and writes it first when it is missing).
 
 The cache is written in `CACHE_DIR.tmp` and takes the place of `--cache_dir` whole when it is complete: an interrupted
