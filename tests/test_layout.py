@@ -40,7 +40,8 @@ def import_graph() -> dict[str, set[str]]:
                     module = ".".join(base + ([node.module] if node.module else []))
                 else:
                     module = node.module or ""
-                targets = [f"{module}.{alias.name}" for alias in node.names] + [module]
+                # `from pkg import sub` imports the module pkg.sub; `from pkg import name`, the module pkg
+                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names]
             else:
                 continue
             for target in targets:
