@@ -7,7 +7,7 @@ __version__ = "0.1.0.dev0"
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401
 
 from .denoiser import TrigFlowDenoiser, call_network
-from .models import SCMUNet2DModel
+from .models import DhariwalUNet2DModel, EDM2UNet2DModel, SCMUNet2DModel, SongUNet2DModel
 from .parameterizations import (
     EDMParameterization,
     FlowMatchingParameterization,
@@ -27,6 +27,9 @@ __all__ = [
     "TrigFlowSchedulerOutput",
     "SCMPipeline",
     "SCMUNet2DModel",
+    "EDM2UNet2DModel",
+    "SongUNet2DModel",
+    "DhariwalUNet2DModel",
     "TrigFlowDenoiser",
     "call_network",
     "get_parameterization",

@@ -148,34 +148,143 @@ class TrigFlowParameterization(Parameterization):
 
 
 class EDMParameterization(Parameterization):
-    """EDM / EDM2 preconditioning (Karras et al.), SPEC.md section 2.
+    """EDM / EDM2 preconditioning (Karras et al.), SPEC.md section 2, and the other wrappers of NVlabs' EDM code
+    (VPPrecond, VEPrecond, iDDPMPrecond; SPEC.md section 10), all written D(x; sigma) = c_skip x + c_out F(c_in x,
+    c_noise) with x = x0 + sigma n.
 
-    sigma = sigma_data tan(t); network input c_in x_sigma = x_t / sigma_data; network time ln(sigma) / 4;
-    F = -raw (c_skip = cos^2 t, c_out = sigma_data sin t). With `prediction_type="v_prediction"` (diffusers'
-    `EDMEulerScheduler` convention, c_out negated) F = +raw.
+    In TrigFlow sigma = sigma_data tan(t) and x = x_t / cos(t) (SPEC.md section 10), so that for each wrapper
+
+        preconditioning  network input                        network time c_noise            F from the raw output
+        "edm"            x_t / sigma_data                     ln(sigma) / 4                   -raw
+        "vp"             x_t / sqrt(cos^2 t + sd^2 sin^2 t)   (M - 1) sigma_vp^-1(sigma)      (raw - s x_t) / cos t
+        "ve"             x_t / cos t                          ln(sigma / 2)                   -(raw + s x_t) / cos t
+        "iddpm"          x_t / sqrt(cos^2 t + sd^2 sin^2 t)   M - 1 - argmin_j |u_j - sigma|  (raw - s x_t) / cos t
+
+    with s = sin(t) / sigma_data ("edm": c_skip = cos^2 t, c_out = sigma_data sin t; "vp" and "iddpm": c_skip = 1,
+    c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1); "ve": c_skip = 1, c_out = sigma, c_in = 1). With
+    `prediction_type="v_prediction"` (diffusers' `EDMEulerScheduler` convention, c_out negated; "edm" only) F = +raw.
+    iDDPM's time input is piecewise constant in t (its derivative is 0 between the table's midpoints), as in NVlabs'
+    code.
+
+    Args:
+        sigma_data (`float`, defaults to 0.5): standard deviation of the data (the TrigFlow scale; VP, VE and iDDPM
+            networks do not depend on it, any positive value gives the same denoiser).
+        prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"` (NVlabs' sign) or `"v_prediction"` ("edm" only).
+        preconditioning (`str`, defaults to `"edm"`): "edm" (EDMPrecond, EDM2's Precond), "vp" (VPPrecond), "ve"
+            (VEPrecond) or "iddpm" (iDDPMPrecond).
+        num_train_timesteps (`int`, defaults to 1000): M of VPPrecond and iDDPMPrecond.
+        vp_beta_d (`float`, defaults to 19.9), vp_beta_min (`float`, defaults to 0.1): VPPrecond's schedule
+            sigma(tau) = sqrt(exp(beta_d tau^2 / 2 + beta_min tau) - 1).
+        iddpm_c1 (`float`, defaults to 0.001), iddpm_c2 (`float`, defaults to 0.008): iDDPMPrecond's clipping of the
+            alpha-bar ratio and offset of its cosine schedule, which define its table u_0 > ... > u_M = 0.
     """
 
     name = "edm"
+    PRECONDITIONINGS = ("edm", "vp", "ve", "iddpm")
+    # the keys `config()` gives for each preconditioning, besides sigma_data and prediction_type
+    _PRECONDITIONING_KEYS = {
+        "edm": (),
+        "vp": ("preconditioning", "num_train_timesteps", "vp_beta_d", "vp_beta_min"),
+        "ve": ("preconditioning",),
+        "iddpm": ("preconditioning", "num_train_timesteps", "iddpm_c1", "iddpm_c2"),
+    }
 
-    def __init__(self, sigma_data: float = 0.5, prediction_type: str = "epsilon"):
+    def __init__(
+        self,
+        sigma_data: float = 0.5,
+        prediction_type: str = "epsilon",
+        preconditioning: str = "edm",
+        num_train_timesteps: int = 1000,
+        vp_beta_d: float = 19.9,
+        vp_beta_min: float = 0.1,
+        iddpm_c1: float = 0.001,
+        iddpm_c2: float = 0.008,
+    ):
         super().__init__(sigma_data)
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"Unknown EDM prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'.")
+        if preconditioning not in self.PRECONDITIONINGS:
+            raise ValueError(
+                f"Unknown EDM preconditioning {preconditioning!r}: use one of {', '.join(self.PRECONDITIONINGS)}."
+            )
+        if preconditioning != "edm" and prediction_type != "epsilon":
+            raise ValueError(
+                f"prediction_type={prediction_type!r} only applies to preconditioning='edm'; the {preconditioning!r} "
+                "wrapper's sign is fixed (c_out = -sigma for VP and iDDPM, +sigma for VE): use 'epsilon'."
+            )
+        if int(num_train_timesteps) < 2:
+            raise ValueError(f"num_train_timesteps (M) must be at least 2, got {num_train_timesteps}.")
+        if not (vp_beta_d > 0 and vp_beta_min >= 0):
+            raise ValueError(f"VP needs vp_beta_d > 0 and vp_beta_min >= 0, got {vp_beta_d} and {vp_beta_min}.")
         self.prediction_type = prediction_type
         self._sign = -1.0 if prediction_type == "epsilon" else 1.0
+        self.preconditioning = preconditioning
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.vp_beta_d, self.vp_beta_min = float(vp_beta_d), float(vp_beta_min)
+        self.iddpm_c1, self.iddpm_c2 = float(iddpm_c1), float(iddpm_c2)
+        self.iddpm_sigmas = self._iddpm_table() if preconditioning == "iddpm" else None
+
+    def config(self) -> dict:
+        """The keyword arguments that rebuild this object; only those of its own preconditioning."""
+        keys = ("sigma_data", "prediction_type", *self._PRECONDITIONING_KEYS[self.preconditioning])
+        return {k: getattr(self, k) for k in keys}
+
+    def _iddpm_table(self) -> torch.Tensor:
+        """iDDPM's noise levels u_0 > ... > u_M = 0 (SPEC.md section 10): u_M = 0 and
+        u_{j-1} = sqrt((u_j^2 + 1) / max(abar_{j-1} / abar_j, C_1) - 1), abar_j = sin^2(pi j / (2 M (1 + C_2)))
+        (Nichol & Dhariwal's cosine schedule). Computed one level at a time in float32, as iDDPMPrecond computes (and
+        stores) it, so that the nearest level is the same one; returned as float64."""
+        M = self.num_train_timesteps
+
+        def abar(j):  # float32, elementwise on a 0-d tensor
+            return (0.5 * math.pi * torch.tensor(j) / M / (self.iddpm_c2 + 1)).sin() ** 2
+
+        u = torch.zeros(M + 1, dtype=torch.float32)
+        for j in range(M, 0, -1):
+            u[j - 1] = ((u[j] ** 2 + 1) / (abar(j - 1) / abar(j)).clip(min=self.iddpm_c1) - 1).sqrt()
+        return u.double()
+
+    def _sigma(self, t):
+        return self.sigma_data * torch.tan(t.clamp(TIME_EPS, math.pi / 2 - TIME_EPS))
 
     def _network_sample(self, x_t, t):
-        return x_t / self.sigma_data
+        if self.preconditioning == "edm":  # c_in x = x_t / sd
+            return x_t / self.sigma_data
+        if self.preconditioning == "ve":  # c_in = 1: the network sees x = x_t / cos t
+            return x_t / torch.cos(t)
+        # vp, iddpm: c_in x = x_t / (cos t sqrt(sigma^2 + 1)) = x_t / sqrt(cos^2 t + sd^2 sin^2 t)
+        return x_t / torch.sqrt(torch.cos(t) ** 2 + (self.sigma_data * torch.sin(t)) ** 2)
 
     def _network_time(self, t):
-        t = t.clamp(TIME_EPS, math.pi / 2 - TIME_EPS)
-        return torch.log(self.sigma_data * torch.tan(t)) / 4
+        if self.preconditioning == "edm":  # c_noise = ln(sigma) / 4
+            t = t.clamp(TIME_EPS, math.pi / 2 - TIME_EPS)
+            return torch.log(self.sigma_data * torch.tan(t)) / 4
+        sigma = self._sigma(t)
+        if self.preconditioning == "ve":  # c_noise = ln(sigma / 2)
+            return torch.log(sigma / 2)
+        M = self.num_train_timesteps
+        if self.preconditioning == "vp":  # c_noise = (M - 1) sigma_vp^-1(sigma), the VP SDE's time of sigma
+            beta_d, beta_min = self.vp_beta_d, self.vp_beta_min
+            tau = (torch.sqrt(beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)) - beta_min) / beta_d
+            return (M - 1) * tau
+        # iddpm: c_noise = M - 1 - argmin_j |u_j - sigma| (the nearest level of its own table)
+        table = self.iddpm_sigmas.to(device=t.device, dtype=torch.float32 if t.device.type == "mps" else torch.float64)
+        index = (sigma.detach().to(table.dtype).reshape(-1, 1) - table).abs().argmin(dim=1).reshape(sigma.shape)
+        return (M - 1 - index).to(t.dtype)
 
     def _to_f(self, raw, x_t, t):
-        return self._sign * raw
+        if self.preconditioning == "edm":
+            return self._sign * raw
+        if self.preconditioning == "ve":
+            return -(raw + torch.sin(t) / self.sigma_data * x_t) / torch.cos(t)
+        return (raw - torch.sin(t) / self.sigma_data * x_t) / torch.cos(t)
 
     def _from_f(self, F, x_t, t):
-        return self._sign * F
+        if self.preconditioning == "edm":
+            return self._sign * F
+        if self.preconditioning == "ve":
+            return -torch.cos(t) * F - torch.sin(t) / self.sigma_data * x_t
+        return torch.cos(t) * F + torch.sin(t) / self.sigma_data * x_t
 
 
 class FlowMatchingParameterization(Parameterization):

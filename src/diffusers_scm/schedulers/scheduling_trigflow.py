@@ -135,6 +135,10 @@ class TrigFlowScheduler(TrigFlowSchedulerMixin, SchedulerMixin, ConfigMixin):
         timestep_scale (`float`, *optional*): network time scale ("trigflow": 1.0, "flow_matching": 1000.0).
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the DDPM table of a VP network,
             with `DDPMScheduler`'s names and defaults.
+        preconditioning, vp_beta_d, vp_beta_min, iddpm_c1, iddpm_c2 (*optional*): for "edm", which of NVlabs'
+            wrappers the network was trained in ("edm", "vp", "ve", "iddpm") and its constants, i.e. its c_noise map
+            (see `EDMParameterization`; SPEC.md section 10), so a student of a converted VP/VE/iDDPM teacher keeps
+            it. `None` keeps the parameterization's default.
         max_timesteps (`float`, *optional*): first time t_max; defaults to arctan(80 / sigma_data).
         intermediate_timesteps (`float` or `list[float]`, defaults to 1.1): the middle time for two steps, or a
             list of k - 1 times for k steps; any other step count splits [0, t_max] evenly in angle.
@@ -158,6 +162,11 @@ class TrigFlowScheduler(TrigFlowSchedulerMixin, SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: list[float] | None = None,
+        preconditioning: str | None = None,
+        vp_beta_d: float | None = None,
+        vp_beta_min: float | None = None,
+        iddpm_c1: float | None = None,
+        iddpm_c2: float | None = None,
         max_timesteps: float | None = None,
         intermediate_timesteps: float | list[float] | None = 1.1,
         dividing_timestep: float | None = None,

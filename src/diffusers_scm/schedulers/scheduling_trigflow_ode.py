@@ -33,6 +33,9 @@ class TrigFlowODEScheduler(TrigFlowSchedulerMixin, SchedulerMixin, ConfigMixin):
         parameterization (`str`, defaults to `"trigflow"`): the network's family (see `get_parameterization`).
         prediction_type, timestep_scale, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas:
             the family's own settings, as for `TrigFlowScheduler`.
+        preconditioning, vp_beta_d, vp_beta_min, iddpm_c1, iddpm_c2 (*optional*): for "edm", which of NVlabs'
+            wrappers the network was trained in ("edm", "vp", "ve", "iddpm") and its constants, i.e. its c_noise map
+            (see `EDMParameterization`; SPEC.md section 10). `None` keeps the parameterization's default.
         solver (`str`, defaults to `"ddim"`): "ddim" (first order), "heun" or "dpmsolver++" (second order).
         timestep_spacing (`str`, defaults to `"log_sigma"`): "log_sigma" (even in log(sigma_data tan t)), "angle"
             (even in t) or "karras" (EDM's rho schedule).
@@ -56,6 +59,11 @@ class TrigFlowODEScheduler(TrigFlowSchedulerMixin, SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: list[float] | None = None,
+        preconditioning: str | None = None,
+        vp_beta_d: float | None = None,
+        vp_beta_min: float | None = None,
+        iddpm_c1: float | None = None,
+        iddpm_c2: float | None = None,
         solver: str = "ddim",
         timestep_spacing: str = "log_sigma",
         sigma_min: float = 0.002,
