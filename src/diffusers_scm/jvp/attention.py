@@ -8,7 +8,9 @@ With S = Q K^T * scale (+ mask bias), P = softmax(S), O = P V and tangents dQ, d
 Backends of `jvp_attention`:
     "math"     materializes the attention matrix: memory O(N^2) (reference, small sizes);
     "blocked"  the online-softmax form over key blocks in plain PyTorch: memory O(N x block), CPU and GPU;
-    "triton"   the `jvp-flash-attention` Triton kernel on CUDA (optional extra `flash`).
+    "triton"   the `jvp-flash-attention` Triton kernel on CUDA (optional extra `flash`), for the calls it takes;
+    "auto"     "triton" for the calls that fit the kernel (`triton_fits`) where it is available, else "blocked"
+               (`route` decides, and says why).
 
 `attention` is the op for use inside networks: an `autograd.Function` whose primal pass is PyTorch's fused SDPA,
 whose forward-mode rule is `jvp_attention`, and whose backward recomputes through SDPA. `torch.func.jvp`,
@@ -19,6 +21,7 @@ Masks: a boolean mask (True = attend) or an additive float bias, broadcastable t
 of shape (batch, Nk) is taken as a key-padding mask.
 """
 
+import functools
 import importlib.util
 import math
 
@@ -26,14 +29,27 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["attention", "jvp_attention", "available_backends", "resolve_backend", "BACKENDS"]
+__all__ = ["attention", "jvp_attention", "available_backends", "resolve_backend", "route", "triton_fits", "BACKENDS"]
 
 BACKENDS = ("auto", "math", "blocked", "triton")
 DEFAULT_BLOCK_SIZE = 512
 
+# What the `jvp-flash-attention` kernel (version 0.14) takes, read from its source. Its own checks admit any even
+# length >= 32 and head dims {16, ..., 256}, but its forward runs with 32 x 32 tiles (`MIN_SEQUENCE_LENGTH`) loaded
+# without bounds checks, so a length that is not a multiple of 32 reads keys (and writes outputs) past the end of a
+# head, and `tl.static_assert(BLOCK_N <= HEAD_DIM)` fails to compile for head dim 16.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_HEAD_DIMS = (32, 64, 128, 256)
+TRITON_BLOCK = 32
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("jvp_flash_attention") is not None
+
 
 def _triton_available(device) -> bool:
-    return torch.device(device).type == "cuda" and importlib.util.find_spec("jvp_flash_attention") is not None
+    return torch.device(device).type == "cuda" and _triton_installed()
 
 
 def available_backends(device="cpu") -> list[str]:
@@ -41,21 +57,119 @@ def available_backends(device="cpu") -> list[str]:
     return ["math", "blocked"] + (["triton"] if _triton_available(device) else [])
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """Pick the concrete backend: "auto" is "triton" on CUDA when installed (and the inputs suit it), else "blocked"."""
+def _transformed(*tensors) -> bool:
+    """Whether any tensor is wrapped by a `torch.func` transform (vmap, jvp, grad): the kernel reads plain memory."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(isinstance(x, torch.Tensor) and wrapped(x) for x in tensors)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def triton_fits(q, k, v, attn_mask=None, dropout_p: float = 0.0) -> str | None:
+    """The first property of an attention call that the `jvp-flash-attention` kernel does not take, in words, or
+    None when the call fits (SPEC.md section 6). Reads shapes, dtypes and strides only (no data, no device).
+
+    The kernel takes plain tensors q, k, v of one shape (batch, heads, N, d) and dtype float16/bfloat16/float32, N a
+    multiple of 32, d in {32, 64, 128, 256}, no dropout, and a mask only as a full boolean (batch, heads, N, N) tensor:
+    a key-padding or broadcast mask does not fit, since expanding it to N x N per head would cost the memory the
+    kernel saves. Its tangent has no backward, so a pass that records gradients through it does not fit either. Any
+    softmax scale fits (it is passed to the kernel as `sm_scale`).
+
+    Args:
+        q, k, v (`torch.Tensor`): queries (..., Nq, d), keys (..., Nk, d), values (..., Nk, dv).
+        attn_mask (`torch.Tensor`, *optional*): the mask as `jvp_attention` takes it.
+        dropout_p (`float`, defaults to 0.0): attention dropout probability.
+    """
+    if _transformed(q, k, v, attn_mask):
+        return "inputs wrapped by a torch.func transform (the kernel takes plain tensors: use forward-mode AD)"
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return "inputs that require grad, with grad mode on (the kernel's tangent has no backward)"
+    if dropout_p:
+        return f"dropout_p={dropout_p} (the kernel has no dropout)"
+    if not q.ndim == k.ndim == v.ndim == 4:
+        return f"q, k, v of {q.ndim}, {k.ndim}, {v.ndim} dims (the kernel takes (batch, heads, N, head_dim))"
+    if not q.dtype == k.dtype == v.dtype:
+        return f"dtypes differ (q {_dtype_name(q.dtype)}, k {_dtype_name(k.dtype)}, v {_dtype_name(v.dtype)})"
+    if q.dtype not in TRITON_DTYPES:
+        return f"dtype {_dtype_name(q.dtype)} (the kernel takes float16, bfloat16, float32)"
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if n_q != n_k:
+        return f"query length {n_q} != key length {n_k} (cross-attention)"
+    if not q.shape[:2] == k.shape[:2] == v.shape[:2]:
+        return f"batch or heads differ (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
+    if n_q < TRITON_BLOCK:
+        return f"sequence length {n_q} < {TRITON_BLOCK}"
+    if n_q % TRITON_BLOCK:
+        return f"sequence length {n_q} not a multiple of {TRITON_BLOCK} (the kernel's block length)"
+    if not q.shape[-1] == k.shape[-1] == v.shape[-1]:
+        return f"head dims differ (q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]})"
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} not in {TRITON_HEAD_DIMS}"
+    if attn_mask is not None:
+        shape, full = tuple(attn_mask.shape), (*q.shape[:2], n_q, n_k)
+        if attn_mask.ndim == 2 and shape == (k.shape[0], n_k):
+            return f"key-padding mask of shape {shape} (the kernel takes full (batch, heads, N, N) masks only)"
+        if shape != full:
+            return f"broadcast mask of shape {shape} (the kernel takes full {full} masks only)"
+        if any(stride == 0 and size > 1 for stride, size in zip(attn_mask.stride(), shape)):
+            return f"expanded (stride-0) mask of shape {shape} (the kernel would copy it to full size)"
+        if attn_mask.dtype != torch.bool:
+            return (
+                f"additive {_dtype_name(attn_mask.dtype)} mask (the kernel adds a float mask before the softmax "
+                "scale and rejects -inf; pass a boolean mask)"
+            )
+    return None
+
+
+def _unavailable(device) -> str:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"device {device.type} (the Triton kernel runs on CUDA only)"
+    return "the `jvp-flash-attention` package is not installed (`pip install diffusers-scm[flash]`)"
+
+
+def route(q, k, v, attn_mask=None, backend: str = "auto", dropout_p: float = 0.0) -> tuple[str, str]:
+    """The concrete backend for one attention call and the reason: `(backend, reason)`.
+
+    "math" and "blocked" are kept as requested. "auto" is "triton" where the kernel is available (CUDA, package
+    installed) and the call fits it (`triton_fits`), else "blocked", with the first property that decided. An
+    explicit "triton" raises a `RuntimeError` where the kernel is not available and a `ValueError` naming the property
+    where the call does not fit.
+
+    Args:
+        q, k, v (`torch.Tensor`): queries (..., Nq, d), keys (..., Nk, d), values (..., Nk, dv).
+        attn_mask (`torch.Tensor`, *optional*): the mask as `jvp_attention` takes it.
+        backend (`str`, defaults to "auto"): "math", "blocked", "triton" or "auto".
+        dropout_p (`float`, defaults to 0.0): attention dropout probability.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown JVP attention backend {backend!r}: choose one of {BACKENDS}.")
-    if backend == "triton":
-        if not _triton_available(q.device):
+    if backend in ("math", "blocked"):
+        return backend, "requested"
+    if not _triton_available(q.device):
+        if backend == "triton":
             raise RuntimeError(
                 "The 'triton' JVP attention backend needs a CUDA device and the `jvp-flash-attention` package: "
-                "`pip install diffusers-scm[flash]`, or use backend='blocked'."
+                f"here {_unavailable(q.device)}. `pip install diffusers-scm[flash]`, or use backend='blocked'."
             )
-        return "triton"
-    if backend == "auto":
-        suits_triton = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] in (16, 32, 64, 128)
-        return "triton" if _triton_available(q.device) and suits_triton else "blocked"
-    return backend
+        return "blocked", _unavailable(q.device)
+    misfit = triton_fits(q, k, v, attn_mask, dropout_p)
+    if misfit is None:
+        return "triton", "fits the kernel"
+    if backend == "triton":
+        raise ValueError(
+            f"The 'triton' JVP attention backend cannot take this call: {misfit}. Use backend='auto', which sends "
+            "such calls to 'blocked', or backend='blocked'."
+        )
+    return "blocked", misfit
+
+
+def resolve_backend(backend: str, q: torch.Tensor, k=None, v=None, attn_mask=None) -> str:
+    """The concrete backend `route` picks (keys and values default to the queries: self-attention)."""
+    k = q if k is None else k
+    return route(q, k, k if v is None else v, attn_mask, backend)[0]
 
 
 def _mask_to_bias(attn_mask, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype):
@@ -156,15 +270,22 @@ def _blocked(q, k, v, dq, dk, dv, bias, scale, block_size):
 
 
 def _triton(q, k, v, dq, dk, dv, attn_mask, scale):
-    from jvp_flash_attention.jvp_attention import attention as triton_attention
+    # jvp-flash-attention 0.14's `JVPAttn.forward` called as a function: the output and its tangent from one kernel
+    # launch, with no forward-AD level of its own (this runs inside one). Its TMA path reads q, k, v and the tangents as
+    # contiguous (batch heads N, d) matrices; a missing tangent is zero. `scale` is passed as the kernel's `sm_scale`,
+    # which scales both the scores and their tangent.
+    from jvp_flash_attention.jvp_attention import JVPAttn
 
-    if scale is not None and abs(scale - 1.0 / math.sqrt(q.shape[-1])) > 1e-12:
-        raise ValueError("The 'triton' JVP attention backend supports only the default scale 1/sqrt(head_dim).")
-    with torch.autograd.forward_ad.dual_level():
-        dual = [torch.autograd.forward_ad.make_dual(x, dx) for x, dx in ((q, dq), (k, dk), (v, dv))]
-        out = triton_attention(*dual, attn_mask=attn_mask)
-        primal, tangent = torch.autograd.forward_ad.unpack_dual(out)
-    return primal, tangent
+    primals = [x.contiguous() for x in (q, k, v)]
+    tangents = [
+        torch.zeros_like(x) if dx is None else dx.to(dtype=x.dtype, memory_format=torch.contiguous_format)
+        for x, dx in zip(primals, (dq, dk, dv))
+    ]
+    with torch.no_grad():
+        out, (dout, *_) = JVPAttn.forward(
+            *primals, *tangents, attn_mask=attn_mask, dropout_p=0.0, causal=False, sm_scale=scale
+        )
+    return out, dout
 
 
 def jvp_attention(q, k, v, dq, dk, dv, attn_mask=None, scale=None, backend="auto", block_size=None, out=None):
@@ -176,15 +297,14 @@ def jvp_attention(q, k, v, dq, dk, dv, attn_mask=None, scale=None, backend="auto
         attn_mask (`torch.Tensor`, *optional*): boolean (True = attend) or additive mask, broadcastable to
             (..., Nq, Nk); a (batch, Nk) mask is a key-padding mask.
         scale (`float`, *optional*): softmax scale; defaults to 1/sqrt(d).
-        backend (`str`, defaults to "auto"): "math", "blocked", "triton" or "auto".
+        backend (`str`, defaults to "auto"): "math", "blocked", "triton" or "auto" (see `route`).
         block_size (`int`, *optional*): key block length of the "blocked" backend (default 512).
         out (`torch.Tensor`, *optional*): the attention output, when the caller has it (the "math" backend then
             skips its P V product).
     """
-    backend = resolve_backend(backend, q)
+    backend, _ = route(q, k, v, attn_mask, backend)
     if backend == "triton":
-        dq, dk, dv = (torch.zeros_like(x) if dx is None else dx for x, dx in ((q, dq), (k, dk), (v, dv)))
-        return _triton(q, k, v, dq, dk, dv, attn_mask, scale)
+        return _triton(q, k, v, dq, dk, dv, attn_mask, _scale(q, scale))
     bias = _mask_to_bias(attn_mask, q, k, q.dtype)
     if backend == "math":
         return _math(q, k, v, dq, dk, dv, bias, _scale(q, scale), out)
@@ -258,16 +378,14 @@ def attention(q, k, v, attn_mask=None, scale=None, backend="auto", block_size=No
 
 def _jvp_only_attention(q, k, v, attn_mask, scale, backend, block_size):
     """In a forward-mode pass without gradients (the sCM JVP) at float32/float64: the output and its tangent from one
-    "math" or "blocked" pass, which computes the output P V on the way, instead of PyTorch's SDPA for the output and
-    then that pass for the tangent. None elsewhere (gradients, half precision, "triton", no tangent)."""
+    pass of the routed backend, which computes the output on the way, instead of PyTorch's SDPA for the output and
+    then that pass for the tangent. None elsewhere (gradients, half precision, no tangent)."""
     if torch.is_grad_enabled() or q.dtype not in (torch.float32, torch.float64):
         return None
     unpack = torch.autograd.forward_ad.unpack_dual
     (qp, dq), (kp, dk), (vp, dv) = (unpack(x)[:2] for x in (q, k, v))
     if (dq is None and dk is None and dv is None) or not (qp.dtype == kp.dtype == vp.dtype):
         return None
-    backend = resolve_backend(backend, qp)
-    if backend == "triton":
-        return None
+    backend, _ = route(qp, kp, vp, attn_mask, backend)
     out, dout = jvp_attention(qp, kp, vp, dq, dk, dv, attn_mask, scale, backend, block_size)
     return torch.autograd.forward_ad.make_dual(out, dout)
