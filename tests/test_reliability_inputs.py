@@ -171,7 +171,7 @@ def test_a_missing_weight_shard_is_named(teacher):
 def test_a_hub_download_fetches_text_encoder_weights_and_tokenizer_files(tmp_path, hub_cache, monkeypatch):  # noqa: F811
     """Every file of a text-to-image student folder is matched by the download's patterns (before: the text
     encoders' `model.safetensors` were left out, so a student loaded by Hub id had no text encoder weights)."""
-    import diffusers_scm.hub as hub
+    import diffusers_scm.hub.folders as hub
 
     pipe = tiny_pipeline("sd15")
     parts = {k: getattr(pipe, k) for k in TEXT_COMPONENTS if getattr(pipe, k, None) is not None}
