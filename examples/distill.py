@@ -11,8 +11,10 @@ regularization to sCD (after the tangent warmup) or to TCM's continuous Stage 2:
 a fake-score network that follows the student (`diffusers_scm.training.DMDLoss`).
 
 The teacher is any diffusers pipeline or network folder whose parameterization `load_teacher` infers (EDM, flow
-matching, DDPM eps/v, TrigFlow). The student starts as a copy of the teacher's network (or `--student`), is trained
-with `SCMLoss`, and its EMA is saved as an `SCMPipeline` folder with a `TrigFlowScheduler` for its parameterization.
+matching, DDPM eps/v, TrigFlow). `--guidance_model PATH --guidance_scale W` guides it the EDM2 way with a second,
+smaller frozen network (EDM2's unconditional XS, or an autoguidance model): F = F_g + W (F - F_g) (SPEC.md section 10).
+The student starts as a copy of the teacher's network (or `--student`), is trained with `SCMLoss`, and its EMA is saved
+as an `SCMPipeline` folder with a `TrigFlowScheduler` for its parameterization.
 """
 
 import argparse
@@ -27,6 +29,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
+from diffusers_scm.guidance import GuidedDenoiser
 from diffusers_scm.training import ConsistencyLoss, SCMLoss, TCMLoss, load_teacher
 from diffusers_scm.training.data.captions import load_text_image_dataset
 from diffusers_scm.training.data.images import load_image_dataset, to_model_channels
@@ -62,7 +65,19 @@ def parse_args(argv=None):
     p.add_argument("--tangent_norm", choices=["l2", "rms"], default="l2")
     p.add_argument("--prior_weighting", choices=["none", "inverse_sigma"], default="none")
     p.add_argument("--no_adaptive_weighting", action="store_true")
-    p.add_argument("--guidance_scale", type=float, default=1.0, help="teacher CFG F_c + (w - 1)(F_c - F_u)")
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="teacher CFG F_c + (w - 1)(F_c - F_u); with --guidance_model, w of F_g + w (F - F_g)",
+    )
+    p.add_argument(
+        "--guidance_model",
+        type=str,
+        default=None,
+        help="a second, smaller frozen network (folder or Hub id; EDM2's unconditional XS, or an autoguidance model) "
+        "that guides the teacher the EDM2 way, F_g + w (F - F_g) with w = --guidance_scale, instead of CFG",
+    )
     p.add_argument(
         "--guidance_scale_range",
         type=float,
@@ -238,6 +253,11 @@ def parse_args(argv=None):
     args.tangent_norm_c = None if args.tangent_norm_c.lower() == "none" else float(args.tangent_norm_c)
     if args.guidance_scale_range is not None and args.guidance_scale_range[0] > args.guidance_scale_range[1]:
         p.error(f"--guidance_scale_range {args.guidance_scale_range}: LO must not exceed HI")
+    if args.guidance_model is not None:
+        if args.teacher is None:
+            p.error("--guidance_model guides the teacher: give --teacher (and --method scd, cd or tcm)")
+        if args.guidance_scale_range is not None:
+            p.error("--guidance_model guides with one --guidance_scale W: drop --guidance_scale_range")
     args.text_to_image = args.teacher is not None and text_to_image_family(args.teacher, args.teacher_revision)
     if args.text_to_image and args.dataset_name == "digits":
         p.error("A text-to-image teacher needs captioned data: --dataset_name FOLDER_OR_DATASET (--caption_column)")
@@ -271,6 +291,45 @@ def student_scheduler(student, **kwargs) -> TrigFlowScheduler:
     if p.name == "flow_matching":
         kwargs.setdefault("max_timesteps", math.pi / 2)
     return TrigFlowScheduler(parameterization=p.name, **p.config(), **kwargs)
+
+
+def teacher_cfg_scale(args) -> float:
+    """The classifier-free guidance scale of the losses: 1 when --guidance_model guides the teacher instead (its w is
+    inside the guided teacher)."""
+    return 1.0 if getattr(args, "guidance_model", None) else args.guidance_scale
+
+
+def with_guidance_model(args, teacher):
+    """The teacher guided by --guidance_model (loaded like the teacher: frozen, eval mode), F_g + w (F - F_g) with
+    w = --guidance_scale (SPEC.md section 10); the teacher itself without it."""
+    if teacher is None or not getattr(args, "guidance_model", None):
+        return teacher
+    if args.guidance_scale == 1.0:
+        logger.warning("--guidance_model with --guidance_scale 1 does not guide: the guiding network is not loaded.")
+        return teacher
+    dtype = getattr(torch, args.teacher_dtype) if args.text_to_image else None
+    guide = load_teacher(args.guidance_model, args.teacher_parameterization, args.sigma_data, torch_dtype=dtype)
+    guided = GuidedDenoiser(teacher, guide, args.guidance_scale)
+    if getattr(args, "t2i", None) is not None:  # prompt-only data: the teacher's own ODE samples are guided too
+        args.t2i.denoiser = guided
+    logger.info(
+        "The teacher is guided by %s (%s) with w = %s.",
+        args.guidance_model,
+        type(guide.inner_model).__name__,
+        args.guidance_scale,
+    )
+    return guided
+
+
+def trainable(network):
+    """`network` with gradients, except for the uncertainty head of EDM2 networks (`logvar_fourier`, `logvar_linear`,
+    SPEC.md section 10), which the network's forward never calls: DDP waits for a gradient of every trainable
+    parameter. The distillation's own adaptive-weighting head takes its place (SPEC.md section 3)."""
+    network.requires_grad_(True)
+    for name, param in network.named_parameters():
+        if name.startswith(("logvar_fourier.", "logvar_linear.")):
+            param.requires_grad_(False)
+    return network
 
 
 def build_models(args):
@@ -321,10 +380,10 @@ def build_models(args):
             teacher = BaseModelDenoiser(network, teacher.parameterization, sigma_data=teacher.sigma_data)
             if getattr(args, "t2i", None) is not None:
                 args.t2i.denoiser = teacher
-        return teacher, student
-    network = copy.deepcopy(init.inner_model).float().requires_grad_(True).train()  # float32 master weights
+        return with_guidance_model(args, teacher), student
+    network = trainable(copy.deepcopy(init.inner_model).float()).train()  # float32 master weights
     student = TrigFlowDenoiser(network, init.parameterization, sigma_data=init.sigma_data)
-    return teacher, student
+    return with_guidance_model(args, teacher), student
 
 
 def build_loss(args, method: str, sigma_data: float, start_stage: int = 0):
@@ -356,7 +415,7 @@ def build_loss(args, method: str, sigma_data: float, start_stage: int = 0):
             stage_steps=dt_stage_steps(args),
             start_stage=start_stage,
             ratio_limit=args.dt_ratio_limit,
-            guidance_scale=args.guidance_scale,
+            guidance_scale=teacher_cfg_scale(args),
         )
     return SCMLoss(
         sigma_data=sigma_data,
@@ -367,7 +426,7 @@ def build_loss(args, method: str, sigma_data: float, start_stage: int = 0):
         tangent_norm=args.tangent_norm,
         prior_weighting=args.prior_weighting,
         adaptive_weighting=not args.no_adaptive_weighting,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=teacher_cfg_scale(args),
         jvp_method=args.jvp_method,
         jvp_dtype=torch.float32 if args.jvp_dtype == "float32" else None,
         jvp_backend=args.jvp_backend,
@@ -410,11 +469,16 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
     )
     if args.fsdp_shard_teacher and not is_sharded(accelerator.unwrap_model(student)):
         raise ValueError("--fsdp_shard_teacher shards beside a sharded student: add --fsdp (or launch with FSDP2).")
-    for frozen in (teacher, stage1):
+    frozen_parts = teacher.denoisers() if isinstance(teacher, GuidedDenoiser) else (teacher,)  # with its guide
+    sharded = []
+    for frozen in (*frozen_parts, stage1):
         if frozen is not None:
             frozen.to(accelerator.device)
             if args.fsdp_shard_teacher and is_sharded(accelerator.unwrap_model(student)) and not is_sharded(frozen):
                 shard_module(frozen)  # frozen: all-gathered block by block at each forward, no optimizer state
+                sharded.append(type(frozen.inner_model).__name__)
+    if sharded:
+        logger.info("--fsdp_shard_teacher: sharded %d frozen networks (%s).", len(sharded), ", ".join(sharded))
     loss_fn = build_loss(args, method, sd, start_stage)
     continuous = isinstance(loss_fn, SCMLoss) or getattr(loss_fn, "objective", None) == "continuous"
     head = logvar_head if continuous and not args.no_adaptive_weighting else None
@@ -493,7 +557,7 @@ def build_dmd(args, accelerator, teacher, student, state) -> dict | None:
         raise ValueError(
             "--dmd_weight trains an unsharded fake-score copy of the teacher: run it without FSDP, or drop --dmd_weight."
         )
-    network = copy.deepcopy(teacher.inner_model).float().requires_grad_(True).train()
+    network = trainable(copy.deepcopy(teacher.inner_model).float()).train()
     fake = TrigFlowDenoiser(network, teacher.parameterization, sigma_data=teacher.sigma_data, adapter=teacher.adapter)
     optimizer = adam(
         fake.parameters(),
@@ -504,7 +568,7 @@ def build_dmd(args, accelerator, teacher, student, state) -> dict | None:
     fake, optimizer = accelerator.prepare(fake, optimizer)
     state["modules"]["fake_score"] = fake
     state["optimizers"] = {"fake_score": optimizer}
-    guidance = args.guidance_scale if args.guidance_scale is not None else 1.0
+    guidance = teacher_cfg_scale(args) if args.guidance_scale is not None else 1.0
     start = args.dmd_start_step if args.dmd_start_step is not None else args.tangent_warmup_steps
     if args.method == "tcm":  # Stage 2's two-step time: t' unless given
         middle = args.tcm_intermediate_timestep or args.tcm_dividing_timestep
@@ -574,7 +638,7 @@ def text_batches(args) -> TextBatches:
     network = teacher.denoiser.inner_model if teacher is not None else args.teacher_network
     return TextBatches(
         teacher,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=teacher_cfg_scale(args),
         guidance_range=args.guidance_scale_range,
         teacher_guidance_input=bool(network.config.get("guidance_embeds", False)),
         uncond=uncond,
@@ -735,7 +799,7 @@ def run_tcm(args, accelerator):
         start_stage = ConsistencyLoss(q=args.dt_q, ratio_limit=args.dt_ratio_limit).stage_at_limit()
     stage1 = load_teacher(stage1_path, sigma_data=args.sigma_data)  # frozen: eval mode, no gradients
     sd = stage1.sigma_data
-    network = copy.deepcopy(stage1.inner_model).requires_grad_(True).train()
+    network = trainable(copy.deepcopy(stage1.inner_model)).train()
     student = TrigFlowDenoiser(network, stage1.parameterization, sigma_data=sd)
     t_div = args.tcm_dividing_timestep if args.tcm_dividing_timestep is not None else math.atan(1.0 / sd)
     mid = args.tcm_intermediate_timestep if args.tcm_intermediate_timestep is not None else t_div

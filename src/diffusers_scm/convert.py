@@ -4,6 +4,8 @@ section 10).
     python -m diffusers_scm.convert --checkpoint edm-cifar10-32x32-uncond-vp.pkl --output_dir edm-cifar10-vp
     python -m diffusers_scm.convert --checkpoint edm2-img64-s-1073741-0.075.pkl --output_dir edm2-img64-s
     python -m diffusers_scm.convert --checkpoint ema.safetensors --config network_kwargs.json --output_dir out
+    python -m diffusers_scm.convert --checkpoint edm2-img512-s-2147483-0.130.pkl --output_dir edm2-img512-s \
+        --vae stabilityai/sd-vae-ft-mse
 
 The official checkpoints are pickles written with NVlabs' `torch_utils.persistence`: every network module is stored
 as a call `_reconstruct_persistent_obj(meta)` whose `meta` holds the class name, the object's state (`_init_kwargs`,
@@ -22,6 +24,14 @@ config of a `TrigFlowODEScheduler` (Heun, EDM's rho = 7 grid). The folder is an 
 `examples/distill.py --teacher folder` and `SCMPipeline.from_pretrained(folder)` read it. `conversion.json` beside it
 records the source and what the pickle held besides the network (the latent `encoder` of EDM2's ImageNet 512 models:
 its per-channel scale and bias, raw_mean/raw_std/final_mean/final_std; `dataset_kwargs`; `loss_fn`).
+
+A latent EDM2 network (ImageNet 512) converts with `--vae` (a folder or Hub id of `stabilityai/sd-vae-ft-mse`, the VAE
+its `encoder` names) into a latent pipeline: the `AutoencoderKL` is saved with the encoder's per-channel
+normalization in its config, x0 = (z - latents_mean) / latents_std * scaling_factor with latents_mean = raw_mean -
+final_mean raw_std / final_std, latents_std = raw_std, scaling_factor = final_std (the convention of diffusers' latent
+pipelines and of `LatentCodec`; equal to EDM2's x0 = (z - raw_mean) final_std / raw_std + final_mean), and the
+pipeline's `image_range` is [0, 1], because EDM2's VAE encodes and decodes images in [0, 1] rather than [-1, 1]
+(SPEC.md section 10). `SCMPipeline.from_pretrained(folder)` then samples images as EDM2's own decode gives them.
 
 A state dict (safetensors, or a `.pt` read with `weights_only=True`) converts with a JSON config: the wrapper's init
 kwargs as NVlabs' training options give them (`class_name` or `precond`, `model_type` for EDM, the network kwargs),
@@ -70,6 +80,8 @@ __all__ = [
     "convert_state_dict",
     "load_checkpoint",
     "convert_checkpoint",
+    "load_vae",
+    "edm2_latent_normalization",
     "NVLABS_NETWORKS",
     "NVLABS_PRECONDITIONINGS",
     "main",
@@ -833,6 +845,73 @@ def load_checkpoint(
     return convert_state_dict(_read_state_dict(checkpoint, network_key), config, sigma_data), {}
 
 
+def load_vae(path_or_id: str, **hub_kwargs):
+    """
+    The `AutoencoderKL` of a latent EDM2 network (`stabilityai/sd-vae-ft-mse`), in float32 and eval mode, through
+    diffusers' `from_pretrained`.
+
+    Args:
+        path_or_id (`str`): a VAE folder (`config.json` and weights), a pipeline folder with a `vae/` component, or a
+            Hub id.
+        hub_kwargs: `revision`, `cache_dir`, `token`, `local_files_only` for a Hub id.
+    """
+    from diffusers import AutoencoderKL
+
+    kwargs = dict(hub_kwargs)
+    if os.path.isdir(path_or_id):
+        has_vae_folder = os.path.isfile(os.path.join(path_or_id, "vae", "config.json"))
+        if not os.path.isfile(os.path.join(path_or_id, "config.json")) and has_vae_folder:
+            kwargs["subfolder"] = "vae"  # a pipeline folder
+        elif not os.path.isfile(os.path.join(path_or_id, "config.json")):
+            raise ValueError(
+                f"--vae {path_or_id} is a folder without config.json (or vae/config.json): give an AutoencoderKL "
+                "folder or the Hub id stabilityai/sd-vae-ft-mse."
+            )
+    vae = AutoencoderKL.from_pretrained(path_or_id, torch_dtype=torch.float32, **kwargs)
+    return vae.eval().requires_grad_(False)
+
+
+def edm2_latent_normalization(encoder: dict) -> dict:
+    """
+    EDM2's latent normalization as diffusers' VAE config entries (SPEC.md section 10):
+    x0 = z * scale + bias = (z - latents_mean) / latents_std * scaling_factor with scaling_factor = final_std,
+    latents_std = final_std / scale (= raw_std), latents_mean = -bias / scale (= raw_mean - final_mean raw_std /
+    final_std), from the encoder's stored per-channel scale and bias.
+
+    Args:
+        encoder (`dict`): the `encoder` record of `conversion.json` (`scale`, `bias`, `final_std`).
+    """
+    scale = np.asarray(encoder["scale"], dtype=np.float64)
+    bias = np.asarray(encoder["bias"], dtype=np.float64)
+    final_std = float(encoder.get("final_std", 0.5))
+    return {
+        "latents_mean": (-bias / scale).tolist(),
+        "latents_std": (final_std / scale).tolist(),
+        "scaling_factor": final_std,
+        "shift_factor": None,
+    }
+
+
+def _latent_components(encoder: dict | None, vae_path: str, network, checkpoint: str) -> dict:
+    """`vae` and `image_range` of a latent EDM2 pipeline: the VAE with the encoder's normalization in its config."""
+    if not encoder or encoder.get("scale") is None:
+        found = "no encoder" if not encoder else f"a {encoder.get('class_name')} (pixels)"
+        raise ValueError(
+            f"--vae is for latent EDM2 networks, whose pickle holds a StabilityVAEEncoder; {checkpoint} holds "
+            f"{found}. Drop --vae."
+        )
+    vae = load_vae(vae_path)
+    channels = int(vae.config.latent_channels)
+    if channels != len(encoder["scale"]) or channels != network.config.in_channels:
+        raise ValueError(
+            f"The VAE {vae_path} has {channels} latent channels, but the encoder normalizes {len(encoder['scale'])} "
+            f"and the network takes {network.config.in_channels}: use the VAE the encoder names "
+            f"({encoder.get('vae_name', 'stabilityai/sd-vae-ft-mse')})."
+        )
+    vae.register_to_config(**edm2_latent_normalization(encoder))
+    return {"vae": vae, "image_range": [0.0, 1.0]}  # EDM2's VAE takes and gives images in [0, 1]
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -847,10 +926,12 @@ def convert_checkpoint(
     config: dict | str | None = None,
     sigma_data: float | None = None,
     network_key: str | None = None,
+    vae: str | None = None,
 ) -> ConvertedCheckpoint:
     """
     Convert an NVlabs EDM/EDM2 checkpoint into an `SCMPipeline` folder (the network, a `TrigFlowODEScheduler` whose
-    config names the parameterization and its c_noise map, and `conversion.json`), written whole or not at all.
+    config names the parameterization and its c_noise map, and `conversion.json`), written whole or not at all; with
+    `vae`, a latent EDM2 network's folder holds the VAE too (see the module docstring).
 
     Args:
         checkpoint (`str`): an NVlabs pickle, or a state dict (safetensors / `.pt`) with `config`.
@@ -858,12 +939,17 @@ def convert_checkpoint(
         config (`dict` or `str`, *optional*): the wrapper's config for a state dict (see `convert_state_dict`).
         sigma_data (`float`, *optional*): TrigFlow's scale for VP, VE and iDDPM networks (0.5 by default).
         network_key (`str`, *optional*): the network's entry in the file (default: "ema", then "net", "model").
+        vae (`str`, *optional*): for a latent EDM2 pickle, a folder or Hub id of its `AutoencoderKL`
+            (stabilityai/sd-vae-ft-mse).
     """
     from .pipelines import SCMPipeline
     from .utils import atomic_folder
 
     converted, extras = load_checkpoint(checkpoint, config, sigma_data, network_key)
-    pipeline = SCMPipeline(unet=converted.network, scheduler=converted.scheduler())
+    latent = {} if vae is None else _latent_components(extras.get("encoder"), vae, converted.network, checkpoint)
+    pipeline = SCMPipeline(unet=converted.network, scheduler=converted.scheduler(), **latent)
+    if latent:
+        extras = {**extras, "vae": vae, "image_range": latent["image_range"]}
     record = {
         "source": os.path.basename(checkpoint),
         "sha256": _sha256(checkpoint),
@@ -877,13 +963,15 @@ def convert_checkpoint(
         pipeline.save_pretrained(tmp)
         with open(os.path.join(tmp, "conversion.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, sort_keys=True)
-    if extras.get("encoder", {}).get("scale") is not None:
+    if extras.get("encoder", {}).get("scale") is not None and vae is None:
         logger.warning(
             "%s is a latent EDM2 network (its encoder maps images through %s). The folder holds the network and its "
-            "scheduler; sample with output_type='latent' and decode with the VAE using conversion.json's encoder "
-            "record (x0 = z * scale + bias per channel).",
+            "scheduler only: convert again with --vae %s for a pipeline that decodes images, or sample with "
+            "output_type='latent' and decode with conversion.json's encoder record (x0 = z * scale + bias per "
+            "channel).",
             checkpoint,
             extras["encoder"].get("vae_name", "a VAE"),
+            extras["encoder"].get("vae_name", "stabilityai/sd-vae-ft-mse"),
         )
     return converted
 
@@ -898,9 +986,16 @@ def main(argv=None):
     parser.add_argument("--config", default=None, help="For a state dict: JSON with the wrapper's kwargs.")
     parser.add_argument("--sigma_data", type=float, default=None, help="TrigFlow scale of VP/VE/iDDPM networks.")
     parser.add_argument("--network_key", default=None, help="The network's entry in the file (default: ema).")
+    parser.add_argument(
+        "--vae",
+        default=None,
+        help="Latent EDM2: a folder or Hub id of its AutoencoderKL (stabilityai/sd-vae-ft-mse), kept in the pipeline.",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    converted = convert_checkpoint(args.checkpoint, args.output_dir, args.config, args.sigma_data, args.network_key)
+    converted = convert_checkpoint(
+        args.checkpoint, args.output_dir, args.config, args.sigma_data, args.network_key, vae=args.vae
+    )
     params = sum(p.numel() for p in converted.network.parameters())
     logger.info(
         "Wrote %s: %s (%.1fM parameters) in %s, parameterization %s.",

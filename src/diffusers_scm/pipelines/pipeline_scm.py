@@ -13,6 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..adapters import cast_floating, get_adapter
 from ..conditioning import FAMILY_PIPELINES, TEXT_COMPONENTS, LatentCodec, check_tokenizers, prompt_encoding
 from ..denoiser import call_network
+from ..guidance import guidance_conditioning
 
 
 logger = logging.get_logger(__name__)
@@ -25,6 +26,17 @@ EXAMPLE_DOC_STRING = """
 
         >>> pipe = SCMPipeline.from_pretrained("path/to/student")  # a folder or a Hub id, "org/name"
         >>> images = pipe(batch_size=4, num_inference_steps=2).images
+        ```
+
+        A converted EDM2 teacher guided by its unconditional XS (SPEC.md section 10), sampled by its ODE:
+
+        ```py
+        >>> from diffusers_scm import SCMPipeline
+
+        >>> # folders written by `python -m diffusers_scm.convert --checkpoint edm2-img512-....pkl --vae ...`
+        >>> guide = SCMPipeline.from_pretrained("edm2-img512-xs-uncond").unet
+        >>> pipe = SCMPipeline.from_pretrained("edm2-img512-s", guidance_model=guide, guidance_scale=1.4)
+        >>> images = pipe(class_labels=[88, 207], batch_size=2, num_inference_steps=32).images
         ```
 """
 
@@ -48,13 +60,21 @@ class SCMPipeline(DiffusionPipeline):
             them.
         family_pipeline (`str`, *optional*): the family's diffusers pipeline class (e.g. "StableDiffusion3Pipeline");
             prompts are encoded through its own `encode_prompt`.
-        guidance_scale (`float`, *optional*): the default guidance value of a network with a guidance input.
+        guidance_scale (`float`, *optional*): the default guidance value of a network with a guidance input, or, with
+            a `guidance_model`, the default w of its guidance.
         guidance_scale_range (`list[float]`, *optional*): the range [LO, HI] a guidance-conditioned student was
             distilled on (recorded for users and the model card).
+        guidance_model (`ModelMixin`, *optional*): a second, smaller network that guides a teacher the EDM2 way,
+            D = D_g + w (D - D_g) (SPEC.md section 10): EDM2's unconditional XS, or an autoguidance network. It takes
+            the same inputs as the main network (the scheduler's parameterization); a guiding network without
+            classes is called without `class_labels`.
+        image_range (`list[float]`, *optional*): the range [LO, HI] of the images the network (or its VAE) gives,
+            mapped to [0, 1] and clamped for output; default [-1, 1] (diffusers' convention). Latent EDM2 models
+            give [0, 1]: their VAE encodes and decodes images in [0, 1] (SPEC.md section 10).
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
-    _optional_components = ["unet", "transformer", "vae", *TEXT_COMPONENTS]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->guidance_model->vae"
+    _optional_components = ["unet", "transformer", "vae", "guidance_model", *TEXT_COMPONENTS]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -72,13 +92,20 @@ class SCMPipeline(DiffusionPipeline):
         family_pipeline: str | None = None,
         guidance_scale: float | None = None,
         guidance_scale_range: list[float] | None = None,
+        guidance_model=None,
+        image_range: list[float] | None = None,
     ):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("SCMPipeline needs exactly one network: pass `unet` or `transformer`.")
         if family_pipeline is not None and family_pipeline not in FAMILY_PIPELINES:
             raise ValueError(f"Unknown family_pipeline {family_pipeline!r}: use one of {sorted(FAMILY_PIPELINES)}.")
+        if image_range is not None:
+            image_range = [float(v) for v in image_range]
+            if len(image_range) != 2 or not image_range[0] < image_range[1]:
+                raise ValueError(f"`image_range` must be [LO, HI] with LO < HI, got {image_range}.")
         self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae)
+        self.register_modules(guidance_model=guidance_model)
         self.register_modules(
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -91,8 +118,9 @@ class SCMPipeline(DiffusionPipeline):
             family_pipeline=family_pipeline,
             guidance_scale=guidance_scale,
             guidance_scale_range=None if guidance_scale_range is None else [float(w) for w in guidance_scale_range],
+            image_range=image_range,
         )
-        self.image_processor = VaeImageProcessor(do_normalize=True)
+        self.image_processor = VaeImageProcessor(do_normalize=False)  # images reach it in [0, 1] (`latents_to_images`)
         self._family = None  # the family pipeline object, built on first use (prompt encoding)
 
     # `from_pretrained` arguments that only concern finding the files
@@ -141,7 +169,7 @@ class SCMPipeline(DiffusionPipeline):
         hub_kwargs = {k: kwargs.pop(k) for k in cls._hub_kwargs if k in kwargs}
         path = local_folder(pretrained_model_name_or_path)  # a path that does not exist is named here
         if path is not None:
-            names = ("unet", "transformer", "scheduler", "vae", *TEXT_COMPONENTS)
+            names = ("unet", "transformer", "scheduler", "vae", "guidance_model", *TEXT_COMPONENTS)
             passed = [name for name in names if kwargs.get(name) is not None]
             check_pipeline_folder(path, pipeline_class=cls.__name__, exclude=passed)
         else:
@@ -159,6 +187,29 @@ class SCMPipeline(DiffusionPipeline):
         for name, module in kwargs.items():
             if module is not None and type(module).__module__.startswith("diffusers_scm."):
                 self.register_to_config(**{name: ("diffusers_scm", type(module).__name__)})
+
+    @property
+    def image_range(self) -> tuple[float, float]:
+        """The range [LO, HI] of the images the network (or its VAE) gives: the config's `image_range`, else
+        [-1, 1]."""
+        lo, hi = self.config.get("image_range") or (-1.0, 1.0)
+        return float(lo), float(hi)
+
+    @torch.no_grad()
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """
+        Images (B, C, H, W) in [0, 1], float32, from samples x0: the VAE's decode for latent models (the latent
+        normalization inverted by `LatentCodec`, SPEC.md section 8), then the pipeline's `image_range` mapped to
+        [0, 1] and clamped (latent EDM2: its VAE gives [0, 1] itself, SPEC.md section 10).
+
+        Args:
+            latents (`torch.Tensor`): x0 as the sampler returns it (`output_type="latent"`).
+        """
+        image = latents
+        if getattr(self, "vae", None) is not None:
+            image = LatentCodec(self.vae).decode(latents)
+        lo, hi = self.image_range
+        return ((image.float() - lo) / (hi - lo)).clamp(0, 1)
 
     @property
     def network(self) -> torch.nn.Module:
@@ -370,9 +421,10 @@ class SCMPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to it.
             guidance_scale (`float`, *optional*): for networks with a guidance input of their own (Flux, Sana with
                 guidance embeddings; guidance-conditioned students) the value fed to it (default: the one recorded
-                in the config, else 3.5); otherwise, with an ODE scheduler (a teacher), classifier-free guidance
-                F_u + w (F_c - F_u) against `negative_prompt` (default: the empty prompt). A consistency student
-                distilled with guidance samples without it (one network call per step).
+                in the config, else 3.5); with a `guidance_model`, w of its guidance D_g + w (D - D_g) (default: the
+                config's `guidance_scale`, else 1: no guidance); otherwise, with an ODE scheduler (a teacher),
+                classifier-free guidance F_u + w (F_c - F_u) against `negative_prompt` (default: the empty prompt).
+                A consistency student distilled with guidance samples without it (one network call per step).
             negative_prompt (`str` or `list[str]`, *optional*): the unconditional prompt of classifier-free guidance.
             height, width (`int`, *optional*): image size in pixels (latent models; default: the network's).
             prompt_embeds: precomputed inputs of the family's `encode_prompt` instead of `prompt` (`prompt_embeds`,
@@ -439,8 +491,14 @@ class SCMPipeline(DiffusionPipeline):
         uncond = None
         from ..schedulers import TrigFlowODEScheduler
 
+        guide = getattr(self, "guidance_model", None)
+        guide_scale = None  # w of the guiding network (SPEC.md section 10)
+        if guide is not None:
+            guide_scale = guidance_scale if guidance_scale is not None else self.config.get("guidance_scale")
+            guide_scale = 1.0 if guide_scale is None else float(guide_scale)
         cfg = (
-            guidance_scale is not None
+            guide is None
+            and guidance_scale is not None
             and guidance_scale != 1.0
             and not self._guidance_input()
             and isinstance(self.scheduler, TrigFlowODEScheduler)
@@ -466,7 +524,7 @@ class SCMPipeline(DiffusionPipeline):
         if self._guidance_input():
             value = guidance_scale if guidance_scale is not None else self.config.get("guidance_scale") or 3.5
             conditioning["guidance"] = torch.full((batch_size,), float(value), device=device)
-        elif guidance_scale not in (None, 1.0) and not cfg:
+        elif guidance_scale not in (None, 1.0) and not cfg and guide is None:
             logger.warning(
                 "guidance_scale is ignored: the network has no guidance input, and a consistency student distilled "
                 "with guidance samples without classifier-free guidance."
@@ -486,6 +544,13 @@ class SCMPipeline(DiffusionPipeline):
                 if uncond is not None:  # classifier-free guidance of a teacher: raw_u + w (raw_c - raw_u)
                     uncond_output = call_network(network, sample_in.to(dtype), t_in, **uncond)
                     model_output = uncond_output + guidance_scale * (model_output - uncond_output)
+                if guide_scale is not None and guide_scale != 1.0:  # EDM2's guidance: raw_g + w (raw - raw_g)
+                    # (F is affine in the raw output with the same coefficients for both networks: F_g + w (F - F_g),
+                    # D_g + w (D - D_g), SPEC.md section 10)
+                    guide_cond = guidance_conditioning(guide, conditioning)
+                    guide_output = call_network(guide, sample_in.to(guide.dtype), t_in, **guide_cond)
+                    guide_output = guide_output.to(model_output.dtype)
+                    model_output = guide_output + guide_scale * (model_output - guide_output)
                 bad_per_step.append((~torch.isfinite(model_output)).flatten(1).any(1).sum())
                 latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
                 if callback_on_step_end is not None:
@@ -499,10 +564,7 @@ class SCMPipeline(DiffusionPipeline):
         if output_type == "latent":
             image = latents
         else:
-            image = latents
-            if getattr(self, "vae", None) is not None:
-                image = LatentCodec(self.vae).decode(image)
-            image = self.image_processor.postprocess(image.float(), output_type=output_type)
+            image = self.image_processor.postprocess(self.latents_to_images(latents), output_type=output_type)
 
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -72,7 +72,8 @@ def teacher_velocity(
 ) -> torch.Tensor:
     """dx_t/dt along the teacher's PF-ODE, sd F_teacher(x_t, t) with guidance F_c + (w - 1)(F_c - F_u) (w a number, or
     one per sample), or, without a teacher, the conditional velocity cos(t) z - sin(t) x0 of the noised sample
-    (SPEC.md sections 3 and 8)."""
+    (SPEC.md sections 3 and 8). A teacher guided by a second network (`diffusers_scm.guidance.GuidedDenoiser`) gives
+    EDM2's guided F_g + w (F - F_g) itself (SPEC.md section 10); its classifier-free `guidance_scale` is then 1."""
     conditioning = conditioning or {}
     if teacher is None:
         tb = _bcast(t, x0)
