@@ -27,7 +27,8 @@ classifier-free guidance `--guidance_scale`; NFE then counts both branches of th
 
 Metrics (`--metrics`): `fd_digits` (Frechet distance in the features of the digits classifier of
 `diffusers_scm.metrics`, against the digits training split), `fid` (Inception features through torch-fidelity or
-clean-fid, weights already on disk or `--inception_weights`; against `--reference`), `paired_rmse` (RMSE to the
+clean-fid, weights already on disk or `--inception_weights`; against `--reference`, or against the statistics of
+`--reference_stats FILE.npz`), `paired_rmse` (RMSE to the
 `--paired_teacher`'s ODE solution from the same noise), `fd_to_teacher` (the Frechet distance in the same digit
 features to those ODE samples: to what a student was taught, rather than to the data; with `paired_rmse` by default),
 `prompt_accuracy` (the share of images that the digits classifier labels as their prompt's digit: `--prompt_labels`,
@@ -36,6 +37,14 @@ prompt, averaged over the prompts, `metrics.group_diversity`; each prompt's valu
 results.json; on by default with `--prompts`; a class-conditional model's groups are its classes, an unconditional
 model's one group), `class_accuracy` (a class-conditional digits model, whose image i is drawn for class i mod 10: the
 share that the classifier labels as their class; on by default for such a model).
+
+`--reference_stats FILE.npz` reads FID reference statistics in EDM's layout (`mu`, the mean of the 2048 Inception pool
+features of a training set, and `sigma`, their 2048x2048 covariance: NVlabs' `fid-refs/*.npz`, e.g.
+`cifar10-32x32.npz`, `imagenet-64x64.npz`, or EDM2's `img512.npz`; `--metrics` then includes `fid`), so that a FID
+from the same Inception features (TensorFlow's 2015-12-05 network) is comparable with the published tables:
+
+    python examples/evaluate.py --pipeline cifar10-student --steps 1 2 --num_samples 50000 \
+        --reference_stats fid-refs/cifar10-32x32.npz --inception_weights pt_inception-2015-12-05.pth
 
 `--save_images` writes each step count's images to `OUTPUT_DIR/images/<name>-<steps>step.safetensors` (with the
 pipeline, sampler, seed and sample count as metadata); `--paired_reference FILE` then serves as the paired RMSE's
@@ -90,6 +99,11 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", default="digits", help="reference images for FID: 'digits', a folder or dataset")
+    p.add_argument(
+        "--reference_stats",
+        default=None,
+        help="FID against reference statistics: an .npz with `mu` (2048) and `sigma` (2048x2048), EDM's fid-refs",
+    )
     p.add_argument("--image_column", default="image")
     p.add_argument("--paired_teacher", default=None, help="teacher pipeline for paired_rmse")
     p.add_argument("--paired_teacher_steps", type=int, default=64)
@@ -115,6 +129,9 @@ def parse_args(argv=None):
         paired = args.paired_teacher or args.paired_reference
         args.metrics = ["fd_digits"] + (list(PAIRED) if paired else [])
         args.metrics += ["prompt_accuracy", "diversity"] if args.prompts else []
+        args.metrics += ["fid"] if args.reference_stats else []
+    if args.reference_stats and "fid" not in args.metrics:
+        p.error("--reference_stats holds FID's reference statistics: add fid to --metrics")
     if args.paired_teacher and args.paired_reference:
         p.error("give --paired_teacher (its ODE is run) or --paired_reference (images already saved), not both")
     for metric in PAIRED:
@@ -267,6 +284,45 @@ def text_call(pipe, chunk: torch.Tensor, first: int, text: dict) -> dict:
     if "generator" not in parameters:
         kwargs.pop("generator", None)
     return kwargs
+
+
+# The Inception pool features of FID (and of EDM's reference statistics)
+INCEPTION_FEATURES = 2048
+
+
+def load_reference_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """FID reference statistics in EDM's layout (`fid-refs/*.npz`, written as `np.savez(path, mu=mu, sigma=sigma)`):
+    `mu` (2048,) and `sigma` (2048, 2048), the mean and covariance of the training set's Inception pool features, as
+    float64. Read without unpickling; wrong keys, shapes or values are errors that name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--reference_stats {path}: no such file (an .npz with `mu` and `sigma`, e.g. NVlabs' fid-refs)."
+        )
+    try:
+        data = np.load(path, allow_pickle=False)  # arrays only: a pickle in the file is refused
+    except (OSError, EOFError, ValueError) as e:  # not a numpy file, a truncated one, or pickled objects
+        raise ValueError(f"--reference_stats {path} is not a readable .npz file of arrays ({e}).") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"--reference_stats {path} is a single .npy array, not an .npz with `mu` and `sigma`.")
+    with data:
+        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        if missing:
+            raise ValueError(
+                f"--reference_stats {path} has no {' and '.join(f'`{k}`' for k in missing)} (it holds "
+                f"{', '.join(data.files) or 'nothing'}): FID references hold the Inception features' mean `mu` and "
+                "covariance `sigma`, as EDM's fid-refs files and `np.savez(path, mu=mu, sigma=sigma)` write them."
+            )
+        mu, sigma = data["mu"], data["sigma"]
+    d = INCEPTION_FEATURES
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise ValueError(
+            f"--reference_stats {path}: `mu` has shape {mu.shape} and `sigma` {sigma.shape}; FID's Inception features "
+            f"need ({d},) and ({d}, {d}) (the 2048-d pool features, as in EDM's fid-refs)."
+        )
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"--reference_stats {path}: `mu` or `sigma` holds NaN or infinite values.")
+    return mu, sigma
 
 
 def _scale_factor(pipe) -> int:
@@ -440,10 +496,16 @@ def main(argv=None):
         extra.update(classifier_accuracy=accuracy, fd_reference_size=len(reference))
     inception = fid_stats = None
     if "fid" in args.metrics:
+        reference_stats = load_reference_statistics(args.reference_stats) if args.reference_stats else None
         inception = InceptionFeatures(args.inception_backend, args.inception_weights, device=args.device)
-        size = shape[-1]
-        fid_stats = feature_statistics(inception(reference_images(args.reference, size, shape[1], args.image_column)))
-        extra.update(fid_backend=inception.backend, fid_reference=args.reference)
+        if reference_stats is not None:  # EDM's fid-refs: the published tables' reference
+            fid_stats = reference_stats
+            extra.update(fid_backend=inception.backend, fid_reference=args.reference_stats)
+        else:
+            size = shape[-1]
+            images = reference_images(args.reference, size, shape[1], args.image_column)
+            fid_stats = feature_statistics(inception(images))
+            extra.update(fid_backend=inception.backend, fid_reference=args.reference)
     paired = paired_stats = None
     if set(PAIRED) & set(args.metrics) and args.paired_reference:
         paired, extra["paired_reference"] = load_images(args.paired_reference, args)

@@ -8,6 +8,19 @@ diffusion loss and EDM2-style uncertainty weighting (`LogVarHead`), the TrigFlow
 the data, logging, checkpointing and resuming of `distill.py`. The EMA model is saved as an `SCMPipeline` folder with a
 `TrigFlowODEScheduler`, which `distill.py --teacher` accepts directly.
 
+`--objective edm` trains any network the EDM way (SPEC.md section 10): EDM's loss weighting and log-normal noise levels
+(ln sigma ~ N(P_mean, P_std^2), default EDM2's ImageNet-512 -0.4, 1.0), and EDM2's uncertainty weighting through the
+network's own log-variance output (`EDM2UNet2DModel`; other networks: the `LogVarHead`). The network: an
+`EDM2UNet2DModel` of a published size (`--edm2_preset img512-xs`, its architecture with the data's resolution,
+channels and classes), any network from a config file (`--model_config`, the class from its `_class_name` in
+diffusers_scm or diffusers, e.g. an `EDM2UNet2DModel` with small `model_channels`), a saved one (`--model`), or by
+default the `--preset` SCMUNet2DModel. EDM-family and other diffusers networks run in EDM's preconditioning (the "edm"
+parameterization, c_noise = ln(sigma) / 4), an SCMUNet2DModel in TrigFlow's; the EMA network is saved with a
+`TrigFlowODEScheduler` of that parameterization, which `load_teacher` and `distill.py --teacher` read:
+
+    accelerate launch examples/train_teacher.py --objective edm --model_config examples/configs/edm2_digits.json \
+        --dataset_name digits --resolution 8 --P_mean -0.8 --P_std 1.6 --output_dir digits-edm2
+
 `--objective flow_matching` trains a latent text-to-image teacher in diffusers' conventions instead:
 
     accelerate launch examples/train_teacher.py --objective flow_matching --model_config sd3-digits.json \
@@ -35,6 +48,7 @@ from accelerate.utils import set_seed
 
 from diffusers_scm import SCMUNet2DModel, TrigFlowDenoiser, TrigFlowODEScheduler
 from diffusers_scm.models import PRESETS
+from diffusers_scm.models.unet_edm2 import EDM2_PRESETS, EDM2UNet2DModel
 from diffusers_scm.training import TrigFlowDiffusionLoss, load_teacher
 from diffusers_scm.training.data.captions import DIGIT_CAPTIONS, load_text_image_dataset
 from diffusers_scm.training.data.encoded import CaptionCache, cache_latents
@@ -43,6 +57,7 @@ from diffusers_scm.training.machinery.arguments import add_common_args, positive
 from diffusers_scm.training.machinery.loop import train_loop
 from diffusers_scm.training.machinery.publishing import finish_training, log_validation, publish_pipeline
 from diffusers_scm.training.machinery.run import prepare_training, training_run
+from diffusers_scm.training.objectives.edm import EDMLoss
 from diffusers_scm.training.objectives.flow_matching import (
     WEIGHTING_SCHEMES,
     FlowMatchingLoss,
@@ -50,10 +65,13 @@ from diffusers_scm.training.objectives.flow_matching import (
     drop_captions,
     network_from_config,
 )
-from diffusers_scm.training.objectives.objective import DiffusionObjective, FlowMatchingObjective
+from diffusers_scm.training.objectives.objective import DiffusionObjective, EDMObjective, FlowMatchingObjective
 
 
 logger = get_logger(__name__)
+
+# --P_mean, --P_std of each objective: TrigFlow teachers (SPEC.md section 3), EDM2's ImageNet-512 values (section 10)
+TIME_PROPOSALS = {"trigflow": (-0.8, 1.6), "edm": (-0.4, 1.0)}
 
 
 def parse_args(argv=None):
@@ -64,22 +82,36 @@ def parse_args(argv=None):
         "--channels", type=positive_int, default=None, help="image channels (default: 1 for digits, else 3)"
     )
     p.add_argument("--class_conditional", action="store_true", help="condition on --label_column (digits: labels)")
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=None, help="default 0 (an --edm2_preset: the preset's)")
     p.add_argument("--sigma_data", type=float, default=0.5)
-    p.add_argument("--P_mean", type=float, default=-0.8, help="teacher time proposal (SPEC.md section 3)")
-    p.add_argument("--P_std", type=float, default=1.6)
-    p.add_argument("--no_adaptive_weighting", action="store_true")
+    p.add_argument(
+        "--P_mean", type=float, default=None, help="time proposal ln(sd tan t) ~ N(P_mean, P_std^2); trigflow: -0.8"
+    )
+    p.add_argument("--P_std", type=float, default=None, help="trigflow: 1.6; edm: EDM2's -0.4, 1.0 (img512)")
+    p.add_argument("--no_adaptive_weighting", action="store_true", help="no uncertainty (log-variance) weighting")
     p.add_argument(
         "--validation_nfe", type=positive_int, nargs="+", default=[8, 32], help="ODE steps of the validation grids"
     )
     # --objective flow_matching: a latent text-to-image teacher of a diffusers family
     p.add_argument(
         "--objective",
-        choices=["trigflow", "flow_matching"],
+        choices=["trigflow", "edm", "flow_matching"],
         default="trigflow",
-        help="trigflow: an SCMUNet2DModel TrigFlow teacher; flow_matching: a text-to-image pipeline (rectified flow)",
+        help="trigflow: an SCMUNet2DModel TrigFlow teacher; edm: EDM/EDM2's loss for any network (an EDM2 UNet); "
+        "flow_matching: a text-to-image pipeline (rectified flow)",
     )
-    p.add_argument("--model_config", type=str, default=None, help="flow_matching: a diffusers network config.json")
+    p.add_argument(
+        "--model_config",
+        type=str,
+        default=None,
+        help="edm, flow_matching: a network config.json (its _class_name from diffusers_scm or diffusers)",
+    )
+    p.add_argument(
+        "--edm2_preset",
+        choices=list(EDM2_PRESETS),
+        default=None,
+        help="edm: an EDM2UNet2DModel of a published size (resolution, channels and classes from the data)",
+    )
     p.add_argument("--vae", type=str, default=None, help="flow_matching: an AutoencoderKL folder (train_vae.py)")
     p.add_argument("--caption_column", type=str, default="text", help="flow_matching: the captions' column")
     p.add_argument(
@@ -102,15 +134,32 @@ def parse_args(argv=None):
     p.set_defaults(learning_rate=2e-4)
     args = p.parse_args(argv)
     check_objective(p, args)
+    if args.objective in TIME_PROPOSALS:
+        P_mean, P_std = TIME_PROPOSALS[args.objective]
+        args.P_mean = P_mean if args.P_mean is None else args.P_mean
+        args.P_std = P_std if args.P_std is None else args.P_std
     return args
 
 
 def check_objective(p, args):
     """Flags that belong to one objective only, and what --objective flow_matching needs."""
+    if args.objective != "edm" and args.edm2_preset is not None:
+        p.error("--edm2_preset needs --objective edm (EDM2's loss and uncertainty weighting).")
     if args.objective == "trigflow":
         flow_only = [f"--{name}" for name in ("model_config", "vae") if getattr(args, name) is not None]
         if flow_only:
-            p.error(f"{' and '.join(flow_only)} need --objective flow_matching (a text-to-image teacher).")
+            p.error(
+                f"{' and '.join(flow_only)} need --objective flow_matching (a text-to-image teacher)"
+                + (" or --objective edm (any network from a config)" if args.vae is None else "")
+                + "."
+            )
+        return
+    if args.objective == "edm":
+        if args.vae is not None:
+            p.error("--vae is for --objective flow_matching; --objective edm trains on the images themselves.")
+        sources = [f"--{n}" for n in ("model", "model_config", "edm2_preset") if getattr(args, n) is not None]
+        if len(sources) > 1:
+            p.error(f"{' and '.join(sources)}: give one network (a saved one, a config file or an EDM2 preset).")
         return
     missing = [f"--{name}" for name in ("model_config", "vae") if getattr(args, name) is None]
     if missing:
@@ -133,17 +182,73 @@ def check_objective(p, args):
 
 
 def build_model(args) -> TrigFlowDenoiser:
+    """The network to train, in TrigFlow: a saved one (`--model`), from `--model_config` or `--edm2_preset` (`--objective
+    edm`), or an SCMUNet2DModel `--preset`. SCMUNet2DModel runs in TrigFlow, every other network in EDM's
+    preconditioning (SPEC.md section 2)."""
     if args.model is not None:
-        teacher = load_teacher(args.model, "trigflow", args.sigma_data)
-        return TrigFlowDenoiser(teacher.inner_model.requires_grad_(True).train(), "trigflow", args.sigma_data)
+        teacher = load_teacher(args.model, "trigflow" if args.objective == "trigflow" else None, args.sigma_data)
+        network = teacher.inner_model.requires_grad_(True).train()
+        return TrigFlowDenoiser(network, teacher.parameterization, sigma_data=teacher.sigma_data)
     channels = args.channels or (1 if args.dataset_name == "digits" else 3)
     num_classes = 10 if args.class_conditional and args.dataset_name == "digits" else None
-    if args.class_conditional and num_classes is None:
+    if args.class_conditional and num_classes is None and args.model_config is None:
         raise ValueError("--class_conditional outside the digits data needs a network with classes: pass --model.")
-    network = SCMUNet2DModel.from_preset(
-        args.preset, sample_size=args.resolution, in_channels=channels, num_classes=num_classes, dropout=args.dropout
-    )
-    return TrigFlowDenoiser(network.train(), "trigflow", sigma_data=args.sigma_data)
+    if args.edm2_preset is not None:
+        dropout = {} if args.dropout is None else {"dropout": args.dropout}
+        network = EDM2UNet2DModel.from_preset(
+            args.edm2_preset,
+            sample_size=args.resolution,
+            in_channels=channels,
+            num_classes=num_classes or 0,
+            **dropout,
+        )
+    elif args.model_config is not None:
+        network = network_from_any_config(args.model_config, args.resolution, channels, args.class_conditional)
+    else:
+        network = SCMUNet2DModel.from_preset(
+            args.preset,
+            sample_size=args.resolution,
+            in_channels=channels,
+            num_classes=num_classes,
+            dropout=args.dropout or 0.0,
+        )
+    parameterization = "trigflow" if isinstance(network, SCMUNet2DModel) else "edm"
+    return TrigFlowDenoiser(network.train(), parameterization, sigma_data=args.sigma_data)
+
+
+def network_from_any_config(path: str, resolution: int, channels: int, conditional: bool):
+    """A randomly initialized network from a config file (`config.json`, or its folder): the class named by its
+    `_class_name`, from diffusers_scm (EDM2UNet2DModel, SongUNet2DModel, DhariwalUNet2DModel, SCMUNet2DModel) or
+    diffusers; its sample size and input channels must be the data's."""
+    import diffusers
+
+    import diffusers_scm
+    from diffusers_scm.utils import read_json
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"--model_config {path}: no such config file (a network's config.json, or its folder)."
+        )
+    config = read_json(file, fix="Write the network's config as JSON (the config.json of a diffusers model).")
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    cls = getattr(diffusers_scm, str(name), None) or getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ValueError(
+            f"{file}: _class_name {name!r} is not a network class of diffusers_scm or diffusers (e.g. "
+            '{"_class_name": "EDM2UNet2DModel", "model_channels": 32, ...}).'
+        )
+    network = cls.from_config(config)
+    size, in_channels = network.config.get("sample_size"), network.config.get("in_channels")
+    if size not in (None, resolution) or in_channels not in (None, channels):
+        raise ValueError(
+            f"{file}: sample_size {size} and in_channels {in_channels}, but the data is {channels}x{resolution}x"
+            f"{resolution} (--resolution, --channels); set them to {resolution} and {channels}."
+        )
+    classes = network.config.get("num_classes") or network.config.get("num_class_embeds")
+    if conditional and not classes:
+        raise ValueError(f"--class_conditional: the network of {file} has no classes; set its num_classes.")
+    return network
 
 
 def main(argv=None):
@@ -155,7 +260,10 @@ def main(argv=None):
 
 
 def train_trigflow(args, accelerator):
-    """The TrigFlow teacher: see the module docstring."""
+    """The TrigFlow teacher (--objective trigflow) or EDM/EDM2 training of any network (--objective edm): see the
+    module docstring."""
+    from diffusers_scm.training.machinery.fsdp import is_sharded
+
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
@@ -177,15 +285,34 @@ def train_trigflow(args, accelerator):
     model, logvar_head, optimizer, loader, ema, noise_generator, state = prepare_training(
         args, accelerator, model, dataset, "model"
     )
-    loss_fn = TrigFlowDiffusionLoss(args.sigma_data, args.P_mean, args.P_std)
-    scheduler = TrigFlowODEScheduler(sigma_data=args.sigma_data, parameterization="trigflow", solver="dpmsolver++")
+    denoiser = accelerator.unwrap_model(model)
+    p = denoiser.parameterization
+    logger.info(
+        "%s: %d parameters, parameterization %s, --objective %s (P_mean %g, P_std %g)",
+        type(denoiser.inner_model).__name__,
+        sum(w.numel() for w in denoiser.inner_model.parameters()),
+        p.name,
+        args.objective,
+        args.P_mean,
+        args.P_std,
+    )
+    edm = args.objective == "edm"
+    loss_fn = (EDMLoss if edm else TrigFlowDiffusionLoss)(args.sigma_data, args.P_mean, args.P_std)
+    sampler = p.config() if p.name != "trigflow" else {"sigma_data": args.sigma_data}
+    scheduler = TrigFlowODEScheduler(parameterization=p.name, **sampler, solver="dpmsolver++")
 
     def inputs(batch):  # x0, class labels, no guidance
         x0 = to_model_channels(batch["pixel_values"], channels)
         return x0, ({"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}), {}
 
     head = None if args.no_adaptive_weighting else logvar_head
-    objective = DiffusionObjective(loss_fn, model, inputs, noise_generator, logvar_head=head)
+    if edm:  # EDM2: the network's own log-variance head where it has one (not reachable in a sharded network)
+        own = not args.no_adaptive_weighting and not is_sharded(denoiser)
+        objective = EDMObjective(loss_fn, model, inputs, noise_generator, network_logvar=own, logvar_head=head)
+        if objective.logvar_head is logvar_head and logvar_head is not None:
+            logger.info("Uncertainty weighting: the LogVarHead (the network has no log-variance head of its own).")
+    else:
+        objective = DiffusionObjective(loss_fn, model, inputs, noise_generator, logvar_head=head)
 
     def ema_pipeline_parts():
         network = ema.averaged_model(accelerator.unwrap_model(model).inner_model)  # FSDP: None off the main process

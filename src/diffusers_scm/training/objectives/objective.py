@@ -1,9 +1,9 @@
 """One call shape for every training method: `loss, logs = objective(batch, step)`.
 
-An objective binds a loss (`SCMLoss`, `ConsistencyLoss`, `TCMLoss`, `TrigFlowDiffusionLoss`, `FlowMatchingLoss`) to
-the networks it trains and reads, and to the script's `inputs(batch) -> (x0, conditioning, guidance)`, so the
-training loop (`machinery.loop.train_loop`) has no branch per method. As in k-diffusion's wrappers, each subclass
-overrides one small method: `times` (the time proposal) or `terms` (how its loss is called).
+An objective binds a loss (`SCMLoss`, `ConsistencyLoss`, `TCMLoss`, `TrigFlowDiffusionLoss`, `EDMLoss`,
+`FlowMatchingLoss`) to the networks it trains and reads, and to the script's `inputs(batch) -> (x0, conditioning,
+guidance)`, so the training loop (`machinery.loop.train_loop`) has no branch per method. As in k-diffusion's
+wrappers, each subclass overrides one small method: `times` (the time proposal) or `terms` (how its loss is called).
 
     objective = OBJECTIVES[args.method](loss_fn, student, inputs, generator, teacher=teacher, logvar_head=head)
     loss, logs = objective(batch, step)
@@ -15,16 +15,20 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from . import edm
 from .time_proposals import lognormal_times
 
 
 __all__ = [
     "Objective",
     "SCMObjective",
+    "SCTObjective",
     "ConsistencyObjective",
+    "CTObjective",
     "TCMObjective",
     "DiffusionObjective",
     "FlowMatchingObjective",
+    "EDMObjective",
     "OBJECTIVES",
 ]
 
@@ -125,6 +129,23 @@ class ConsistencyObjective(_LogNormalTimes):
         return self.loss_fn(self.model, x0, teacher=self.teacher, step=step, noise=noise, **times, **cond)
 
 
+class _WithoutTeacher:
+    """Consistency training without a teacher: the loss takes the true velocity cos(t) z - sin(t) x0 of the noised
+    sample instead of a teacher's (SPEC.md section 3). A `teacher` given is not used (`distill.py --method sct --teacher
+    PATH` only starts the student from it)."""
+
+    def __init__(self, loss_fn, model, inputs, generator, teacher=None, **kwargs):
+        super().__init__(loss_fn, model, inputs, generator, **kwargs)
+
+
+class SCTObjective(_WithoutTeacher, SCMObjective):
+    """sCT (SPEC.md section 3): the tangent loss of `SCMObjective` without a teacher."""
+
+
+class CTObjective(_WithoutTeacher, ConsistencyObjective):
+    """Discrete-time consistency training (SPEC.md section 5): `ConsistencyObjective` without a teacher."""
+
+
 class TCMObjective(Objective):
     """TCM Stage 2 (SPEC.md section 5): times on [t', T] with boundary samples at t', the frozen Stage-1 model below
     t'.
@@ -175,11 +196,28 @@ class FlowMatchingObjective(Objective):
         return self.loss_fn(self.model, x0, generator=self.generator, **cond)
 
 
+class EDMObjective(DiffusionObjective):
+    """EDM / EDM2 training (`EDMLoss`, SPEC.md section 10): log-normal sigma, EDM's weighting, and EDM2's uncertainty
+    u(sigma) from the network's own head where it has one (`EDM2UNet2DModel.logvar`, trained with the network), else
+    from `logvar_head`.
+
+    Args:
+        network_logvar (`bool`, defaults to `True`): use the network's own uncertainty head when it has one; False:
+            `logvar_head` (None: EDM's loss without uncertainty weighting).
+        **kwargs: as `Objective`.
+    """
+
+    def __init__(self, loss_fn, model, inputs, generator, network_logvar: bool = True, **kwargs):
+        super().__init__(loss_fn, model, inputs, generator, **kwargs)
+        own = edm.network_logvar(model) if network_logvar else None
+        self.logvar_head = own or self.logvar_head
+
+
 # distill.py's --method: the objective of each
 OBJECTIVES = {
     "scd": SCMObjective,
-    "sct": SCMObjective,
+    "sct": SCTObjective,
     "cd": ConsistencyObjective,
-    "ct": ConsistencyObjective,
+    "ct": CTObjective,
     "tcm": TCMObjective,
 }
