@@ -21,21 +21,26 @@ from _timing import best_time, peak_memory_baseline, peak_memory_since, write_re
 HEADS, HEAD_DIM, BATCH = 8, 64, 2
 
 
-def measure(backend: str, length: int, device: str, repeats: int) -> dict:
+def attention_call(backend: str, q, k, v, dq, dk, dv, attn_mask=None, block_size=None):
+    """A no-grad call of one backend on these inputs: "sdpa" (PyTorch's fused forward, no JVP) or a `jvp_attention`
+    backend, which returns `(out, dout)`."""
     import torch.nn.functional as F
 
     from diffusers_scm.jvp import jvp_attention
 
-    torch.manual_seed(0)
-    shape = (BATCH, HEADS, length, HEAD_DIM)
-    q, k, v, dq, dk, dv = [torch.randn(shape, device=device) for _ in range(6)]
-
     def run():
         with torch.no_grad():
             if backend == "sdpa":
-                return F.scaled_dot_product_attention(q, k, v)
-            return jvp_attention(q, k, v, dq, dk, dv, backend=backend)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            return jvp_attention(q, k, v, dq, dk, dv, attn_mask, backend=backend, block_size=block_size)
 
+    return run
+
+
+def measure(backend: str, length: int, device: str, repeats: int) -> dict:
+    torch.manual_seed(0)
+    shape = (BATCH, HEADS, length, HEAD_DIM)
+    run = attention_call(backend, *[torch.randn(shape, device=device) for _ in range(6)])
     baseline = peak_memory_baseline(device)
     seconds = best_time(run, repeats, device)
     # on CPU the warm-up already set the process's peak: CPU memory is measured in a fresh process instead

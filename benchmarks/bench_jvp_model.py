@@ -12,6 +12,7 @@ JVP / forward <= 3.0 for every transformer family (the limit is about 2: one ext
 """
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 
@@ -27,9 +28,18 @@ def _text(b, dim):
     return torch.randn(b, TEXT, dim)
 
 
-def build(name, b):
-    """`(network, latent shape, conditioning, parameterization, tokens)` for a family."""
+def build(name, b, width=W, depth=1, latent=None):
+    """`(network, latent shape, conditioning, parameterization, tokens)` for a family.
+
+    `width` (a multiple of 64: heads of 64 channels) and `depth` (a factor on every layer count) scale the network;
+    `latent` is the latent side of the SD3, Flux, Sana and Wan networks (default: 32; Wan 16, with 4 frames).
+    """
     import diffusers as d
+
+    heads = width // 64
+
+    def layers(n):
+        return max(1, round(n * depth))
 
     if name == "unet_sd":
         net = d.UNet2DConditionModel(
@@ -40,17 +50,17 @@ def build(name, b):
             layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=W,
+            cross_attention_dim=width,
             attention_head_dim=8,
         )
-        return net, (b, 4, 32, 32), {"encoder_hidden_states": _text(b, W)}, "vp_epsilon", 1024
+        return net, (b, 4, 32, 32), {"encoder_hidden_states": _text(b, width)}, "vp_epsilon", 1024
     if name == "dit":
         net = d.DiTTransformer2DModel(
-            num_attention_heads=6,
+            num_attention_heads=heads,
             attention_head_dim=64,
             in_channels=4,
             out_channels=8,
-            num_layers=8,
+            num_layers=layers(8),
             sample_size=32,
             patch_size=2,
             num_embeds_ada_norm=10,
@@ -59,14 +69,14 @@ def build(name, b):
     if name == "pixart":
         net = d.PixArtTransformer2DModel(
             sample_size=32,
-            num_layers=8,
+            num_layers=layers(8),
             patch_size=2,
             attention_head_dim=64,
-            num_attention_heads=6,
-            caption_channels=W,
+            num_attention_heads=heads,
+            caption_channels=width,
             in_channels=4,
             out_channels=8,
-            cross_attention_dim=W,
+            cross_attention_dim=width,
             attention_bias=True,
             activation_fn="gelu-approximate",
             num_embeds_ada_norm=1000,
@@ -78,110 +88,116 @@ def build(name, b):
         return (
             net,
             (b, 4, 32, 32),
-            {"encoder_hidden_states": _text(b, W), "encoder_attention_mask": mask},
+            {"encoder_hidden_states": _text(b, width), "encoder_attention_mask": mask},
             "vp_epsilon",
             256,
         )
     if name == "sd3":
+        side = latent or 32
         net = d.SD3Transformer2DModel(
-            sample_size=32,
+            sample_size=side,
             patch_size=2,
             in_channels=16,
             out_channels=16,
-            num_layers=6,
+            num_layers=layers(6),
             attention_head_dim=64,
-            num_attention_heads=6,
-            caption_projection_dim=W,
-            joint_attention_dim=W,
+            num_attention_heads=heads,
+            caption_projection_dim=width,
+            joint_attention_dim=width,
             pooled_projection_dim=256,
         )
-        cond = {"encoder_hidden_states": _text(b, W), "pooled_projections": torch.randn(b, 256)}
-        return net, (b, 16, 32, 32), cond, "flow_matching", 256
+        cond = {"encoder_hidden_states": _text(b, width), "pooled_projections": torch.randn(b, 256)}
+        return net, (b, 16, side, side), cond, "flow_matching", (side // 2) ** 2
     if name in ("flux", "chroma"):
         common = {
             "patch_size": 1,
             "in_channels": 64,
-            "num_layers": 2,
-            "num_single_layers": 5,
+            "num_layers": layers(2),
+            "num_single_layers": layers(5),
             "attention_head_dim": 64,
-            "num_attention_heads": 6,
-            "joint_attention_dim": W,
+            "num_attention_heads": heads,
+            "joint_attention_dim": width,
             "axes_dims_rope": (16, 24, 24),
         }
         if name == "flux":
             net = d.FluxTransformer2DModel(pooled_projection_dim=256, guidance_embeds=True, **common)
-            cond = {"encoder_hidden_states": _text(b, W), "pooled_projections": torch.randn(b, 256), "guidance": 3.5}
+            pooled = torch.randn(b, 256)
+            cond = {"encoder_hidden_states": _text(b, width), "pooled_projections": pooled, "guidance": 3.5}
         else:
-            net = d.ChromaTransformer2DModel(approximator_num_channels=64, approximator_hidden_dim=W, **common)
-            cond = {"encoder_hidden_states": _text(b, W)}
-        return net, (b, 16, 32, 32), cond, "flow_matching", 256
+            net = d.ChromaTransformer2DModel(approximator_num_channels=64, approximator_hidden_dim=width, **common)
+            cond = {"encoder_hidden_states": _text(b, width)}
+        side = latent or 32  # packed 2 x 2 by the adapter
+        return net, (b, 16, side, side), cond, "flow_matching", (side // 2) ** 2
     if name == "qwenimage":
         net = d.QwenImageTransformer2DModel(
             patch_size=2,
             in_channels=64,
             out_channels=16,
-            num_layers=6,
+            num_layers=layers(6),
             attention_head_dim=64,
-            num_attention_heads=6,
-            joint_attention_dim=W,
+            num_attention_heads=heads,
+            joint_attention_dim=width,
             axes_dims_rope=(16, 24, 24),
         )
-        cond = {"encoder_hidden_states": _text(b, W), "encoder_hidden_states_mask": torch.ones(b, TEXT)}
+        cond = {"encoder_hidden_states": _text(b, width), "encoder_hidden_states_mask": torch.ones(b, TEXT)}
         return net, (b, 16, 32, 32), cond, "flow_matching", 256
     if name == "sana":
+        side = latent or 32
         net = d.SanaTransformer2DModel(
             patch_size=1,
             in_channels=32,
             out_channels=32,
-            num_layers=8,
+            num_layers=layers(8),
             attention_head_dim=32,
-            num_attention_heads=12,
-            num_cross_attention_heads=6,
+            num_attention_heads=2 * heads,
+            num_cross_attention_heads=heads,
             cross_attention_head_dim=64,
-            cross_attention_dim=W,
-            caption_channels=W,
-            sample_size=32,
+            cross_attention_dim=width,
+            caption_channels=width,
+            sample_size=side,
         )
-        cond = {"encoder_hidden_states": _text(b, W), "encoder_attention_mask": torch.ones(b, TEXT)}
-        return net, (b, 32, 32, 32), cond, "flow_matching", 1024
+        cond = {"encoder_hidden_states": _text(b, width), "encoder_attention_mask": torch.ones(b, TEXT)}
+        return net, (b, 32, side, side), cond, "flow_matching", side**2
     if name == "wan":
+        side = latent or 16
         net = d.WanTransformer3DModel(
             patch_size=(1, 2, 2),
-            num_attention_heads=6,
+            num_attention_heads=heads,
             attention_head_dim=64,
             in_channels=16,
             out_channels=16,
-            text_dim=W,
+            text_dim=width,
             freq_dim=256,
-            ffn_dim=4 * W,
-            num_layers=6,
+            ffn_dim=4 * width,
+            num_layers=layers(6),
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
             rope_max_seq_len=1024,
         )
-        return net, (b, 16, 4, 16, 16), {"encoder_hidden_states": _text(b, W)}, "flow_matching", 256
+        shape = (b, 16, 4, side, side)
+        return net, shape, {"encoder_hidden_states": _text(b, width)}, "flow_matching", 4 * (side // 2) ** 2
     if name == "lumina2":
         net = d.Lumina2Transformer2DModel(
             sample_size=32,
             patch_size=2,
             in_channels=16,
-            hidden_size=W,
-            num_layers=6,
+            hidden_size=width,
+            num_layers=layers(6),
             num_refiner_layers=1,
-            num_attention_heads=6,
+            num_attention_heads=heads,
             num_kv_heads=2,
             multiple_of=16,
             norm_eps=1e-5,
             scaling_factor=1.0,
             axes_dim_rope=(16, 24, 24),
             axes_lens=(300, 512, 512),
-            cap_feat_dim=W,
+            cap_feat_dim=width,
         )
         mask = torch.ones(b, TEXT, dtype=torch.bool)
         return (
             net,
             (b, 16, 32, 32),
-            {"encoder_hidden_states": _text(b, W), "encoder_attention_mask": mask},
+            {"encoder_hidden_states": _text(b, width), "encoder_attention_mask": mask},
             "flow_matching",
             256,
         )
@@ -190,25 +206,55 @@ def build(name, b):
             sample_size=32,
             patch_size=2,
             in_channels=4,
-            num_mmdit_layers=2,
-            num_single_dit_layers=6,
+            num_mmdit_layers=layers(2),
+            num_single_dit_layers=layers(6),
             attention_head_dim=64,
-            num_attention_heads=6,
-            caption_projection_dim=W,
-            joint_attention_dim=W,
+            num_attention_heads=heads,
+            caption_projection_dim=width,
+            joint_attention_dim=width,
             out_channels=4,
             pos_embed_max_size=1024,
         )
-        return net, (b, 4, 32, 32), {"encoder_hidden_states": _text(b, W)}, "flow_matching", 256
+        return net, (b, 4, 32, 32), {"encoder_hidden_states": _text(b, width)}, "flow_matching", 256
     raise ValueError(f"unknown family {name}")
 
 
 FAMILIES = ["unet_sd", "dit", "pixart", "sd3", "flux", "chroma", "qwenimage", "sana", "wan", "lumina2", "auraflow"]
 
 
+def passes(den, x, t, cond, backend, autocast_dtype=None):
+    """`(forward, jvp_pass)`: a no-grad forward of the denoiser at (x, t) and its JVP in (x_t, t) along (x, 1), as the
+    sCD/sCT step takes it; both under autocast to `autocast_dtype` when one is given."""
+    from diffusers_scm.jvp import jvp
+
+    def precision():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=autocast_dtype)
+
+    def forward():
+        with torch.no_grad(), precision():
+            return den(x, t, **cond)
+
+    def jvp_pass():
+        with precision():
+            return jvp(lambda a, s: den(a, s, **cond), (x, t), (x, torch.ones_like(t)), backend=backend)
+
+    return forward, jvp_pass
+
+
+def interleaved_times(forward, jvp_pass, repeats, device="cpu"):
+    """Best seconds of each pass over `repeats` interleaved rounds (a forward, then a JVP): a load that comes and goes
+    slows both sides of the ratio alike."""
+    rounds = [
+        (best_time(forward, 1, device, warmup=False), best_time(jvp_pass, 1, device, warmup=False))
+        for _ in range(repeats)
+    ]
+    return tuple(min(times) for times in zip(*rounds))
+
+
 def measure(name, backend, batch_size, repeats, queue):
     from diffusers_scm import TrigFlowDenoiser
-    from diffusers_scm.jvp import jvp
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -216,22 +262,14 @@ def measure(name, backend, batch_size, repeats, queue):
     den = TrigFlowDenoiser(net.eval(), parameterization, sigma_data=0.5)
     x = torch.randn(shape)
     t = torch.rand(batch_size) * 1.4 + 0.1
-
-    def forward():
-        with torch.no_grad():
-            return den(x, t, **cond)
-
-    def jvp_pass():
-        return jvp(lambda a, s: den(a, s, **cond), (x, t), (x, torch.ones_like(t)), backend=backend)
+    forward, jvp_pass = passes(den, x, t, cond, backend)
 
     base = peak_memory_baseline("cpu")
     forward()  # warm-up, and each pass's peak memory
     forward_mem = peak_memory_since("cpu", base)
     jvp_pass()
     jvp_mem = peak_memory_since("cpu", base)
-    # interleaved rounds (forward, then JVP): a load that comes and goes slows both sides of the ratio alike
-    rounds = [(best_time(forward, 1, warmup=False), best_time(jvp_pass, 1, warmup=False)) for _ in range(repeats)]
-    forward_s, jvp_s = (min(times) for times in zip(*rounds))
+    forward_s, jvp_s = interleaved_times(forward, jvp_pass, repeats)
     queue.put(
         {
             "family": name,

@@ -17,42 +17,79 @@ import torch
 from _timing import peak_memory_baseline, peak_memory_since, write_results
 
 
-def measure(family, mode, queue):
+def scd_setup(
+    family,
+    mode,
+    device="cpu",
+    build_kwargs=None,
+    gradient_checkpointing=False,
+    teacher_dtype=None,
+    autocast_dtype=None,
+    jvp_dtype=None,
+):
+    """One step of full (`mode` "full": a separate frozen teacher copy) or LoRA (`mode` "lora", rank 16: the teacher is
+    the base network with its adapters off) sCD training with guidance, for a family of `bench_jvp_model.build`
+    (`build_kwargs` size it), on `device`; the teacher (LoRA: the base weights) in `teacher_dtype` when given. Returns
+    `(step, info)`, or None for a LoRA row of a network without LoRA support. `step()` runs the teacher passes, the
+    JVP pass, the gradient pass, the Adam step and the EMA update; `info` holds the network's config, its prompt
+    length, the teacher's bytes per parameter and the latent side."""
     from bench_jvp_model import build
+    from bench_train_step import training_step
 
     from diffusers_scm import TrigFlowDenoiser
     from diffusers_scm.training import LogVarHead, SCMLoss, make_ema
     from diffusers_scm.training.machinery.lora import BaseModelDenoiser, add_lora
 
-    base = peak_memory_baseline("cpu")
     torch.manual_seed(0)
-    net, shape, cond, parameterization, tokens = build(family, 1)
+    with torch.device(device):
+        net, shape, cond, parameterization, tokens = build(family, 1, **(build_kwargs or {}))
     config = json.loads(net.to_json_string())  # plain JSON types: the result crosses a process queue
     if mode == "lora" and not hasattr(net, "add_adapter"):  # no PeftAdapterMixin (DiT): no LoRA row
-        queue.put(None)
-        return
+        return None
     if mode == "lora":
+        teacher_bytes = net.to(teacher_dtype or net.dtype).dtype.itemsize  # the base weights are the teacher's
         add_lora(net, 16)
         student, teacher = TrigFlowDenoiser(net.train(), parameterization), BaseModelDenoiser(net, parameterization)
     else:
-        teacher = TrigFlowDenoiser(copy.deepcopy(net).eval().requires_grad_(False), parameterization)
+        frozen = copy.deepcopy(net).eval().requires_grad_(False)
+        teacher = TrigFlowDenoiser(frozen.to(teacher_dtype or frozen.dtype), parameterization)
+        teacher_bytes = teacher.inner_model.dtype.itemsize
         student = TrigFlowDenoiser(net.train(), parameterization)
-    head = LogVarHead()
+    if gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    head = LogVarHead().to(device)
     params = [p for p in student.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-5)
     ema = make_ema(net, trainable_only=mode == "lora")
-    loss_fn = SCMLoss(tangent_warmup_steps=0, guidance_scale=2.0)
-    x0 = torch.randn(shape)
+    loss_fn = SCMLoss(tangent_warmup_steps=0, guidance_scale=2.0, jvp_dtype=jvp_dtype)
+    x0 = torch.randn(shape, device=device)
     uncond = {k: torch.zeros_like(v) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
-    for _ in range(2):
-        loss, _ = loss_fn(student, x0, teacher, 0, None, None, head, uncond, **cond)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema.step(net)
-    measured = peak_memory_since("cpu", base)
+    step = training_step(
+        "scd", loss_fn, student, x0, optimizer, teacher, cond, uncond, head, ema, autocast_dtype=autocast_dtype
+    )
     text = next((v.shape[1] for v in cond.values() if torch.is_tensor(v) and v.ndim == 3), 0)
-    queue.put({"family": family, "mode": mode, "config": config, "text_tokens": text, "measured": measured})
+    return step, {"config": config, "text_tokens": text, "teacher_bytes": teacher_bytes, "latent": shape[-1]}
+
+
+def measure(family, mode, queue):
+    base = peak_memory_baseline("cpu")
+    setup = scd_setup(family, mode)
+    if setup is None:
+        queue.put(None)
+        return
+    step, info = setup
+    for _ in range(2):
+        step()
+    measured = peak_memory_since("cpu", base)
+    queue.put(
+        {
+            "family": family,
+            "mode": mode,
+            "config": info["config"],
+            "text_tokens": info["text_tokens"],
+            "measured": measured,
+        }
+    )
 
 
 def main():

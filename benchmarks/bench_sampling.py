@@ -35,6 +35,13 @@ def build(size):
     ).eval()
 
 
+def seconds_per_image(pipe, images, repeats, device, **call_kwargs):
+    """Best wall time of `repeats` calls `pipe(**call_kwargs)` (after a warm-up call) that each give `images` images,
+    per image."""
+    pipe.set_progress_bar_config(disable=True)
+    return best_time(lambda: pipe(**call_kwargs), repeats, device) / images
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,11 +62,14 @@ def main():
         ]
         for name, scheduler, steps in configs:
             pipe = SCMPipeline(unet=net, scheduler=scheduler).to(args.device)
-            pipe.set_progress_bar_config(disable=True)
-            seconds = best_time(
-                lambda: pipe(batch_size=args.batch_size, num_inference_steps=steps, output_type="latent"),
+            seconds = seconds_per_image(
+                pipe,
+                args.batch_size,
                 args.repeats,
                 args.device,
+                batch_size=args.batch_size,
+                num_inference_steps=steps,
+                output_type="latent",
             )
             nfe = len(pipe.scheduler.timesteps)
             rows.append(
@@ -69,7 +79,7 @@ def main():
                     "sampler": name,
                     "steps": steps,
                     "nfe": nfe,
-                    "seconds_per_image": seconds / args.batch_size,
+                    "seconds_per_image": seconds,
                 }
             )
 

@@ -61,6 +61,44 @@ def build(name):
     return net, (4, 32), {"class_labels": True}
 
 
+def training_step(
+    kind,
+    loss_fn,
+    student,
+    x0,
+    optimizer,
+    teacher=None,
+    cond=None,
+    uncond=None,
+    head=None,
+    ema=None,
+    autocast_dtype=None,
+):
+    """One training step as a function: the loss ("scd": `SCMLoss`'s teacher passes, JVP pass and gradient pass;
+    "diffusion": `TrigFlowDiffusionLoss`), its backward, the optimizer step and, given `ema`, the EMA update of the
+    student's network. `uncond` (the teacher's unconditional inputs, for guidance) and `head` (the adaptive weighting)
+    are optional; the loss runs under autocast to `autocast_dtype` when one is given."""
+    cond = cond or {}
+    extra = {"logvar_head": head} if head is not None else {}
+    if kind == "scd" and uncond is not None:
+        extra["uncond_conditioning"] = uncond
+
+    def step():
+        with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if kind == "scd":
+                loss, _ = loss_fn(student, x0, teacher=teacher, **extra, **cond)
+            else:
+                loss, _ = loss_fn(student, x0, **extra, **cond)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.step(student.inner_model)
+        return loss
+
+    return step
+
+
 def measure(name, kind, batch, device, repeats):
     from diffusers_scm import TrigFlowDenoiser
     from diffusers_scm.training import SCMLoss, TrigFlowDiffusionLoss
@@ -72,15 +110,7 @@ def measure(name, kind, batch, device, repeats):
     x0 = torch.randn(batch, channels, res, res, device=device)
     kwargs = {"class_labels": torch.arange(batch, device=device) % 10} if cond else {}
     loss_fn = SCMLoss(adaptive_weighting=False, tangent_warmup_steps=0) if kind == "scd" else TrigFlowDiffusionLoss()
-
-    def step():
-        if kind == "scd":
-            loss, _ = loss_fn(student, x0, teacher=teacher, **kwargs)
-        else:
-            loss, _ = loss_fn(student, x0, **kwargs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = training_step(kind, loss_fn, student, x0, opt, teacher=teacher, cond=kwargs)
 
     # this process does nothing else: the peak resident set growth over the models and optimizer is the step's
     baseline = peak_memory_baseline(device)
