@@ -5,6 +5,8 @@ and `evaluate.py --reference_stats` against scipy."""
 
 import json
 import math
+import os
+import subprocess
 import sys
 import types
 
@@ -324,3 +326,23 @@ def test_reference_statistics_are_checked(tmp_path):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--pipeline", "x", "--metrics", "fd_digits", "--reference_stats", str(path)])
     assert "fid" in evaluate.parse_args(["--pipeline", "x", "--reference_stats", str(path)]).metrics
+
+
+@pytest.mark.slow
+def test_two_process_launch_synchronizes_the_networks_own_head(tmp_path, edm2_config):
+    """Under DDP the network's log-variance head is called outside the wrapper's forward pass; its gradients are still
+    all-reduced (each process draws its own times and noise, so unsynchronized heads would drift apart)."""
+    from test_distill_script import _free_port
+
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "train_teacher.py")
+    out = tmp_path / "two"
+    cmd = [accelerate, "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()), script]
+    cmd += ["--objective", "edm", "--model_config", edm2_config, "--dataset_name", "digits", "--resolution", "8"]
+    cmd += ["--train_batch_size", "8", "--max_train_steps", "3", "--learning_rate", "1e-2", "--report_to", "none"]
+    cmd += ["--validation_steps", "100", "--output_dir", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 3 and summary["replicas_in_sync"]
