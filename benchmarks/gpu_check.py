@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import importlib
 import json
 import math
 import os
@@ -111,7 +112,7 @@ QUICK = Sizes(
     repeats=1,
     families={name: {"width": 128, "depth": 0.2, "latent": 8} for name in FAMILIES},
     resolution=32,
-    vae={"block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4, "scaling_factor": 1.5305},
+    vae={**SD3_VAE, "block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4},
     sampling_batch=1,
     memory_limit_fraction=0.5,
 )
@@ -304,8 +305,7 @@ def section_attention(ctx: Context) -> dict:
 @contextlib.contextmanager
 def _count_routes(counts: dict):
     """Count the attention calls `route` sends to each backend (the JVP attention looks it up at each call)."""
-    from diffusers_scm.jvp import attention as module
-
+    module = importlib.import_module("diffusers_scm.jvp.attention")  # the package exports a function of that name
     original = module.route
 
     def counting(*args, **kwargs):
@@ -412,7 +412,7 @@ def section_train_step(ctx: Context) -> dict:
             for name, step in (("diffusion", diffusion), ("scd", scd)):
                 step()  # warm-up; the peak of one step
                 baseline = _peak_start(ctx)
-                value = step()
+                value = step().detach()
                 row[f"{name}_peak_mb"] = _peak_mb(ctx, baseline)
                 if not math.isfinite(float(value)):
                     raise FloatingPointError(f"non-finite {name} loss {float(value)}")
@@ -544,7 +544,7 @@ def section_memory(ctx: Context) -> dict:
                 jvp_dtype=torch.float32,
             )
             for _ in range(2):  # the second step has Adam's moments
-                loss = step()
+                loss = step().detach()
             if not math.isfinite(float(loss)):
                 raise FloatingPointError(f"non-finite loss {float(loss)}")
             measured = _peak_mb(ctx, baseline)
