@@ -266,7 +266,7 @@ def parse_args(argv=None):
 
 def text_to_image_family(teacher: str, revision: str | None = None) -> str | None:
     """The family pipeline class of a text-to-image teacher (its model_index.json), else None."""
-    from diffusers_scm.conditioning import FAMILY_PIPELINES
+    from diffusers_scm.families import is_family
     from diffusers_scm.hub.folders import local_folder
     from diffusers_scm.utils import read_json
 
@@ -281,7 +281,7 @@ def text_to_image_family(teacher: str, revision: str | None = None) -> str | Non
             name = read_json(hf_hub_download(teacher, "model_index.json", revision=revision)).get("_class_name")
         except Exception:  # a network repository without model_index.json: not a pipeline
             name = None
-    return name if name in FAMILY_PIPELINES else None
+    return name if is_family(name) else None
 
 
 def student_scheduler(student, **kwargs) -> TrigFlowScheduler:

@@ -70,7 +70,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler, TrigFlowScheduler
-from diffusers_scm.conditioning import prompt_sequence_length
+from diffusers_scm.families import prompt_sequence_length
 from diffusers_scm.metrics import (
     InceptionFeatures,
     digit_of_prompt,

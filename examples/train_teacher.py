@@ -395,7 +395,7 @@ def flow_sample_grids(pipe, prompts, args, folder, name, accelerator=None, step=
     --guidance_scale, fixed seeds), saved as `folder/{name}-{n}step.png` and logged to the trackers."""
     from diffusers.utils import numpy_to_pil
 
-    from diffusers_scm.conditioning import prompt_sequence_length
+    from diffusers_scm.families import prompt_sequence_length
     from diffusers_scm.utils import square_image_grid
 
     os.makedirs(folder, exist_ok=True)
@@ -423,7 +423,8 @@ def flow_sample_grids(pipe, prompts, args, folder, name, accelerator=None, step=
 
 def train_flow_matching(args, accelerator):
     """--objective flow_matching: see the module docstring."""
-    from diffusers_scm.conditioning import LatentCodec, prompt_encoding
+    from diffusers_scm.conditioning import LatentCodec
+    from diffusers_scm.families import prompt_encoding
     from diffusers_scm.training.machinery.publishing import _write_summary, replica_check
     from diffusers_scm.training.machinery.run import end_run
 

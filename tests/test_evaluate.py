@@ -310,7 +310,8 @@ def test_a_short_t5_tokenizer_sets_the_sequence_length_of_every_call(tmp_path):
     from diffusers import StableDiffusion3Pipeline
     from t2i_pipelines import tiny_pipeline
 
-    from diffusers_scm.conditioning import TEXT_COMPONENTS, prompt_sequence_length
+    from diffusers_scm.conditioning import TEXT_COMPONENTS
+    from diffusers_scm.families import prompt_sequence_length
 
     evaluate = load_example("evaluate")
     teacher = tiny_pipeline("sd3")

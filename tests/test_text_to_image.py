@@ -8,7 +8,8 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from t2i_pipelines import IMAGE_SIZE, VAE_SCALE_FACTOR, call_kwargs, tiny_pipeline
 
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler
-from diffusers_scm.conditioning import TEXT_COMPONENTS, LatentCodec, prompt_encoding
+from diffusers_scm.conditioning import TEXT_COMPONENTS, LatentCodec
+from diffusers_scm.families import prompt_encoding
 from diffusers_scm.training.teacher import TextToImageTeacher
 
 

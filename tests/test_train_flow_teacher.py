@@ -209,7 +209,7 @@ def test_text_components_tokenize_caption_words_and_reload(vae_dir, tmp_path):
 
 
 def test_caption_cache_equals_encode_prompt(vae_dir, monkeypatch):
-    from diffusers_scm.conditioning import prompt_encoding, prompt_sequence_length
+    from diffusers_scm.families import prompt_encoding, prompt_sequence_length
 
     pipe = _pipeline(vae_dir)
     cache = CaptionCache(prompt_encoding(pipe), "cpu", max_captions=2)

@@ -8,15 +8,16 @@ and the VAE's latent scaling, each in one place.
     x0 = codec.encode(images)                          # latents in the teacher's data space (TrigFlow x0)
     images = codec.decode(x0)
 
-Families (the pipeline class names): StableDiffusion3Pipeline, FluxPipeline, SanaPipeline, PixArtSigmaPipeline /
-PixArtAlphaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline. Each `PromptEncoding` subclass overrides one
-method: how the tuple that its pipeline's `encode_prompt` returns maps to the network's keyword conditioning.
+Families are declared in `diffusers_scm.families` (one module per family group), which names each one's
+`PromptEncoding`; the first six (SD3, Flux.1, Sana, PixArt, SD 1.5, SDXL) have theirs here. Each `PromptEncoding`
+subclass overrides one method: how the tuple that its pipeline's `encode_prompt` returns maps to the network's keyword
+conditioning.
 
 Sequence length: families whose `encode_prompt` takes `max_sequence_length` (SD3, Flux, Sana, PixArt) pad their long
-text encoder's tokens to it. `prompt_sequence_length(pipe)` is the length every call here uses: the pipeline's own
+text encoder's tokens to it. `PromptEncoding.sequence_length()` (`diffusers_scm.families.prompt_sequence_length(pipe)`) is the length every call uses: the pipeline's own
 default, or the tokenizer's `model_max_length` where that is shorter (a teacher trained on short captions records its
 length there, and is then conditioned on that many tokens everywhere; call the family's own pipeline with
-`max_sequence_length=prompt_sequence_length(pipe)` to match). Released checkpoints keep the pipeline's default.
+that length to match). Released checkpoints keep the pipeline's default.
 """
 
 import abc
@@ -27,10 +28,7 @@ import torch
 __all__ = [
     "LatentCodec",
     "PromptEncoding",
-    "prompt_encoding",
-    "prompt_sequence_length",
     "check_tokenizers",
-    "FAMILY_PIPELINES",
     "TEXT_COMPONENTS",
 ]
 
@@ -184,10 +182,28 @@ class PromptEncoding(abc.ABC):
         device = device or self.pipeline._execution_device
         self.num_prompts = n
         embeds = {k: v for k, v in embeds.items() if v is not None}
-        length = prompt_sequence_length(self.pipeline)
+        length = self.sequence_length()
         if length is not None and "max_sequence_length" not in embeds:
             embeds["max_sequence_length"] = length
         return self._encode(prompts, negative_prompts, device, guidance, embeds)
+
+    def sequence_length(self) -> int | None:
+        """
+        The `max_sequence_length` of the family's prompts (see the module docstring): its pipeline's `__call__`
+        default, or its long tokenizer's `model_max_length` where shorter; None for families without the argument
+        (SD, SDXL).
+        """
+        import inspect
+
+        parameter = inspect.signature(type(self.pipeline).__call__).parameters.get("max_sequence_length")
+        if parameter is None or self.sequence_tokenizer is None:
+            return None
+        length = parameter.default
+        tokenizer = getattr(self.pipeline, self.sequence_tokenizer, None)
+        limit = getattr(tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and 0 < limit < length:
+            length = limit
+        return length
 
     def _check_embeds(self, prompts, guidance: bool, embeds: dict):
         """The embeddings that the family's `encode_prompt` needs together (its pooled embeddings or padding mask
@@ -303,47 +319,3 @@ class SDXLPromptEncoding(PromptEncoding):
         if not guidance:
             return cond, None
         return cond, {"encoder_hidden_states": npe, "added_cond_kwargs": {"text_embeds": nppe, "time_ids": time_ids}}
-
-
-FAMILY_PIPELINES = {
-    "StableDiffusion3Pipeline": SD3PromptEncoding,
-    "FluxPipeline": FluxPromptEncoding,
-    "SanaPipeline": SanaPromptEncoding,
-    "PixArtSigmaPipeline": MaskedT5PromptEncoding,
-    "PixArtAlphaPipeline": MaskedT5PromptEncoding,
-    "StableDiffusionPipeline": SDPromptEncoding,
-    "StableDiffusionXLPipeline": SDXLPromptEncoding,
-}
-
-
-def _encoding_class(pipeline) -> type[PromptEncoding]:
-    for cls in type(pipeline).__mro__:
-        if cls.__name__ in FAMILY_PIPELINES:
-            return FAMILY_PIPELINES[cls.__name__]
-    raise ValueError(
-        f"{type(pipeline).__name__} is not a supported text-to-image family: use one of {sorted(FAMILY_PIPELINES)}."
-    )
-
-
-def prompt_encoding(pipeline) -> PromptEncoding:
-    """The `PromptEncoding` of a family pipeline (by its class or nearest registered base class)."""
-    return _encoding_class(pipeline)(pipeline)
-
-
-def prompt_sequence_length(pipeline) -> int | None:
-    """
-    The `max_sequence_length` of a family pipeline's prompts (see the module docstring): its `__call__` default, or
-    its long tokenizer's `model_max_length` where shorter; None for families without the argument (SD, SDXL).
-    """
-    import inspect
-
-    parameter = inspect.signature(type(pipeline).__call__).parameters.get("max_sequence_length")
-    name = _encoding_class(pipeline).sequence_tokenizer
-    if parameter is None or name is None:
-        return None
-    length = parameter.default
-    tokenizer = getattr(pipeline, name, None)
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < length:
-        length = limit
-    return length

@@ -11,8 +11,9 @@ from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..adapters import cast_floating, get_adapter
-from ..conditioning import FAMILY_PIPELINES, TEXT_COMPONENTS, LatentCodec, check_tokenizers, prompt_encoding
+from ..conditioning import TEXT_COMPONENTS, LatentCodec, check_tokenizers
 from ..denoiser import call_network
+from ..families import family_names, get_family, is_family, prompt_encoding
 from ..guidance import guidance_conditioning
 
 
@@ -98,8 +99,8 @@ class SCMPipeline(DiffusionPipeline):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("SCMPipeline needs exactly one network: pass `unet` or `transformer`.")
-        if family_pipeline is not None and family_pipeline not in FAMILY_PIPELINES:
-            raise ValueError(f"Unknown family_pipeline {family_pipeline!r}: use one of {sorted(FAMILY_PIPELINES)}.")
+        if family_pipeline is not None and not is_family(family_pipeline):
+            raise ValueError(f"Unknown family_pipeline {family_pipeline!r}: use one of {sorted(family_names())}.")
         if image_range is not None:
             image_range = [float(v) for v in image_range]
             if len(image_range) != 2 or not image_range[0] < image_range[1]:
@@ -297,7 +298,7 @@ class SCMPipeline(DiffusionPipeline):
         their `negative_` forms) or, for prompts, the text encoders, instead of a matmul error inside the network.
         """
         network = self.network
-        names = FAMILY_PIPELINES[self.config.family_pipeline].embed_names
+        names = get_family(self.config.family_pipeline).encoding.embed_names
         prefix = "negative_" if negative else ""
         for key, shape in get_adapter(network).conditioning_shapes(network).items():
             value = conditioning.get(key)
@@ -441,7 +442,7 @@ class SCMPipeline(DiffusionPipeline):
             raise TypeError(f"SCMPipeline.__call__ got unexpected keyword arguments {unknown}.")
         family = self.config.get("family_pipeline")
         if family is not None and not text:
-            needed = FAMILY_PIPELINES[family].embeds_with_prompt_embeds
+            needed = get_family(family).encoding.embeds_with_prompt_embeds
             with_embeds = "".join(f" and `{k}`" for k in needed)
             raise ValueError(
                 f"This SCMPipeline is a text-to-image student ({family}): pass `prompt` (a string, or a list with "
@@ -450,7 +451,8 @@ class SCMPipeline(DiffusionPipeline):
         if text and family is not None:  # the given embeddings' shapes, before anything is built from them
             for negative, prefix in ((False, ""), (True, "negative_")):
                 given = {
-                    key: prompt_embeds.get(prefix + name) for key, name in FAMILY_PIPELINES[family].embed_names.items()
+                    key: prompt_embeds.get(prefix + name)
+                    for key, name in get_family(family).encoding.embed_names.items()
                 }
                 self._check_text_shapes(given, prompt_embeds, negative)
         if text:

@@ -216,14 +216,17 @@ class TextToImageTeacher:
     """
 
     def __init__(self, pipeline, parameterization: str | None = None, sigma_data: float | None = None):
-        from ..conditioning import LatentCodec, prompt_encoding
+        from ..families import get_family
 
         self.pipeline = pipeline
         self.family = type(pipeline).__name__
-        self.encoding = prompt_encoding(pipeline)
+        self.family_spec = get_family(pipeline)
+        self.encoding = self.family_spec.prompt_encoding(pipeline)
         if getattr(pipeline, "vae", None) is None:
             raise ValueError(f"The {self.family} teacher has no VAE: a latent teacher needs its `vae` component.")
-        self.codec = LatentCodec(pipeline.vae, sample=False)  # the VAE's mode: x0 is a function of the image
+        self.codec = self.family_spec.latent_codec(
+            pipeline.vae, sample=False
+        )  # the VAE's mode: x0 is a function of the image
         self.denoiser = teacher_from_pipeline(pipeline, parameterization, sigma_data)
 
     def text_components(self) -> dict:
@@ -260,7 +263,8 @@ def load_text_to_image_teacher(
     """
     from diffusers import DiffusionPipeline
 
-    from ..conditioning import FAMILY_PIPELINES, check_tokenizers
+    from ..conditioning import check_tokenizers
+    from ..families import family_names, is_family
     from ..hub.folders import check_pipeline_folder, local_folder
 
     folder = local_folder(path_or_id)
@@ -274,9 +278,9 @@ def load_text_to_image_teacher(
         )
     index = read_json(index_path)
     family = index.get("_class_name")
-    if family not in FAMILY_PIPELINES:
+    if not is_family(family):
         raise ValueError(
-            f"{path_or_id} is a {family}, not a supported text-to-image family ({', '.join(FAMILY_PIPELINES)})."
+            f"{path_or_id} is a {family}, not a supported text-to-image or text-to-video family ({', '.join(family_names())})."
         )
     missing = [n for n in ("text_encoder", "tokenizer") if not (isinstance(index.get(n), list) and index[n][0])]
     if missing:

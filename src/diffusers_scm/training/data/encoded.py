@@ -15,7 +15,7 @@ class CaptionCache:
     encoded once. Data sets with a few distinct captions (the digits: ten) then cost no text-encoder passes.
 
     Args:
-        encoding (`PromptEncoding`): `diffusers_scm.conditioning.prompt_encoding(pipeline)`.
+        encoding (`PromptEncoding`): `diffusers_scm.families.prompt_encoding(pipeline)`.
         device: where the conditioning is computed and kept.
         max_captions (`int`, defaults to 4096): the most captions kept.
     """

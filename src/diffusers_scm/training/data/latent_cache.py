@@ -311,7 +311,7 @@ def write_cache(
     import datasets
     from safetensors.torch import save_file
 
-    from ...conditioning import prompt_sequence_length
+    from ...families import prompt_sequence_length
     from ...utils import atomic_folder
 
     _check_replaceable(folder)

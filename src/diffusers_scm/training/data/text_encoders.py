@@ -163,7 +163,7 @@ def sd3_text_components(network_config, captions, max_words: int | None = 10000)
 
     The T5 encoder is small, and it makes the folder a plain SD3 pipeline (`from_pretrained` needs no
     `text_encoder_3=None`). Both tokenizers' `model_max_length` is the captions' longest tokenization (rounded up to
-    8): the T5 one is the pipeline's `max_sequence_length` here (`conditioning.prompt_sequence_length`), so the
+    8): the T5 one is the pipeline's `max_sequence_length` here (`families.prompt_sequence_length`), so the
     network attends to a few text tokens instead of SD3's default 256 (five times fewer network FLOPs for digits).
     """
     pooled = int(network_config["pooled_projection_dim"])
