@@ -51,6 +51,7 @@ extras = {
     ],
     "flash": ["flash-attn", "xformers", "jvp-flash-attention"],
     "metrics": ["scipy", "torch-fidelity", "matplotlib"],
+    "video": ["av"],  # MP4 / MOV / WebM clips for text-to-video distillation (GIF, WebP, APNG read through PIL)
     "docs": docs,
 }
 extras["dev"] = sorted(set(extras["test"] + extras["training"] + ["ruff>=0.4"]))

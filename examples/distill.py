@@ -13,8 +13,10 @@ a fake-score network that follows the student (`diffusers_scm.training.DMDLoss`)
 The teacher is any diffusers pipeline or network folder whose parameterization `load_teacher` infers (EDM, flow
 matching, DDPM eps/v, TrigFlow). `--guidance_model PATH --guidance_scale W` guides it the EDM2 way with a second,
 smaller frozen network (EDM2's unconditional XS, or an autoguidance model): F = F_g + W (F - F_g) (SPEC.md section 10).
-The student starts as a copy of the teacher's network (or `--student`), is trained with `SCMLoss`, and its EMA is saved
-as an `SCMPipeline` folder with a `TrigFlowScheduler` for its parameterization.
+A latent teacher without text encoders (EDM2 converted with --vae) trains on its VAE's encoding of the images, and its
+student keeps the VAE and the image range. The student starts as a copy of the teacher's network (or `--student`), is
+trained with `SCMLoss`, and its EMA is saved as an `SCMPipeline` folder with a `TrigFlowScheduler` for its
+parameterization.
 """
 
 import argparse
@@ -29,6 +31,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from diffusers_scm import TrigFlowDenoiser, TrigFlowScheduler
+from diffusers_scm.adapters import get_adapter
 from diffusers_scm.guidance import GuidedDenoiser
 from diffusers_scm.training import ConsistencyLoss, SCMLoss, TCMLoss, load_teacher
 from diffusers_scm.training.data.captions import load_text_image_dataset
@@ -38,7 +41,12 @@ from diffusers_scm.training.machinery.arguments import add_common_args, non_nega
 from diffusers_scm.training.machinery.fsdp import is_sharded, shard_module
 from diffusers_scm.training.machinery.loop import train_loop
 from diffusers_scm.training.machinery.lora import BaseModelDenoiser, add_lora
-from diffusers_scm.training.machinery.publishing import finish_training, log_validation, publish_pipeline
+from diffusers_scm.training.machinery.publishing import (
+    finish_training,
+    log_validation,
+    publish_pipeline,
+    teacher_decoder,
+)
 from diffusers_scm.training.machinery.run import adam, prepare_training, training_run
 from diffusers_scm.training.objectives.dmd import DMDLoss
 from diffusers_scm.training.objectives.objective import OBJECTIVES
@@ -103,6 +111,12 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--teacher_ode_steps", type=int, default=16, help="prompt-only data: ODE steps of the teacher's own x0"
+    )
+    p.add_argument(
+        "--num_frames",
+        type=positive_int,
+        default=None,
+        help="video teachers (WanPipeline, ...): frames per clip, a count the VAE encodes whole (4k + 1 for Wan)",
     )
     # LoRA students (SPEC.md section 9)
     p.add_argument("--lora_rank", type=positive_int, default=None, help="train a LoRA adapter of this rank only")
@@ -259,9 +273,63 @@ def parse_args(argv=None):
         if args.guidance_scale_range is not None:
             p.error("--guidance_model guides with one --guidance_scale W: drop --guidance_scale_range")
     args.text_to_image = args.teacher is not None and text_to_image_family(args.teacher, args.teacher_revision)
+    check_video_args(p, args)
     if args.text_to_image and args.dataset_name == "digits":
         p.error("A text-to-image teacher needs captioned data: --dataset_name FOLDER_OR_DATASET (--caption_column)")
     return args
+
+
+def check_video_args(p, args):
+    """A video teacher needs --num_frames, a count its VAE encodes whole (checked against the VAE's config before any
+    weights load); an image teacher takes none."""
+    from diffusers_scm.families import get_family
+
+    family = get_family(args.text_to_image) if args.text_to_image else None
+    video = family is not None and family.video
+    if video and args.num_frames is None:
+        p.error(f"{args.text_to_image} makes videos: pass --num_frames F (frames per clip, e.g. 81 for Wan)")
+    if not video and args.num_frames is not None:
+        p.error("--num_frames is for video teachers (WanPipeline, ...); this teacher makes images")
+    if video:
+        import types
+
+        config = teacher_vae_config(args.teacher, args.teacher_revision)
+        if config is not None:
+            codec = family.latent_codec(types.SimpleNamespace(config=config))
+            try:
+                codec.check_num_frames(args.num_frames, where=f"--num_frames: {args.teacher}'s VAE: ")
+            except ValueError as e:
+                p.error(str(e))
+
+
+def teacher_vae_config(teacher: str, revision: str | None = None) -> dict | None:
+    """The `vae/config.json` of a pipeline folder or Hub id (None where there is none)."""
+    from diffusers_scm.hub.folders import local_folder
+    from diffusers_scm.utils import read_json
+
+    folder = local_folder(teacher)
+    if folder is not None:
+        path = os.path.join(folder, "vae", "config.json")
+        return read_json(path) if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return read_json(hf_hub_download(teacher, "vae/config.json", revision=revision))
+    except Exception:  # no VAE config to read: the codec checks the frames when it encodes
+        return None
+
+
+def load_text_data(args):
+    """The captioned images, or (video teachers, --num_frames) clips, of --dataset_name; or its captions alone."""
+    if args.num_frames is not None:
+        from diffusers_scm.training.data.videos import load_text_video_dataset
+
+        return load_text_video_dataset(
+            args.dataset_name, args.resolution, args.num_frames, args.caption_column, args.skip_bad_images
+        )
+    return load_text_image_dataset(
+        args.dataset_name, args.resolution, args.image_column, args.caption_column, args.skip_bad_images
+    )
 
 
 def text_to_image_family(teacher: str, revision: str | None = None) -> str | None:
@@ -323,11 +391,19 @@ def with_guidance_model(args, teacher):
 
 def trainable(network):
     """`network` with gradients, except for the uncertainty head of EDM2 networks (`logvar_fourier`, `logvar_linear`,
-    SPEC.md section 10), which the network's forward never calls: DDP waits for a gradient of every trainable
+    SPEC.md section 10), which the network's forward never calls, and the parameters its prediction never reads (its
+    adapter's `unused_parameters`: Qwen-Image's last text-stream output): DDP waits for a gradient of every trainable
     parameter. The distillation's own adaptive-weighting head takes its place (SPEC.md section 3)."""
     network.requires_grad_(True)
+    return freeze_unused(network, ("logvar_fourier.", "logvar_linear."))
+
+
+def freeze_unused(network, prefixes=()):
+    """`network` with the parameters under `prefixes` and its adapter's `unused_parameters` (LoRA adapters on them
+    included) frozen."""
+    prefixes = (*prefixes, *get_adapter(network).unused_parameters(network))
     for name, param in network.named_parameters():
-        if name.startswith(("logvar_fourier.", "logvar_linear.")):
+        if name.startswith(prefixes):
             param.requires_grad_(False)
     return network
 
@@ -371,19 +447,26 @@ def build_models(args):
             "has none (Flux, and Sana with guidance_embeds=True, have one): use --guidance_scale W instead."
         )
     if args.lora_rank is not None:  # one copy: the teacher is the student's network with its adapters off
-        network = init.inner_model
+        network = student_source(init.inner_model)
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
         add_lora(network, args.lora_rank, args.lora_alpha, targets)
-        network.train()
+        freeze_unused(network).train()
         student = TrigFlowDenoiser(network, init.parameterization, sigma_data=init.sigma_data)
-        if teacher is not None and teacher.inner_model is network:
-            teacher = BaseModelDenoiser(network, teacher.parameterization, sigma_data=teacher.sigma_data)
+        if teacher is not None and (teacher.inner_model is network or network in teacher.inner_model.modules()):
+            teacher = BaseModelDenoiser(teacher.inner_model, teacher.parameterization, sigma_data=teacher.sigma_data)
             if getattr(args, "t2i", None) is not None:
                 args.t2i.denoiser = teacher
         return with_guidance_model(args, teacher), student
-    network = trainable(copy.deepcopy(init.inner_model).float()).train()  # float32 master weights
+    network = trainable(copy.deepcopy(student_source(init.inner_model)).float()).train()  # float32 master weights
     student = TrigFlowDenoiser(network, init.parameterization, sigma_data=init.sigma_data)
     return with_guidance_model(args, teacher), student
+
+
+def student_source(network):
+    """The network a student starts from: the teacher's, or where the teacher calls several (Wan 2.2's experts,
+    `TimestepExperts`), the one its `student_network()` names."""
+    choose = getattr(network, "student_network", None)
+    return choose() if callable(choose) else network
 
 
 def build_loss(args, method: str, sigma_data: float, start_stage: int = 0):
@@ -451,6 +534,7 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         and (config.get("num_class_embeds") or config.get("num_embeds_ada_norm") or config.get("num_classes"))
     )
     text = text_batches(args) if args.text_to_image else None
+    encode = None if text is not None else latent_encoder(args, config, accelerator.device)
     if text is not None:
         dataset = text_dataset(args, accelerator)
         conditional = False
@@ -458,7 +542,7 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         dataset = load_image_dataset(
             args.dataset_name,
             args.resolution,
-            channels,
+            3 if encode is not None else channels,  # a latent teacher's data: RGB images, encoded by its VAE
             args.image_column,
             args.label_column,
             skip_bad_images=args.skip_bad_images,
@@ -488,7 +572,10 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
         if text is not None:  # latents, prompt conditioning, CFG's unconditional branch, w per sample
             x0, cond, uncond, w = text(batch, accelerator.device, noise_generator)
             return x0, cond, {"uncond_conditioning": uncond, "teacher_guidance": w}
-        x0 = to_model_channels(batch["pixel_values"], channels)
+        if encode is not None:  # images through the latent teacher's VAE
+            x0 = encode(to_model_channels(batch["pixel_values"], 3), noise_generator)
+        else:
+            x0 = to_model_channels(batch["pixel_values"], channels)
         return x0, ({"class_labels": batch["class_labels"]} if conditional and "class_labels" in batch else {}), {}
 
     def regularizer(shape, cond, guidance, step):  # before the main loss: its own backward pass
@@ -528,6 +615,7 @@ def train_stage(args, accelerator, method: str, teacher, student, stage1=None, s
             components=student_components(args),
             prompts=validation_prompts(args),
             image_size=args.resolution,
+            num_frames=args.num_frames,
         )
 
     global_step, counters = train_loop(
@@ -644,6 +732,7 @@ def text_batches(args) -> TextBatches:
         uncond=uncond,
         resolution=args.resolution,
         ode_steps=args.teacher_ode_steps,
+        num_frames=args.num_frames,
     )
 
 
@@ -651,9 +740,7 @@ def text_dataset(args, accelerator):
     """The training rows: the --cache_dir cache (written first when missing), or captioned images on the fly."""
     if getattr(args, "cache", None) is not None:
         return args.cache[0]
-    dataset = load_text_image_dataset(
-        args.dataset_name, args.resolution, args.image_column, args.caption_column, args.skip_bad_images
-    )
+    dataset = load_text_data(args)
     if not dataset.has_images:
         logger.info(
             "Prompt-only data: x0 comes from the teacher's own ODE samples (%d steps).", args.teacher_ode_steps
@@ -677,6 +764,7 @@ def prepare_cache(args, accelerator):
         **teacher_record(args.teacher, args.teacher_revision),
         "resolution": args.resolution,
         "dtype": args.teacher_dtype,
+        "num_frames": args.num_frames,
     }
     if accelerator.is_main_process:
         missing = not os.path.isfile(os.path.join(args.cache_dir, CACHE_INFO))
@@ -691,9 +779,7 @@ def prepare_cache(args, accelerator):
                 torch_dtype=getattr(torch, args.teacher_dtype),
                 revision=args.teacher_revision,
             )
-            dataset = load_text_image_dataset(
-                args.dataset_name, args.resolution, args.image_column, args.caption_column, args.skip_bad_images
-            )
+            dataset = load_text_data(args)
             write_cache(
                 dataset,
                 teacher,
@@ -704,6 +790,7 @@ def prepare_cache(args, accelerator):
                 teacher_revision=args.teacher_revision,
                 dataset_name=args.dataset_name,
                 caption_column=args.caption_column,
+                num_frames=args.num_frames,
             )
             del teacher
     accelerator.wait_for_everyone()
@@ -713,9 +800,12 @@ def prepare_cache(args, accelerator):
 
 def student_components(args) -> dict | None:
     """What a text-to-image student's pipeline keeps of its teacher: VAE, text encoders, tokenizers, family. From a
-    cache they are loaded here (main process, for validation and saving), never during training steps."""
-    if not args.text_to_image:
-        return None
+    cache they are loaded here (main process, for validation and saving), never during training steps. A latent
+    teacher without text encoders (EDM2 converted with --vae) passes on its VAE and image range (`teacher_decoder`)."""
+    if not args.text_to_image:  # a latent class-conditional teacher (EDM2 with --vae): its VAE and image range
+        if getattr(args, "teacher_decoder", None) is None:
+            args.teacher_decoder = teacher_decoder(args.teacher, args.teacher_revision) if args.teacher else {}
+        return {**args.teacher_decoder} or None
     teacher = getattr(args, "t2i", None)
     if teacher is None and getattr(args, "cached_components", None) is None:  # loaded once, kept for later calls
         from diffusers import DiffusionPipeline
@@ -723,7 +813,7 @@ def student_components(args) -> dict | None:
         from diffusers_scm.conditioning import TEXT_COMPONENTS
 
         names = ("vae", *TEXT_COMPONENTS)
-        skip = dict.fromkeys(("transformer", "unet"))
+        skip = dict.fromkeys(("transformer", "transformer_2", "unet"))  # networks (Wan 2.2's second expert too)
         pipe = DiffusionPipeline.from_pretrained(args.teacher, revision=args.teacher_revision, **skip)
         parts = {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
         args.cached_components = {**parts, "family_pipeline": type(pipe).__name__}
@@ -733,11 +823,42 @@ def student_components(args) -> dict | None:
     return {**parts, **guidance_record(args)}
 
 
+def latent_encoder(args, config, device):
+    """For a latent teacher without text encoders (EDM2 converted with --vae, SPEC.md section 10): images in [-1, 1] ->
+    latents x0, through the teacher's VAE on the images mapped to its `image_range` ([0, 1] for EDM2) and its latent
+    normalization (`LatentCodec`), a sample of the latent distribution as EDM2's training draws it. None for other
+    teachers."""
+    from diffusers_scm.conditioning import LatentCodec
+
+    parts = student_components(args) or {}
+    if "vae" not in parts:
+        return None
+    codec = LatentCodec(parts["vae"].to(device))
+    size = config.get("sample_size")
+    if size is not None and args.resolution != size * codec.scale_factor:
+        raise ValueError(
+            f"--resolution {args.resolution}: the teacher is a latent network on {size}x{size} latents, the encoding of "
+            f"{size * codec.scale_factor}x{size * codec.scale_factor} images by its VAE: use --resolution "
+            f"{size * codec.scale_factor}."
+        )
+    lo, hi = parts.get("image_range") or (-1.0, 1.0)
+
+    def encode(images, generator=None):
+        return codec.encode((lo + (images + 1) * (hi - lo) / 2).to(device), generator=generator)
+
+    return encode
+
+
 def guidance_record(args) -> dict:
     """The guidance a student was distilled with, for its pipeline config and model card."""
     if args.guidance_scale_range is not None:
         lo, hi = args.guidance_scale_range
         return {"guidance_scale_range": [lo, hi], "guidance_scale": (lo + hi) / 2}
+    teacher = getattr(args, "t2i", None)
+    denoiser = getattr(teacher, "denoiser", None)
+    network = getattr(denoiser, "inner_model", None) or getattr(args, "teacher_network", None)
+    if network is not None and network.config.get("guidance_embeds", False):  # Flux.1-dev, Flux.2 [dev]
+        return {"guidance_scale": float(args.guidance_scale)}  # the w its guidance input was trained at (SPEC.md 8)
     return {}
 
 

@@ -172,9 +172,7 @@ def network_of(pipe):
 def text_noise_shape(pipe, num_samples: int, resolution: int | None) -> tuple[int, ...]:
     """The unpacked latent noise (n, C, h, w) of a text-to-image pipeline at `resolution` pixels (default: the
     network's sample size)."""
-    from diffusers_scm.conditioning import LatentCodec
-
-    codec = LatentCodec(pipe.vae)
+    codec = latent_codec(pipe)
     size = network_of(pipe).config.get("sample_size") or 64
     size = size[0] if isinstance(size, (list, tuple)) else size
     h = (resolution // codec.scale_factor) if resolution else size
@@ -270,8 +268,9 @@ def text_call(pipe, chunk: torch.Tensor, first: int, text: dict) -> dict:
         ode = isinstance(pipe.scheduler, TrigFlowODEScheduler)
         return {**kwargs, "latents": chunk, "guidance_scale": text["guidance_scale"] if ode else None}
     latents = chunk
-    if hasattr(pipe, "_pack_latents"):  # Flux-style pipelines take 2x2-packed tokens
-        latents = pipe._pack_latents(chunk, *chunk.shape)
+    pack = getattr(pipe, "_pack_latents", None)
+    if pack is not None and len(inspect.signature(pack).parameters) > 1:  # Flux.1-style: 2x2-packed tokens
+        latents = pack(chunk, *chunk.shape)  # (Flux.2's pipelines take the patchified latent x0 itself)
     kwargs["latents"] = latents
     parameters = inspect.signature(pipe.__call__).parameters
     if "use_resolution_binning" in parameters:  # the exact size, not the nearest trained aspect-ratio bin
@@ -325,10 +324,22 @@ def load_reference_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def _scale_factor(pipe) -> int:
+def latent_codec(pipe):
+    """The codec of a text-to-image pipeline's latents x0: its family's (Flux.2: patchified and batch-normalized),
+    else `LatentCodec`."""
     from diffusers_scm.conditioning import LatentCodec
+    from diffusers_scm.families import get_family
 
-    return LatentCodec(pipe.vae).scale_factor
+    if isinstance(pipe, SCMPipeline):
+        return pipe.latent_codec()
+    try:
+        return get_family(pipe).latent_codec(pipe.vae)
+    except ValueError:  # not a declared family
+        return LatentCodec(pipe.vae)
+
+
+def _scale_factor(pipe) -> int:
+    return latent_codec(pipe).scale_factor
 
 
 def reference_images(name: str, resolution: int, channels: int, image_column: str) -> torch.Tensor:

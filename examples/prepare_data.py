@@ -13,6 +13,9 @@ The cache is written in `CACHE_DIR.tmp` and takes the place of `--cache_dir` who
 run leaves an earlier cache there as it was. Its `cache_info.json` records what it was made with (teacher, its VAE and
 text encoders, resolution, dtype); `distill.py --cache_dir` refuses a cache made with other settings than its own
 (or, with `--rebuild_cache`, writes it again).
+
+Video teachers (WanPipeline, ...) take `--num_frames F`: the data set is a folder of clips with `metadata.jsonl`
+captions (`diffusers_scm.training.data.videos`), the latents are 5-D and the cache records F.
 """
 
 import argparse
@@ -41,7 +44,10 @@ def parse_args(argv=None):
     )
     p.add_argument("--batch_size", type=positive_int, default=8)
     p.add_argument("--teacher_dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--skip_bad_images", action="store_true")
+    p.add_argument("--skip_bad_images", action="store_true", help="leave out unreadable images (or clips)")
+    p.add_argument(
+        "--num_frames", type=positive_int, default=None, help="video teachers: frames per clip (4k + 1 for Wan)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -53,9 +59,22 @@ def main(argv=None):
         args.teacher, torch_dtype=getattr(torch, args.teacher_dtype), revision=args.teacher_revision
     )
     teacher.pipeline.to(args.device)
-    dataset = load_text_image_dataset(
-        args.dataset_name, args.resolution, args.image_column, args.caption_column, args.skip_bad_images
-    )
+    if teacher.family_spec.video != (args.num_frames is not None):
+        raise SystemExit(
+            f"--num_frames is for video teachers: {teacher.family} "
+            + ("makes videos, pass --num_frames F." if teacher.family_spec.video else "makes images, drop it.")
+        )
+    if args.num_frames is not None:
+        from diffusers_scm.training.data.videos import load_text_video_dataset
+
+        teacher.codec.check_num_frames(args.num_frames, where=f"--num_frames: {args.teacher}'s VAE: ")
+        dataset = load_text_video_dataset(
+            args.dataset_name, args.resolution, args.num_frames, args.caption_column, args.skip_bad_images
+        )
+    else:
+        dataset = load_text_image_dataset(
+            args.dataset_name, args.resolution, args.image_column, args.caption_column, args.skip_bad_images
+        )
     rows = write_cache(
         dataset,
         teacher,
@@ -67,6 +86,7 @@ def main(argv=None):
         teacher_revision=args.teacher_revision,
         dataset_name=args.dataset_name,
         caption_column=args.caption_column,
+        num_frames=args.num_frames,
     )
     print(f"cached {rows} rows in {args.cache_dir}")
 

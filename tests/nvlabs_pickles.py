@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from diffusers_scm.models import DhariwalUNet2DModel, EDM2UNet2DModel, SongUNet2DModel
+from diffusers_scm.models.unet_edm2 import EDM2Block
 
 
 PERSISTENCE_VERSION = 6
+EDM2_CLASSES = (EDM2UNet2DModel, EDM2Block)
 # Our module classes -> NVlabs' (training/networks.py, training/networks_edm2.py)
 NVLABS_CLASS_NAMES = {
     "SongUNet2DModel": "SongUNet",
@@ -156,8 +158,11 @@ def module_state(module: torch.nn.Module, children: dict, dtype=None, init_kwarg
     def cast(t):
         return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
 
+    def nvlabs_shape(k, v):  # NVlabs' EDM2 gains are 0-dim (torch.zeros([])); ours have shape (1,)
+        return v.reshape(()) if k in ("emb_gain", "out_gain") and isinstance(module, EDM2_CLASSES) else v
+
     params = collections.OrderedDict(
-        (k, None if v is None else torch.nn.Parameter(cast(v), requires_grad=False))
+        (k, None if v is None else torch.nn.Parameter(cast(nvlabs_shape(k, v)), requires_grad=False))
         for k, v in module._parameters.items()
     )
     buffers = collections.OrderedDict((k, None if v is None else cast(v)) for k, v in module._buffers.items())

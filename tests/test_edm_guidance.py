@@ -368,9 +368,74 @@ def test_two_process_distillation_of_a_converted_edm2_teacher_with_its_guide(tmp
         assert images.shape == (2, 8, 8, 2) and np.isfinite(images).all()
 
 
+def test_fsdp_shards_edm2_networks_as_the_unsharded_network(tmp_path):
+    # fsdp_worker's checks for a tiny EDM2 network (2 processes over gloo): its gains (shape (1,)) are sharded like
+    # every parameter, the sharded JVP, EMA, gathering and sharded checkpoints equal the unsharded network's, and
+    # EDM2's forced weight normalization reaches the shards (FSDP computes with gathered copies, which it drops)
+    import subprocess
+    import sys
+
+    from test_distill_script import _free_port
+
+    worker = os.path.join(os.path.dirname(__file__), "edm_fsdp_worker.py")
+    result = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    res = subprocess.run(
+        cmd + [worker, str(result), str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert res.returncode == 0, res.stderr[-5000:]
+    main, other = json.loads(result.read_text())
+    r = main["edm2"]
+    assert r["sharded"] and r["blocks"] == ["EDM2Block"] and r["copy_class"] == "EDM2UNet2DModel"
+    for backend in ("math", "blocked"):
+        assert max(r[f"jvp_{backend}"]) < 1e-6, (backend, r[f"jvp_{backend}"])
+    assert r["ema_shadow_is_sharded"] and r["ema_max_abs"] == 0.0 and r["copy_max_abs"] == 0.0
+    assert other["edm2"]["others_get_none"]
+    for key in ("reload_weights", "reload_moments", "reload_ema"):
+        assert r[key] == 0.0 and other["edm2"][key] == 0.0, key
+    # after a training-mode forward the stored shards equal the unsharded network's normalized weights
+    assert main["forced"]["stored_max_abs"] == 0.0 and main["forced"]["unit_rows_max_abs"] < 1e-3
+
+
+@pytest.mark.slow
+def test_sharded_edm2_distillation_with_its_guide_equals_ddp(tmp_path):
+    # a converted EDM2 teacher and its guide sharded beside the EDM2 student (--fsdp --fsdp_shard_teacher): the
+    # losses and the final weights equal the DDP run's (forced weight normalization on the shards included)
+    from test_distill_script import _launch, _losses
+
+    write_edm2(tmp_path / "teacher.pkl", num_classes=10, seed=0)
+    write_edm2(tmp_path / "guide.pkl", num_classes=0, seed=1)
+    for name in ("teacher", "guide"):
+        convert_checkpoint(str(tmp_path / f"{name}.pkl"), str(tmp_path / name))
+    teacher, guide = str(tmp_path / "teacher"), str(tmp_path / "guide")
+    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    common = ["--adam_epsilon", "1e-2", "--learning_rate", "1e-2"]
+    _launch(distill_args(teacher, guide, ddp, *common))
+    res = _launch(distill_args(teacher, guide, fsdp, *common, "--fsdp", "--fsdp_shard_teacher"))
+    assert (
+        "--fsdp_shard_teacher: sharded 2 frozen networks (EDM2UNet2DModel, EDM2UNet2DModel)" in res.stderr + res.stdout
+    )
+    losses_ddp, losses_fsdp = _losses(ddp), _losses(fsdp)
+    assert sorted(losses_fsdp) == [1, 2] and losses_ddp[1] > 1e-4
+    for step, loss in losses_ddp.items():
+        assert abs(losses_fsdp[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, loss, losses_fsdp[step])
+    assert json.load(open(os.path.join(fsdp, "training_summary.json")))["sharded"]
+    from safetensors.torch import load_file
+
+    final_ddp, final_fsdp = (
+        load_file(os.path.join(f, "unet", "diffusion_pytorch_model.safetensors")) for f in (ddp, fsdp)
+    )
+    assert final_ddp.keys() == final_fsdp.keys() and final_fsdp["out_gain"].shape == (1,)
+    assert max((final_ddp[k] - final_fsdp[k]).abs().max().item() for k in final_ddp) < 1e-5
+
+
+@pytest.mark.slow
 def test_sharded_guide_gives_the_unsharded_losses(tmp_path):
     # --fsdp --fsdp_shard_teacher shards the guiding network beside the teacher (each its own FSDP root); the losses
-    # equal those of the DDP run. Tiny UNet2DModels: EDM2 networks have scalar gains, which fully_shard refuses.
+    # equal those of the DDP run (tiny UNet2DModels; EDM2 networks: the slow test above)
     from conftest import tiny_unet
     from diffusers import DDPMPipeline, DDPMScheduler
     from test_distill_script import _launch, _losses
@@ -389,6 +454,117 @@ def test_sharded_guide_gives_the_unsharded_losses(tmp_path):
     for step, loss in losses_ddp.items():
         assert abs(losses_fsdp[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, loss, losses_fsdp[step])
     assert json.load(open(os.path.join(fsdp, "training_summary.json")))["sharded"]
+
+
+def test_latent_edm2_student_decodes_as_its_teacher(tmp_path, monkeypatch):
+    # a latent EDM2 teacher converted with --vae, distilled a few steps: the training images go through its VAE in
+    # [0, 1] (EDM2's x0 = z * scale + bias, z a sample of the latent distribution); the student's folder keeps the VAE
+    # (with EDM2's per-channel normalization in its config) and the [0, 1] image range, so its pipeline decodes
+    # latents as the teacher's pipeline does, and its samples are images in [0, 1]
+    from conftest import load_script
+
+    from diffusers_scm.conditioning import LatentCodec
+
+    write_edm2(tmp_path / "latent.pkl", num_classes=10, seed=3, in_channels=4)
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    teacher = str(tmp_path / "teacher")
+    convert_checkpoint(str(tmp_path / "latent.pkl"), teacher, vae=str(tmp_path / "vae"))
+    encoded = []
+    encode = LatentCodec.encode
+
+    def spy(self, images, generator=None):
+        state = None if generator is None else generator.get_state()
+        out = encode(self, images, generator=generator)
+        encoded.append((images.clone(), state, out))
+        return out
+
+    monkeypatch.setattr(LatentCodec, "encode", spy)
+    out = tmp_path / "student"
+    run = "--method scd --dataset_name digits --resolution 16 --train_batch_size 4 --max_train_steps 2"
+    rest = "--checkpointing_steps 100 --validation_steps 1 --num_validation_images 2 --report_to none"
+    distill = load_script("distill")
+    distill.main(["--teacher", teacher, *f"{run} {rest}".split(), "--output_dir", str(out)])
+
+    assert len(encoded) == 2  # one batch per step
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    for images, state, x0 in encoded:
+        assert images.shape == (4, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+        assert images.min() < 0.1 and images.max() > 0.9  # the digits' [-1, 1] mapped to EDM2's [0, 1]
+        with torch.no_grad():
+            z = vae.encode(images).latent_dist.sample(torch.Generator().set_state(state))
+        expected = z * torch.from_numpy(SCALE).reshape(1, -1, 1, 1) + torch.from_numpy(BIAS).reshape(1, -1, 1, 1)
+        assert x0.shape == (4, 4, 8, 8)
+        torch.testing.assert_close(x0, expected, rtol=1e-5, atol=1e-5)
+
+    index = json.load(open(out / "model_index.json"))
+    assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["image_range"] == [0.0, 1.0]
+    student = SCMPipeline.from_pretrained(str(out))
+    reference = SCMPipeline.from_pretrained(teacher)
+    assert type(student.unet).__name__ == "EDM2UNet2DModel" and student.image_range == (0.0, 1.0)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(student.vae.config) == public(reference.vae.config)
+    np.testing.assert_allclose(student.vae.config.latents_mean, RAW_MEAN, rtol=1e-5, atol=1e-5)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7)) * 1.5
+    images = student.latents_to_images(x0)
+    torch.testing.assert_close(images, reference.latents_to_images(x0), rtol=0, atol=0)
+    torch.testing.assert_close(images, edm2_decode(vae, x0))
+    student.set_progress_bar_config(disable=True)
+    kwargs = {"batch_size": 2, "class_labels": [3, 7], "output_type": "np"}
+    for steps in (1, 2):
+        arr = student(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).images
+        assert arr.shape == (2, 16, 16, 3) and arr.min() >= 0 and arr.max() <= 1
+    # the validation grids were decoded too
+    assert sorted(os.listdir(out / "samples"))[:2] == ["step-0000001-1step.png", "step-0000001-2step.png"]
+    # the images must be those the VAE encodes to the network's latents
+    with pytest.raises(ValueError, match="--resolution 8: the teacher is a latent network on 8x8 latents.*16"):
+        distill.main(
+            ["--teacher", teacher, *f"{run} {rest}".replace("16", "8").split(), "--output_dir", str(out) + "2"]
+        )
+
+
+def test_resume_names_a_changed_guidance_model(edm2, tmp_path):
+    # --guidance_model, its network and w are in the checkpoints' run_config: a resume that adds, drops or changes
+    # them is refused naming the flag, before any tensor is read
+    from conftest import load_script
+
+    distill = load_script("distill")
+    root = tmp_path
+    write_edm2(root / "teacher10.pkl", num_classes=10, seed=0)
+    write_edm2(root / "small_uncond.pkl", num_classes=0, seed=4, num_blocks=2)  # a guide of another architecture
+    for name in ("teacher10", "small_uncond"):
+        convert_checkpoint(str(root / f"{name}.pkl"), str(root / name))
+    teacher, guide = str(root / "teacher10"), edm2["uncond"][1]
+    out = str(tmp_path / "student")
+    run = "--method scd --dataset_name digits --resolution 8 --train_batch_size 2 --max_train_steps 1"
+    rest = "--checkpointing_steps 1 --validation_steps 100 --num_validation_images 2 --report_to none"
+    base = ["--teacher", teacher, *f"{run} {rest}".split(), "--output_dir", out]
+    distill.main([*base, "--guidance_model", guide, "--guidance_scale", "2"])
+    state = json.load(open(os.path.join(out, "checkpoint-1", "training_state.json")))["run_config"]
+    assert state["--guidance_model"] == guide and state["--guidance_scale"] == 2.0
+    assert (
+        state["guidance network"]["class"] == "EDM2UNet2DModel"
+        and state["guidance network"]["config"]["num_classes"] == 0
+    )
+
+    resume = [*base[:-2], "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", "2"]
+    for extra, message in (
+        ([], "was written with --guidance_model " + guide + "; this run has no --guidance_model"),
+        (
+            ["--guidance_model", guide, "--guidance_scale", "3"],
+            "--guidance_scale 2.0; this run has --guidance_scale 3",
+        ),
+        (
+            ["--guidance_model", str(root / "small_uncond"), "--guidance_scale", "2"],
+            "was written with the guiding network EDM2UNet2DModel(",
+        ),
+    ):
+        with pytest.raises(ValueError, match="Checkpoint .*checkpoint-1") as error:
+            distill.main([*resume, *extra])
+        assert message in str(error.value), str(error.value)
+    assert not os.path.exists(os.path.join(out, "checkpoint-2"))
+    # the same guide (a moved folder would only be logged): the run resumes
+    distill.main([*resume, "--guidance_model", guide, "--guidance_scale", "2"])
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))
 
 
 def test_guide_with_the_latent_cache(tmp_path, data_dir, monkeypatch):  # noqa: F811

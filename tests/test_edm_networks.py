@@ -380,6 +380,33 @@ def test_save_pretrained_from_pretrained_round_trip(kind, tmp_path):
             assert a.logvar.shape == (2, 1, 1, 1) and torch.equal(a.logvar, b.logvar)
 
 
+def test_edm2_gains_shard_and_load_from_their_0_dim_form(tmp_path):
+    # the gains have shape (1,), which FSDP2 shards along its first dimension; 0-dim values (NVlabs' layout, and
+    # folders saved when the gains were 0-dim) load through load_state_dict and from_pretrained alike
+    from safetensors.torch import load_file, save_file
+
+    model = tiny("edm2").eval()
+    gains = [k for k in model.state_dict() if k.endswith(("emb_gain", "out_gain"))]
+    assert len(gains) == 1 + len(model.enc) + len(model.dec) - 1 and all(
+        model.state_dict()[k].shape == (1,) for k in gains
+    )
+    x, c_noise, labels = torch.randn(2, 2, 8, 8), torch.tensor([0.4, -1.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = model(x, c_noise, labels).sample
+    scalar = {k: v.reshape(()) if k in gains else v for k, v in model.state_dict().items()}
+    fresh = tiny("edm2", seed=5).eval()
+    fresh.load_state_dict(scalar)
+    model.save_pretrained(tmp_path / "net")
+    weights = tmp_path / "net" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.reshape(()) if k in gains else v for k, v in load_file(weights).items()}, weights)
+    assert load_file(weights)["out_gain"].shape == ()
+    loaded = EDM2UNet2DModel.from_pretrained(tmp_path / "net").eval()
+    for net in (fresh, loaded):
+        assert net.out_gain.shape == (1,) and net.enc["4x4_block0"].emb_gain.shape == (1,)
+        with torch.no_grad():
+            assert torch.equal(net(x, c_noise, labels).sample, expected)
+
+
 def test_state_dict_layout_follows_nvlabs():
     # the names a converter maps NVlabs' keys onto ("unet." / "model." stripped), see the module docstrings
     edm2 = tiny("edm2").state_dict()

@@ -17,13 +17,14 @@ from .parameterizations import (
     get_parameterization,
 )
 from .pipelines import SCMPipeline
-from .schedulers import TrigFlowODEScheduler, TrigFlowScheduler, TrigFlowSchedulerOutput
+from .schedulers import TrigFlowFamilyScheduler, TrigFlowODEScheduler, TrigFlowScheduler, TrigFlowSchedulerOutput
 
 
 __all__ = [
     "__version__",
     "TrigFlowScheduler",
     "TrigFlowODEScheduler",
+    "TrigFlowFamilyScheduler",
     "TrigFlowSchedulerOutput",
     "SCMPipeline",
     "SCMUNet2DModel",

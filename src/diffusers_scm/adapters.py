@@ -11,7 +11,10 @@ into the scheduler's convention:
 token sequences (Flux, Chroma, Qwen-Image) are packed and unpacked here, with their position ids built from the
 latent size when not given. Learned-variance channels are dropped. Each adapter overrides one small method;
 `get_adapter(model)` chooses one by the network's class (its MRO), with a fallback for unknown networks that passes
-the timestep by keyword. Nothing outside this module special-cases a family.
+the timestep by keyword. Nothing outside this module special-cases a family. `adapter.guide(cond, uncond, w)` combines
+two predictions for classifier-free guidance as the family's pipeline does (linear, uncond + w (cond - uncond), except
+Qwen-Image's norm rescale), and `adapter.unused_parameters(model)` names what the prediction never reads (Qwen-Image's
+last text-stream output), which training freezes.
 
 `adapter.conditioning_shapes(model)` gives the shapes of the text conditioning a network reads, from its config (the
 width of `encoder_hidden_states` and of `pooled_projections`), so that a pipeline can name a wrong-width input before
@@ -31,6 +34,7 @@ the network fails on it.
 | WanTransformer3DModel (video)           | 1000 s                        | encoder_hidden_states                          |
 | Lumina2Transformer2DModel               | 1 - s, output negated         | encoder_hidden_states, encoder_attention_mask  |
 | AuraFlowTransformer2DModel              | s                             | encoder_hidden_states                          |
+| CogView4Transformer2DModel (families.cogview4) | 1000 s / (s + m (1 - s)), m the time shift | encoder_hidden_states, original_size, target_size, crop_coords |
 """
 
 import dataclasses
@@ -135,6 +139,7 @@ class NetworkAdapter:
 
     sample_keyword = "hidden_states"
     timestep_keyword = "timestep"
+    linear_guidance = True  # `guide` is the plain combination (else: a family's own, e.g. Qwen-Image's rescale)
     text_width_keys = (
         "joint_attention_dim",
         "caption_channels",
@@ -179,6 +184,20 @@ class NetworkAdapter:
         if out.ndim >= 2 and out.shape[1] == 2 * sample.shape[1] and out.shape[2:] == sample.shape[2:]:
             out = out[:, : sample.shape[1]]
         return out
+
+    def unused_parameters(self, model) -> tuple[str, ...]:
+        """Name prefixes of `model`'s parameters that its prediction never depends on (none by default). Training
+        freezes them: DDP waits for a gradient of every trainable parameter."""
+        return ()
+
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale) -> torch.Tensor:
+        """Classifier-free guidance of two predictions (this adapter's outputs at the same input) as the family's
+        pipeline combines them: uncond + w (cond - uncond) (SPEC.md section 8). `guidance_scale`: a number or one per
+        sample. Where `linear_guidance` holds, this is F_u + w (F_c - F_u) in TrigFlow too (F is affine in the
+        prediction)."""
+        if isinstance(guidance_scale, torch.Tensor) and guidance_scale.ndim == 1:
+            guidance_scale = guidance_scale.to(cond).view(-1, *(1,) * (cond.ndim - 1))
+        return uncond + guidance_scale * (cond - uncond)
 
     def __call__(self, model, sample: torch.Tensor, timestep, **conditioning) -> torch.Tensor:
         work = _network_dtype(model, sample)
@@ -300,24 +319,41 @@ class FluxAdapter(PackedTokensAdapter):
 class ChromaAdapter(FluxAdapter):
     """Chroma: Flux's packing and ids, no pooled projections or guidance input. A text padding mask given as
     `encoder_attention_mask` (B, L) is extended with the image tokens into the joint `attention_mask`, as its pipeline
-    does."""
+    does (`ChromaPipeline._prepare_attention_mask`, in the mask's own dtype: the pipeline's mask is floating, 1 and 0,
+    which its attention adds to the scores rather than masking, and a student learns that network)."""
 
     def position_inputs(self, sample, conditioning):
         text_mask = conditioning.pop("encoder_attention_mask", None)
         if text_mask is not None:
             image_tokens = sample.shape[-2] * sample.shape[-1] // 4
             ones = torch.ones(sample.shape[0], image_tokens, device=text_mask.device, dtype=torch.bool)
-            conditioning["attention_mask"] = torch.cat([text_mask.bool(), ones], dim=1)
+            conditioning["attention_mask"] = torch.cat([text_mask, ones], dim=1)
         return super().position_inputs(sample, conditioning)
 
 
 class QwenImageAdapter(PackedTokensAdapter):
-    """Qwen-Image: `img_shapes` from the latent size when not given."""
+    """Qwen-Image: `img_shapes` from the latent size when not given. Its pipeline's true classifier-free guidance
+    rescales the combined prediction per packed token to the norm of the conditional one (`guide`)."""
+
+    linear_guidance = False
 
     def position_inputs(self, sample, conditioning):
         h, w = sample.shape[-2:]
         conditioning.setdefault("img_shapes", [[(1, h // 2, w // 2)]] * sample.shape[0])
         return conditioning
+
+    def unused_parameters(self, model):
+        """The last block's text-stream output (`attn.to_add_out`, `txt_mlp`): the prediction reads the image stream."""
+        last = f"transformer_blocks.{len(model.transformer_blocks) - 1}."
+        return (last + "attn.to_add_out.", last + "txt_mlp.")
+
+    def guide(self, cond, uncond, guidance_scale):
+        """`QwenImagePipeline`'s `true_cfg_scale`: comb = uncond + w (cond - uncond), then comb |cond| / |comb|, the
+        norms over each packed token's channels (its 2x2 patch of C latent channels)."""
+        combined = super().guide(cond, uncond, guidance_scale)
+        c, g = pack_latents(cond), pack_latents(combined)
+        rescaled = g * (torch.norm(c, dim=-1, keepdim=True) / torch.norm(g, dim=-1, keepdim=True))
+        return unpack_latents(rescaled, *cond.shape[-2:])
 
 
 class SanaAdapter(NetworkAdapter):
@@ -392,9 +428,12 @@ def register_adapter(network_class: str | type, adapter: NetworkAdapter):
 
 def get_adapter(model) -> NetworkAdapter:
     """The adapter of `model`'s class or its nearest registered base class (DDP / compiled wrappers are looked
-    through), else the keyword fallback."""
+    through; adapters registered by the family modules of `diffusers_scm.families` included), else the keyword
+    fallback."""
+    from .families import family_names
     from .jvp import unwrap_model
 
+    family_names()  # the family modules register their networks' adapters when first imported
     for cls in type(unwrap_model(model)).__mro__:
         if cls.__name__ in _ADAPTERS:
             return _ADAPTERS[cls.__name__]

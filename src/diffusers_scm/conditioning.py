@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "LatentCodec",
+    "VideoLatentCodec",
     "PromptEncoding",
     "check_tokenizers",
     "TEXT_COMPONENTS",
@@ -126,6 +127,74 @@ class LatentCodec:
         else:
             z = latents / self.scaling_factor + self.shift_factor
         return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+
+
+class VideoLatentCodec(LatentCodec):
+    """
+    Videos (B, 3, F, H, W) in [-1, 1] to the teacher's 5-D latents x0 (B, C, F', h, w) and back, for video VAEs that
+    compress time causally (the first frame alone, then `temporal_factor` frames per latent frame: F' = (F - 1) /
+    temporal_factor + 1, so F must be temporal_factor k + 1). The normalization is `LatentCodec`'s (per-channel
+    `latents_mean` / `latents_std` where the VAE's config has them, as WanPipeline's decode inverts them; else the
+    scaling and shift factors). Shared by the video families (`Family(video=True)`); a family whose pipeline
+    normalizes or packs its latents otherwise subclasses it.
+
+    The VAE's config names its factors: `z_dim` or `latent_channels`; `scale_factor_spatial` or
+    `spatial_compression_ratio`; `scale_factor_temporal` or `temporal_compression_ratio`.
+    """
+
+    @property
+    def latent_channels(self) -> int:
+        config = self.vae.config
+        return int(config.get("z_dim") or config.get("latent_channels") or 4)
+
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent, in height and width."""
+        config = self.vae.config
+        return int(config.get("scale_factor_spatial") or config.get("spatial_compression_ratio") or 8)
+
+    @property
+    def temporal_factor(self) -> int:
+        """Frames per latent frame (after the first)."""
+        config = self.vae.config
+        return int(config.get("scale_factor_temporal") or config.get("temporal_compression_ratio") or 4)
+
+    def check_num_frames(self, num_frames: int, where: str = "") -> int:
+        """`num_frames` if the VAE encodes it whole (temporal_factor k + 1 frames), else a `ValueError` naming the
+        nearest counts that it does (`where`: what the count belongs to, for the error)."""
+        k = self.temporal_factor
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"{where}num_frames must be a positive integer, got {num_frames!r}.")
+        if (num_frames - 1) % k:
+            lower = (num_frames - 1) // k * k + 1
+            raise ValueError(
+                f"{where}{num_frames} frames: {type(self.vae).__name__} encodes {k}k + 1 frames (the first alone, then "
+                f"{k} per latent frame). Use {lower} or {lower + k} frames (--num_frames / num_frames)."
+            )
+        return num_frames
+
+    def latent_frames(self, num_frames: int) -> int:
+        """F' latent frames of `num_frames` frames."""
+        return (self.check_num_frames(num_frames) - 1) // self.temporal_factor + 1
+
+    def latent_shape(self, batch_size: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        """(B, C, F', h, w) of `batch_size` videos of `num_frames` frames of height x width pixels."""
+        factor = self.scale_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"`height` and `width` must be multiples of {factor} (the VAE's scale), got {height}x{width}."
+            )
+        return (batch_size, self.latent_channels, self.latent_frames(num_frames), height // factor, width // factor)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents x0 (B, C, F', h, w) of videos (B, 3, F, H, W) in [-1, 1]."""
+        if images.ndim != 5:
+            raise ValueError(
+                f"{type(self.vae).__name__} encodes videos (B, 3, F, H, W), got a tensor of shape {tuple(images.shape)}."
+            )
+        self.check_num_frames(int(images.shape[2]))
+        return super().encode(images, generator)
 
 
 class PromptEncoding(abc.ABC):

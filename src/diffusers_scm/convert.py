@@ -58,6 +58,7 @@ import torch
 
 from .models import DhariwalUNet2DModel, EDM2UNet2DModel, SongUNet2DModel
 from .models.unet_edm import NVLABS_CONFIG_NAMES
+from .models.unet_edm2 import scalar_gains_as_vectors
 from .parameterizations import EDMParameterization
 
 
@@ -593,6 +594,8 @@ def _build_network(family: str, config: dict, state_dict: dict) -> torch.nn.Modu
     cls = NVLABS_NETWORKS[family]
     with torch.device("meta"):
         network = cls(**config)
+    if family == "UNet":  # EDM2's 0-dim gains as the (1,)-shaped parameters of EDM2UNet2DModel (FSDP shards them)
+        state_dict = scalar_gains_as_vectors(dict(state_dict))
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -67,6 +67,29 @@ class TrigFlowDenoiser(nn.Module):
         """TrigFlow output F(x_t, t) = v_t / sigma_data (SPEC.md section 1)."""
         return self.parameterization.to_trigflow(self.raw_output(x_t, t, **conditioning), x_t, t)
 
+    def guided(self, x_t: torch.Tensor, t, guidance_scale, conditioning: dict, uncond_conditioning: dict):
+        """
+        TrigFlow output of the classifier-free guided network (SPEC.md section 8): F_c + (w - 1)(F_c - F_u), both at
+        the same (x_t, t). Where the family's pipeline combines its two predictions otherwise (the adapter's
+        `linear_guidance` is False: Qwen-Image's norm rescale), the raw predictions are combined by the adapter's
+        `guide`, as that pipeline does, and then converted to F.
+
+        Args:
+            guidance_scale (`float` or `torch.Tensor`): w, a number or one per sample.
+            conditioning (`dict`), uncond_conditioning (`dict`): the conditional and unconditional inputs.
+        """
+        if self.adapter.linear_guidance:
+            F_c = self(x_t, t, **conditioning).to(x_t.dtype)
+            F_u = self(x_t, t, **uncond_conditioning).to(x_t.dtype)
+            w = guidance_scale
+            if isinstance(w, torch.Tensor) and w.ndim == 1:
+                w = w.to(F_c).view(-1, *(1,) * (F_c.ndim - 1))
+            return F_c + (w - 1.0) * (F_c - F_u)
+        cond = self.raw_output(x_t, t, **conditioning)
+        uncond = self.raw_output(x_t, t, **uncond_conditioning)
+        raw = self.adapter.guide(cond, uncond, guidance_scale)
+        return self.parameterization.to_trigflow(raw, x_t, t).to(x_t.dtype)
+
     def denoise(self, x_t: torch.Tensor, t, **conditioning) -> torch.Tensor:
         """Consistency function / data estimate f(x_t, t) = cos(t) x_t - sin(t) sigma_data F (SPEC.md section 1)."""
         return self.parameterization.predict_x0(self.raw_output(x_t, t, **conditioning), x_t, t)

@@ -19,6 +19,7 @@ tests it must pass.
 import dataclasses
 import importlib
 import pkgutil
+from collections.abc import Callable
 
 
 __all__ = [
@@ -51,6 +52,10 @@ class Family:
         text_components (`tuple[str]`): the pipeline's text encoder and tokenizer components a student keeps.
         extra_components (`tuple[str]`): other components the family pipeline's constructor needs that a student
             folder keeps as they are (e.g. a `guider`).
+        teacher_network (`Callable`, *optional*): `(pipeline) -> network`, the network the teacher calls where it
+            is not the `network` component alone (Wan 2.2's two experts switched at a boundary timestep,
+            `diffusers_scm.families.wan.TimestepExperts`). A network with a `student_network()` method gives the one
+            a single-network student starts from.
     """
 
     pipeline: str
@@ -61,10 +66,18 @@ class Family:
     own_sampler: str | None = "sigmas"
     text_components: tuple[str, ...] = ("text_encoder", "tokenizer")
     extra_components: tuple[str, ...] = ()
+    teacher_network: Callable | None = None
 
     def prompt_encoding(self, pipeline):
         """The family's `PromptEncoding` over a loaded pipeline."""
         return self.encoding(pipeline)
+
+    def teacher_network_of(self, pipeline):
+        """The network the teacher of a loaded family pipeline calls (`teacher_network`, else its `network`
+        component)."""
+        if self.teacher_network is not None:
+            return self.teacher_network(pipeline)
+        return getattr(pipeline, self.network, None)
 
     def latent_codec(self, vae, sample: bool = True):
         """The family's latent codec over its VAE (`sample`: draw z from the posterior, else its mode)."""

@@ -110,13 +110,21 @@ METHODS = {
 
 
 def save_sample_grid(
-    pipe, path: str, step_counts=(1, 2), num_images: int = 8, seed: int = 0, prompts=None, image_size=None
+    pipe,
+    path: str,
+    step_counts=(1, 2),
+    num_images: int = 8,
+    seed: int = 0,
+    prompts=None,
+    image_size=None,
+    num_frames=None,
 ) -> str:
     """
     Sample `num_images` images for each step count and save them as one grid (a row per step count; image i of each
     row starts from the noise of seed `seed + i` and, for class-conditional networks, has class i; for text-to-image
-    pipelines, prompt i of `prompts`, one image per prompt, `image_size` pixels). The step counts (and prompts) are
-    stored in the PNG, so the model card can caption the grid.
+    pipelines, prompt i of `prompts`, one image per prompt, `image_size` pixels; video students, `num_frames` frames
+    per prompt, shown side by side). The step counts (and prompts) are stored in the PNG, so the model card can caption
+    the grid.
     """
     import torch
     from diffusers.utils import make_image_grid
@@ -129,12 +137,17 @@ def save_sample_grid(
         prompts = list(prompts or ["a photo"])
         num_images, labels = len(prompts), None
         text = {"prompt": prompts, "height": image_size, "width": image_size}
+        if num_frames is not None:
+            text["num_frames"] = num_frames
     images = []
     with torch.no_grad():
         for steps in step_counts:
             generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
             out = pipe(**text, num_inference_steps=steps, class_labels=labels, generator=generators)
-            images += out.images
+            if num_frames is not None:  # a video: its frames in one row
+                images += [make_image_grid(list(video), rows=1, cols=len(video)) for video in out.frames]
+            else:
+                images += out.images
     info = PngInfo()
     info.add_text(_GRID_STEPS_KEY, ",".join(str(s) for s in step_counts))
     if "prompt" in text:
@@ -493,10 +506,28 @@ def render_model_card(
         grid=grid,
         usage_steps=32 if kind == "teacher" else 2,
         family=family,
-        flow_student=sched_config.get("parameterization") == "flow_matching",
+        flow_student=sched_config.get("parameterization") == "flow_matching"
+        and sched_config.get("_class_name") != "TrigFlowFamilyScheduler",
+        family_scheduler=sched_config.get("_class_name") == "TrigFlowFamilyScheduler",
+        video=_is_video_family(family),
+        family_guider=_family_has_guider(family),
+        default_guidance=index.get("guidance_scale"),  # a guidance-input student's value (Flux.1-dev, HunyuanVideo)
         guidance_range=index.get("guidance_scale_range"),
         usage_class_labels=f"[{', '.join(str(i % num_classes) for i in range(4))}]" if num_classes else None,
     )
+
+
+def _family_has_guider(family: str | None) -> bool:
+    """Whether the family's pipeline guides through a `guider` component (HunyuanVideo 1.5), not `guidance_scale`."""
+    from ..families import get_family, is_family
+
+    return family is not None and is_family(family) and "guider" in get_family(family).extra_components
+
+
+def _is_video_family(family: str | None) -> bool:
+    from ..families import get_family, is_family
+
+    return family is not None and is_family(family) and get_family(family).video
 
 
 def save_model_card(folder: str, **kwargs) -> str:

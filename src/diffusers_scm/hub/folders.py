@@ -152,7 +152,8 @@ def _missing(folder: str, name: str, cls) -> str | None:
         return f"has no {name}/{config}"
     if stems and not _has_weights(sub, stems.values()):
         return f"has no weights in {name}/ ({stems['safetensors']}.safetensors or {stems['bin']}.bin)"
-    if kind == "PreTrainedTokenizerBase":
+    # a tokenizer class that declares no vocabulary files holds its vocabulary itself (ByT5: the 256 bytes)
+    if kind == "PreTrainedTokenizerBase" and getattr(cls, "vocab_files_names", None) != {}:
         declared = getattr(cls, "vocab_files_names", None) or {}
         files = dict.fromkeys([declared.get("tokenizer_file"), declared.get("vocab_file"), *_VOCABULARY_FILES])
         files = [f for f in files if f]

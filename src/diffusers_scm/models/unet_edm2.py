@@ -16,7 +16,10 @@ Every layer preserves magnitudes at initialization (unit-variance inputs give un
   (O(eps^2) for a weight normalized before);
 - MP-SiLU (Eq. 81), MP-sum (Eq. 88), MP-concatenation (Eq. 103), MP-Fourier features (Eq. 75);
 - pixel norm after every encoder skip, cosine attention (pixel-normed q, k, v; Section 3.2 and Figure 21);
-- learned gains, zero at initialization, on the embedding's modulation and on the output.
+- learned gains, zero at initialization, on the embedding's modulation and on the output. They are stored with shape
+  (1,), where NVlabs stores 0-dim tensors, so that FSDP2 (`fully_shard`, which shards every parameter along its first
+  dimension) shards them too; 0-dim values (NVlabs' layout, folders saved before) load into them unchanged
+  (`scalar_gains_as_vectors`).
 
 Class labels are indices (`class_labels`, LongTensor) or one-hot rows (floating, `(batch, num_classes)`); absent labels
 are zero rows (the label embedding vanishes), as NVlabs' Precond passes them. Attention calls
@@ -49,7 +52,18 @@ from torch import nn
 from .unet_edm import class_labels_to_rows, per_sample_time, resample_2d, resample_kernel
 
 
-__all__ = ["EDM2UNet2DModel", "EDM2UNet2DOutput", "EDM2_PRESETS", "normalize", "mp_silu", "mp_sum", "mp_cat"]
+__all__ = [
+    "EDM2UNet2DModel",
+    "EDM2UNet2DOutput",
+    "EDM2_PRESETS",
+    "normalize",
+    "mp_silu",
+    "mp_sum",
+    "mp_cat",
+    "scalar_gains_as_vectors",
+]
+
+GAINS = ("emb_gain", "out_gain")  # the learned scalar gains (NVlabs: 0-dim tensors; here shape (1,))
 
 # The published sizes (EDM2's train_edm2.py presets; channels and dropout per size; SPEC.md section 10 lists their
 # parameter counts: 124.7M/280.2M/497.8M/777.5M/1119.3M/1523.2M for img512 XS..XXL)
@@ -67,6 +81,21 @@ EDM2_PRESETS = {
     "img64-l": {**_IMG64, "model_channels": 320, "dropout": 0.1},
     "img64-xl": {**_IMG64, "model_channels": 384, "dropout": 0.1},
 }
+
+
+def scalar_gains_as_vectors(state_dict: dict, prefix: str = "") -> dict:
+    """`state_dict` (in place, and returned) with the 0-dim gains under `prefix` (`emb_gain`, `out_gain`: NVlabs'
+    layout, and folders saved before the gains had shape (1,)) reshaped to (1,), the shape of this module's gains."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k.rsplit(".", 1)[-1] in GAINS]:
+        value = state_dict[key]
+        if isinstance(value, torch.Tensor) and value.ndim == 0:
+            state_dict[key] = value.reshape(1)
+    return state_dict
+
+
+def _gain() -> nn.Parameter:
+    """A learned gain, zero at initialization; shape (1,) so that FSDP2 can shard it (NVlabs: 0-dim)."""
+    return nn.Parameter(torch.zeros([1]))
 
 
 @dataclass
@@ -139,6 +168,24 @@ class MPConv(nn.Module):
         self.out_channels = out_channels
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
+    def normalize_stored_weight_(self, weight: torch.Tensor | None = None):
+        """Forced weight normalization of the stored weight (default `self.weight`), in place (Eq. 66). A weight
+        sharded by FSDP2 (a DTensor) is normalized shard by shard: it is sharded along its first dimension, the output
+        channels, so every process holds whole rows. `diffusers_scm.training.machinery.fsdp` calls this with the
+        sharded weight before FSDP gathers it (the forward pass computes with a gathered copy, and a write into that
+        copy would be dropped at resharding)."""
+        weight = self.weight if weight is None else weight
+        placements = getattr(weight, "placements", ())
+        if any(not (p.is_replicate() or (p.is_shard() and p.dim == 0)) for p in placements):
+            raise ValueError(
+                f"EDM2's forced weight normalization needs whole rows on each process: the weight is sharded as "
+                f"{placements}; shard it along its first dimension (FSDP2's default)."
+            )
+        with torch.no_grad():
+            local = weight._local_tensor if placements else weight.data
+            work = local.to(torch.float32) if local.dtype != torch.float64 else local
+            local.copy_(normalize(work))
+
     def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
         w = self.weight.to(torch.float32) if self.weight.dtype != torch.float64 else self.weight
         if self.training and isinstance(self.weight, nn.Parameter) and not _inside_functorch_transform():
@@ -177,13 +224,17 @@ class EDM2Block(nn.Module):
         self.res_balance, self.attn_balance, self.clip_act = res_balance, attn_balance, clip_act
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.resample_filter = list(resample_filter)
-        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.emb_gain = _gain()
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=(3, 3))
         self.emb_linear = MPConv(emb_channels, out_channels, kernel=())
         self.conv_res1 = MPConv(out_channels, out_channels, kernel=(3, 3))
         self.conv_skip = MPConv(in_channels, out_channels, kernel=(1, 1)) if in_channels != out_channels else None
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=(1, 1)) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, kernel=(1, 1)) if self.num_heads else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        scalar_gains_as_vectors(state_dict, prefix)  # NVlabs' 0-dim gain
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # main branch: resample; in the encoder, 1x1 conv to the new width and pixel norm (Figure 21)
@@ -284,7 +335,7 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
             "attn_balance": attn_balance,
             "clip_act": clip_act,
         }
-        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.out_gain = _gain()
 
         # embedding: MP-Fourier features of c_noise, linear; MP-sum with the class embedding; MP-SiLU
         self.emb_fourier = MPFourier(cnoise)
@@ -333,6 +384,14 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
         if name not in EDM2_PRESETS:
             raise ValueError(f"Unknown EDM2 preset {name!r}: choose one of {', '.join(EDM2_PRESETS)}.")
         return cls(**{**EDM2_PRESETS[name], **overrides})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        scalar_gains_as_vectors(state_dict, prefix)  # NVlabs' 0-dim gains (`load_state_dict`)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
+        super()._fix_state_dict_keys_on_load(state_dict)
+        scalar_gains_as_vectors(state_dict)  # folders saved with 0-dim gains (`from_pretrained`)
 
     def embedding(self, timestep, class_labels, sample: torch.Tensor) -> torch.Tensor:
         """MP-SiLU(MP-sum(linear(MP-Fourier(c_noise)), linear(sqrt(num_classes) one-hot))) (Figure 21)."""

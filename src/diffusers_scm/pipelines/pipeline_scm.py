@@ -1,5 +1,6 @@
 """`SCMPipeline`: sample a consistency model (or, with `TrigFlowODEScheduler`, a diffusion model)."""
 
+import dataclasses
 import numbers
 import os
 from collections.abc import Callable
@@ -7,7 +8,7 @@ from collections.abc import Callable
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils import logging, replace_example_docstring
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..adapters import cast_floating, get_adapter
@@ -40,6 +41,19 @@ EXAMPLE_DOC_STRING = """
         >>> images = pipe(class_labels=[88, 207], batch_size=2, num_inference_steps=32).images
         ```
 """
+
+
+@dataclasses.dataclass
+class SCMVideoPipelineOutput(BaseOutput):
+    """
+    The videos of a video student, as diffusers' video pipelines return them.
+
+    Args:
+        frames (`np.ndarray`, `torch.Tensor` or `list[list[PIL.Image.Image]]`): "np": (B, F, H, W, C) in [0, 1];
+            "pt": (B, F, C, H, W); "pil": one list of frames per video; "latent": (B, C, F', h, w).
+    """
+
+    frames: object
 
 
 class SCMPipeline(DiffusionPipeline):
@@ -208,9 +222,15 @@ class SCMPipeline(DiffusionPipeline):
         """
         image = latents
         if getattr(self, "vae", None) is not None:
-            image = LatentCodec(self.vae).decode(latents)
+            image = self.latent_codec().decode(latents)
         lo, hi = self.image_range
         return ((image.float() - lo) / (hi - lo)).clamp(0, 1)
+
+    def latent_codec(self) -> LatentCodec:
+        """The codec between images and this pipeline's latents x0: its family's (`diffusers_scm.families`: a VAE
+        whose latents its pipeline patchifies or normalizes otherwise, Flux.2's), else `LatentCodec`."""
+        family = self.config.get("family_pipeline")
+        return get_family(family).latent_codec(self.vae) if family is not None else LatentCodec(self.vae)
 
     @property
     def network(self) -> torch.nn.Module:
@@ -220,11 +240,48 @@ class SCMPipeline(DiffusionPipeline):
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
-    def _sample_shape(self, batch_size: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+    def is_video(self) -> bool:
+        """Whether this is a video student (its family is declared with `video=True`)."""
+        family = self.config.get("family_pipeline")
+        return family is not None and get_family(family).video
+
+    def _video_shape(self, batch_size: int, height, width, num_frames) -> tuple[int, ...]:
+        """(B, C, F', h, w): the video codec's latent shape; sizes not given default to the family pipeline's."""
+        import inspect
+
+        import diffusers
+
+        defaults = inspect.signature(getattr(diffusers, self.config.family_pipeline).__call__).parameters
+        if (height is None) != (width is None):
+            raise ValueError("Pass both `height` and `width` (pixels), or neither.")
+        if height is None:
+            height, width = defaults["height"].default, defaults["width"].default
+            if height is None or width is None:  # HunyuanVideo15Pipeline derives them from its network's config
+                raise ValueError(
+                    f"{self.config.family_pipeline} has no default video size: pass `height` and `width` (pixels)."
+                )
+        if num_frames is None:
+            num_frames = defaults["num_frames"].default
+        return self.latent_codec().latent_shape(batch_size, height, width, num_frames)
+
+    def sampling_scheduler(self):
+        """The scheduler `__call__` steps, in TrigFlow times: the pipeline's own, or for a `TrigFlowFamilyScheduler`
+        (a student folder that its family's own pipeline samples too) its equivalent `TrigFlowScheduler`."""
+        if hasattr(self.scheduler, "trigflow_scheduler"):
+            return self.scheduler.trigflow_scheduler()
+        return self.scheduler
+
+    def _sample_shape(
+        self, batch_size: int, height: int | None = None, width: int | None = None, num_frames: int | None = None
+    ) -> tuple[int, ...]:
+        if getattr(self, "vae", None) is not None and self.is_video():
+            return self._video_shape(batch_size, height, width, num_frames)
+        if num_frames is not None:
+            raise ValueError("`num_frames` is for video students; this pipeline makes images.")
         config = self.network.config
         size = config.get("sample_size")
         if getattr(self, "vae", None) is not None:  # the unpacked latent image of the VAE
-            codec = LatentCodec(self.vae)
+            codec = self.latent_codec()
             channels, factor = codec.latent_channels, codec.scale_factor
             size = size if size is not None else 64
             default = (size, size) if isinstance(size, int) else tuple(size)
@@ -395,6 +452,7 @@ class SCMPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
+        num_frames: int | None = None,
         **prompt_embeds,
     ) -> ImagePipelineOutput | tuple:
         r"""
@@ -427,17 +485,23 @@ class SCMPipeline(DiffusionPipeline):
                 classifier-free guidance F_u + w (F_c - F_u) against `negative_prompt` (default: the empty prompt).
                 A consistency student distilled with guidance samples without it (one network call per step).
             negative_prompt (`str` or `list[str]`, *optional*): the unconditional prompt of classifier-free guidance.
-            height, width (`int`, *optional*): image size in pixels (latent models; default: the network's).
+            height, width (`int`, *optional*): image size in pixels (latent models; default: the network's; video
+                families: their pipeline's default).
+            num_frames (`int`, *optional*): video students (`Family(video=True)`): frames per video (a count the
+                VAE encodes whole, e.g. 4k + 1 for Wan; default: the family pipeline's). The videos are returned in
+                `.frames`, as diffusers' video pipelines return them: "np" (B, F, H, W, C) in [0, 1], "pt"
+                (B, F, C, H, W), "pil" a list of frame lists, "latent" (B, C, F', h, w).
             prompt_embeds: precomputed inputs of the family's `encode_prompt` instead of `prompt` (`prompt_embeds`,
                 `pooled_prompt_embeds`, `prompt_attention_mask`, `negative_prompt_embeds`, ...).
 
         Examples:
 
         Returns:
-            [`~pipelines.ImagePipelineOutput`] or `tuple`: the images (first element of the tuple).
+            [`~pipelines.ImagePipelineOutput`] or `tuple`: the images (first element of the tuple); for video
+            students an `SCMVideoPipelineOutput` whose `frames` hold the videos.
         """
         text = prompt is not None or prompt_embeds.get("prompt_embeds") is not None
-        unknown = [k for k in prompt_embeds if not (k.endswith("prompt_embeds") or k.endswith("attention_mask"))]
+        unknown = [k for k in prompt_embeds if not k.endswith(("prompt_embeds", "attention_mask", "embeds_mask"))]
         if unknown:
             raise TypeError(f"SCMPipeline.__call__ got unexpected keyword arguments {unknown}.")
         family = self.config.get("family_pipeline")
@@ -482,12 +546,13 @@ class SCMPipeline(DiffusionPipeline):
 
         network, device = self.network, self._execution_device
         dtype = network.dtype
-        shape = self._sample_shape(batch_size, height, width)
+        shape = self._sample_shape(batch_size, height, width, num_frames)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` has shape {tuple(latents.shape)}, the network expects {shape}.")
-        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        scheduler = self.sampling_scheduler()
+        latents = latents.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
         labels = self._class_labels(class_labels, batch_size, device)
         conditioning = {} if labels is None else {"class_labels": labels}
         uncond = None
@@ -503,10 +568,10 @@ class SCMPipeline(DiffusionPipeline):
             and guidance_scale is not None
             and guidance_scale != 1.0
             and not self._guidance_input()
-            and isinstance(self.scheduler, TrigFlowODEScheduler)
+            and isinstance(scheduler, TrigFlowODEScheduler)
         )
         if text:
-            factor = LatentCodec(self.vae).scale_factor
+            factor = self.latent_codec().scale_factor
             conditioning, uncond = self.encode_prompt(
                 prompt,
                 negative_prompt,
@@ -533,19 +598,19 @@ class SCMPipeline(DiffusionPipeline):
             )
 
         if timesteps is not None:
-            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
+            scheduler.set_timesteps(timesteps=timesteps, device=device)
         else:
-            self.scheduler.set_timesteps(num_inference_steps=num_inference_steps, device=device)
-        self._num_timesteps = len(self.scheduler.timesteps)
+            scheduler.set_timesteps(num_inference_steps=num_inference_steps, device=device)
+        self._num_timesteps = len(scheduler.timesteps)
 
         bad_per_step = []  # per step, the number of samples whose network output is not finite
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
-            for i, t in enumerate(self.scheduler.timesteps):
-                sample_in, t_in = self.scheduler.model_inputs(latents, t)
+            for i, t in enumerate(scheduler.timesteps):
+                sample_in, t_in = scheduler.model_inputs(latents, t)
                 model_output = call_network(network, sample_in.to(dtype), t_in, **conditioning)
                 if uncond is not None:  # classifier-free guidance of a teacher: raw_u + w (raw_c - raw_u)
                     uncond_output = call_network(network, sample_in.to(dtype), t_in, **uncond)
-                    model_output = uncond_output + guidance_scale * (model_output - uncond_output)
+                    model_output = get_adapter(network).guide(model_output, uncond_output, guidance_scale)
                 if guide_scale is not None and guide_scale != 1.0:  # EDM2's guidance: raw_g + w (raw - raw_g)
                     # (F is affine in the raw output with the same coefficients for both networks: F_g + w (F - F_g),
                     # D_g + w (D - D_g), SPEC.md section 10)
@@ -554,21 +619,29 @@ class SCMPipeline(DiffusionPipeline):
                     guide_output = guide_output.to(model_output.dtype)
                     model_output = guide_output + guide_scale * (model_output - guide_output)
                 bad_per_step.append((~torch.isfinite(model_output)).flatten(1).any(1).sum())
-                latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
+                latents = scheduler.step(model_output, t, latents, generator=generator).prev_sample
                 if callback_on_step_end is not None:
                     step_tensors = {"latents": latents}
                     callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
-        self._warn_non_finite(bad_per_step, self.scheduler.timesteps, batch_size)
+        self._warn_non_finite(bad_per_step, scheduler.timesteps, batch_size)
 
+        video = latents.ndim == 5
         if output_type == "latent":
             image = latents
+        elif video:  # (B, 3, F, H, W) in [0, 1] -> diffusers' video layouts
+            from diffusers.video_processor import VideoProcessor
+
+            processor = VideoProcessor(do_normalize=False)
+            image = processor.postprocess_video(self.latents_to_images(latents), output_type=output_type)
         else:
             image = self.image_processor.postprocess(self.latents_to_images(latents), output_type=output_type)
 
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
+        if video:
+            return SCMVideoPipelineOutput(frames=image)
         return ImagePipelineOutput(images=image)

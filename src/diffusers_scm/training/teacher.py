@@ -21,7 +21,7 @@ __all__ = [
 NETWORK_COMPONENTS = ("unet", "transformer")
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
-TRIGFLOW_SCHEDULERS = ("TrigFlowScheduler", "TrigFlowODEScheduler", "SCMScheduler")
+TRIGFLOW_SCHEDULERS = ("TrigFlowScheduler", "TrigFlowODEScheduler", "TrigFlowFamilyScheduler", "SCMScheduler")
 VP_SCHEDULERS = (
     "DDPMScheduler",
     "DDIMScheduler",
@@ -141,6 +141,18 @@ def load_teacher(
         sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
         # the network and scheduler that are read: present, their JSON parses, their safetensors headers read
         check_pipeline_folder(folder, path_or_id, pipeline_class=None, components=[names[0], "scheduler"])
+        from ..families import get_family, is_family
+
+        family = index.get("_class_name")
+        if is_family(family) and get_family(family).teacher_network is not None:
+            # a teacher of several networks (Wan 2.2's experts): the pipeline without its VAE and text encoders
+            from diffusers import DiffusionPipeline
+
+            from ..conditioning import TEXT_COMPONENTS
+
+            skip = {n: None for n in ("vae", *TEXT_COMPONENTS) if isinstance(index.get(n), list)}
+            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, **skip)
+            return teacher_from_pipeline(pipe, parameterization, sigma_data)
     elif os.path.isfile(os.path.join(folder, "config.json")):
         network_folder = folder
         sched_path = next(
@@ -188,7 +200,11 @@ def load_teacher(
 def teacher_from_pipeline(pipe, parameterization: str | None = None, sigma_data: float | None = None):
     """The network of a loaded diffusers pipeline as a frozen `TrigFlowDenoiser`, its parameterization inferred from
     the pipeline's scheduler (as `load_teacher` does)."""
+    from ..families import get_family, is_family
+
     network = next((getattr(pipe, n, None) for n in NETWORK_COMPONENTS if getattr(pipe, n, None) is not None), None)
+    if is_family(type(pipe).__name__):  # a family whose teacher calls more than its network (Wan 2.2's experts)
+        network = get_family(pipe).teacher_network_of(pipe) or network
     if network is None:
         raise ValueError(f"{type(pipe).__name__} has no network component ({' or '.join(NETWORK_COMPONENTS)}).")
     name, params = parameterization, {}

@@ -50,6 +50,7 @@ CACHE_FLAGS = {
     "components": "--teacher",
     "resolution": "--resolution",
     "dtype": "--teacher_dtype",
+    "num_frames": "--num_frames",
 }
 
 
@@ -91,9 +92,12 @@ def sample_ode(denoiser, x_T, cond, uncond=None, guidance_scale=1.0, num_inferen
     x = x_T
     for t in scheduler.timesteps:
         tb = t.expand(x.shape[0]).to(x)
-        F = denoiser(x, tb, **cond)
-        if uncond is not None and guidance_scale != 1.0:
-            F = F + (guidance_scale - 1.0) * (F - denoiser(x, tb, **uncond))
+        if uncond is not None and guidance_scale != 1.0 and hasattr(denoiser, "guided"):
+            F = denoiser.guided(x, tb, guidance_scale, cond, uncond)  # as the family's pipeline guides (Qwen-Image)
+        else:
+            F = denoiser(x, tb, **cond)
+            if uncond is not None and guidance_scale != 1.0:
+                F = F + (guidance_scale - 1.0) * (F - denoiser(x, tb, **uncond))
         x = scheduler.step(F, t, x).prev_sample
     return x
 
@@ -111,6 +115,8 @@ class TextBatches:
         uncond (`dict`, *optional*): the cached unconditional conditioning (one row, expanded to the batch).
         resolution (`int`): image size in pixels (SDXL's micro-conditioning).
         ode_steps (`int`): teacher ODE steps for prompt-only data.
+        num_frames (`int`, *optional*): video teachers: frames per clip (the latent shape of prompt-only data's ODE
+            samples, through the video codec's `latent_shape`).
     """
 
     def __init__(
@@ -122,7 +128,9 @@ class TextBatches:
         uncond: dict | None = None,
         resolution: int | None = None,
         ode_steps: int = 16,
+        num_frames: int | None = None,
     ):
+        self.num_frames = num_frames
         self.teacher, self.guidance_scale, self.guidance_range = teacher, float(guidance_scale), guidance_range
         self.teacher_guidance_input = teacher_guidance_input
         self.cached_uncond, self.resolution, self.ode_steps = uncond, resolution, ode_steps
@@ -181,8 +189,11 @@ class TextBatches:
     def ode_latents(self, cond, uncond, guidance, n, device, generator):
         codec, denoiser = self.teacher.codec, self.teacher.denoiser
         size = self.resolution // codec.scale_factor
+        shape = (n, codec.latent_channels, size, size)
+        if self.num_frames is not None:  # a video teacher: (n, C, F', h, w)
+            shape = codec.latent_shape(n, self.resolution, self.resolution, self.num_frames)
         noise = torch.randn(
-            (n, codec.latent_channels, size, size),
+            shape,
             generator=generator,
             device=generator.device if generator else device,
         ).to(device)
@@ -290,6 +301,7 @@ def write_cache(
     teacher_revision: str | None = None,
     dataset_name: str | None = None,
     caption_column: str = "text",
+    num_frames: int | None = None,
 ):
     """
     Encode every image to latents and every caption to the family's conditioning once, with the teacher's VAE and
@@ -307,6 +319,7 @@ def write_cache(
             teacher was loaded from, recorded with the class and config hash of its components (default: the
             pipeline's `_name_or_path`).
         dataset_name (`str`, *optional*), caption_column (`str`): the data, recorded for the rebuild command.
+        num_frames (`int`, *optional*): video teachers: frames per clip (recorded; the latents are 5-D).
     """
     import datasets
     from safetensors.torch import save_file
@@ -316,7 +329,7 @@ def write_cache(
 
     _check_replaceable(folder)
     record = teacher_record(teacher_name or teacher.pipeline.config.get("_name_or_path"), teacher_revision)
-    batches = TextBatches(teacher, resolution=resolution)
+    batches = TextBatches(teacher, resolution=resolution, num_frames=num_frames)
     rows = []
     generator = torch.Generator(device=device).manual_seed(0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -338,6 +351,7 @@ def write_cache(
             "format_version": CACHE_FORMAT,
             **record,
             "resolution": resolution,
+            "num_frames": num_frames,
             "dtype": str(teacher.pipeline.dtype).removeprefix("torch."),
             "max_sequence_length": prompt_sequence_length(teacher.pipeline),
             "dataset": {"name": dataset_name, "caption_column": caption_column},
@@ -369,6 +383,8 @@ def _rebuild_hint(folder: str, info: dict | None, expected: dict | None) -> str:
     if data.get("caption_column", "text") != "text":
         command += f" --caption_column {data['caption_column']}"
     command += f" --resolution {known.get('resolution') or 'RESOLUTION'}"
+    if known.get("num_frames"):
+        command += f" --num_frames {known['num_frames']}"
     if known.get("dtype", "float32") != "float32":
         command += f" --teacher_dtype {known['dtype']}"
     return f"Rebuild it with `{command} --cache_dir {folder}`, or add --rebuild_cache to distill.py."

@@ -163,7 +163,10 @@ def _resume_hint(folder: str) -> str:
 
 SETTINGS_FIX = "resume with the flags it was written with, or start a new --output_dir"
 # flags naming where a network was loaded from: a folder may move, so a change is logged, not refused
-SOURCE_FLAGS = ("--teacher", "--student", "--model", "--model_config")
+SOURCE_FLAGS = ("--teacher", "--student", "--model", "--model_config", "--guidance_model")
+# source flags whose presence changes what is trained (a teacher guided by a second network): adding or dropping one
+# is a change of settings, moving its folder is not
+PRESENCE_FLAGS = ("--guidance_model",)
 # modules that a flag adds to a run's state
 MODULE_FLAGS = {"fake_score": "--dmd_weight"}
 
@@ -200,6 +203,9 @@ def _settings_difference(key: str, old, new) -> str:
     if key == "teacher network":
         was, now = _network_texts(old, new)
         return f"was written with the teacher {was}; this run's --teacher is a {now}"
+    if key == "guidance network":
+        was, now = _network_texts(old, new)
+        return f"was written with the guiding network {was}; this run's --guidance_model is a {now}"
     if key == "--fsdp":  # also accelerate's FSDP2 (`accelerate launch --use_fsdp`), which has no flag of ours
         if old:
             return "was written by a sharded (FSDP) run; this run is not sharded (add --fsdp, or accelerate's FSDP2)"
@@ -219,7 +225,8 @@ def _check_settings(folder: str, meta: dict, run_config: dict | None, modules: d
             old, new = recorded[key], current[key]
             if old == new or (key.endswith("network") and _same_network(old, new)):
                 continue
-            (moved if key in SOURCE_FLAGS else changed).append(_settings_difference(key, old, new))
+            source = key in SOURCE_FLAGS and not (key in PRESENCE_FLAGS and (old is None) != (new is None))
+            (moved if source else changed).append(_settings_difference(key, old, new))
         if changed:
             raise ValueError(f"Checkpoint {folder} " + "; it ".join(changed + moved) + f": {SETTINGS_FIX}.")
         for difference in moved:

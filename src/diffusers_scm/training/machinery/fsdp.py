@@ -17,6 +17,7 @@ __all__ = [
     "is_sharded",
     "block_class_names",
     "shard_module",
+    "update_shards_before_forward",
     "full_tensors",
     "unsharded_copy",
     "save_sharded_state",
@@ -92,6 +93,49 @@ def shard_module(
     for module in extra_units:
         fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=policy)  # the root: left gathered after the forward for the backward
+    update_shards_before_forward(model)
+    return model
+
+
+def _sharded_parameters(model: nn.Module):
+    """`(module, name, sharded parameter)` of each parameter that FSDP2 manages in `model`: the sharded parameter also
+    while its unit holds the gathered copy in the module's attribute (a root between its forward and backward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    seen = set()
+    for unit in model.modules():
+        if not isinstance(unit, FSDPModule):
+            continue
+        state = unit._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]
+        for group in [g for g in groups if g is not None]:
+            for param in group.fsdp_params:
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield param._module_info.module, param._module_info.param_name, param.sharded_param
+
+
+def _shard_updates(model: nn.Module, args, kwargs):
+    """The root's pre-forward hook of `update_shards_before_forward`."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active is not None and active():  # torch.func forbids mutating captured tensors (the forward normalizes anyway)
+        return
+    for module, name, param in _sharded_parameters(model):
+        update = getattr(module, "normalize_stored_weight_", None)
+        if update is not None and name == "weight" and module.training and param.requires_grad:
+            update(param)
+
+
+def update_shards_before_forward(model: nn.Module):
+    """Modules that rewrite their stored weights in a training-mode forward pass (EDM2's forced weight normalization,
+    `MPConv.normalize_stored_weight_`, SPEC.md section 10) would write into FSDP2's gathered copies, which resharding
+    drops: register a pre-forward hook on the sharded root `model` that applies the update to the shards, before any
+    unit is gathered (the modules go on updating the gathered copies they compute with). It updates the trainable
+    weights of such modules in training mode (those the forward pass calls; a frozen head that it does not call,
+    EDM2's uncertainty head in distillation, stays as it is). Nothing is registered when `model` holds no such
+    module. Returns `model`."""
+    if any(hasattr(m, "normalize_stored_weight_") for m in model.modules()):
+        model.register_forward_pre_hook(_shard_updates, prepend=True, with_kwargs=True)  # before FSDP's gathering
     return model
 
 

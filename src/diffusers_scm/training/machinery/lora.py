@@ -87,17 +87,19 @@ class BaseModelDenoiser(TrigFlowDenoiser):
 
 def save_lora(network, folder: str, family_pipeline: str | None = None) -> str:
     """Save the adapter in diffusers' LoRA format: through the family pipeline's `save_lora_weights` (so
-    `FamilyPipeline.load_lora_weights(folder)` loads it), else the network's `save_lora_adapter`. Returns the file."""
+    `FamilyPipeline.load_lora_weights(folder)` loads it), else (no family, or a family pipeline without a LoRA
+    loader, e.g. HunyuanVideo15Pipeline) the network's `save_lora_adapter` (`network.load_lora_adapter(folder)` loads
+    it, `weight_name="pytorch_lora_weights.safetensors", prefix=None`). Returns the file."""
     import os
 
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers = get_peft_model_state_dict(network)
-    if family_pipeline is not None:
-        import diffusers
-
+    pipeline_class = getattr(diffusers, family_pipeline, None) if family_pipeline is not None else None
+    if pipeline_class is not None and hasattr(pipeline_class, "save_lora_weights"):
         component = "unet" if "UNet" in type(network).__name__ else "transformer"
-        getattr(diffusers, family_pipeline).save_lora_weights(folder, **{f"{component}_lora_layers": layers})
+        pipeline_class.save_lora_weights(folder, **{f"{component}_lora_layers": layers})
     else:
         network.save_lora_adapter(folder)
     return os.path.join(folder, "pytorch_lora_weights.safetensors")

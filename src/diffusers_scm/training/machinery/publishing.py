@@ -10,7 +10,14 @@ import torch
 from .run import end_run
 
 
-__all__ = ["push_checkpoint", "network_component", "log_validation", "finish_training", "publish_pipeline"]
+__all__ = [
+    "push_checkpoint",
+    "network_component",
+    "log_validation",
+    "finish_training",
+    "publish_pipeline",
+    "teacher_decoder",
+]
 
 
 logger = logging.getLogger(__name__)
@@ -35,10 +42,12 @@ def log_validation(
     components=None,
     prompts=None,
     image_size=None,
+    num_frames=None,
 ):
     """Sample grids from fixed noise for each step count; save them as PNG (named by `step`) and log them to the
     trackers (at `tracker_step`, default `step`). Text-to-image students: `components` (VAE, text encoders and
-    tokenizers, `family_pipeline`) and the validation `prompts` (one image each, `image_size` pixels)."""
+    tokenizers, `family_pipeline`) and the validation `prompts` (one image each, `image_size` pixels). Video students
+    (`num_frames`): one video per prompt, saved as its frames side by side (a filmstrip per video)."""
     from diffusers.utils import numpy_to_pil
 
     from ...pipelines import SCMPipeline
@@ -52,18 +61,25 @@ def log_validation(
     if prompts:
         num_images = len(prompts)
         text = {"prompt": list(prompts), "height": image_size, "width": image_size}
+        if num_frames is not None:
+            text["num_frames"] = num_frames
     else:
         text = {"batch_size": num_images}
     os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
     grids = {}
     for steps in step_counts:
-        images = pipe(
+        out = pipe(
             **text,
             num_inference_steps=steps,
             class_labels=labels,
             output_type="np",
             generator=[torch.Generator().manual_seed(i) for i in range(num_images)],
-        ).images
+        )
+        if num_frames is not None:  # (N, F, H, W, C) -> filmstrips (N, H, F * W, C)
+            n, f, h, w, c = out.frames.shape
+            images = out.frames.transpose(0, 2, 1, 3, 4).reshape(n, h, f * w, c)
+        else:
+            images = out.images
         square_image_grid(numpy_to_pil(images)).save(
             os.path.join(output_dir, "samples", f"step-{step:07d}-{steps}step.png")
         )
@@ -77,6 +93,45 @@ def log_validation(
             import wandb
 
             tracker.log({f"validation/{s}-step": [wandb.Image(i) for i in im] for s, im in grids.items()}, step=step)
+
+
+def teacher_decoder(teacher: str, revision: str | None = None) -> dict:
+    """
+    The VAE and `image_range` of a latent teacher's pipeline folder that has no text encoders (a latent EDM2 network
+    converted with `--vae`, SPEC.md section 10), for its student's SCMPipeline: the VAE's config carries the latent
+    normalization, `image_range` the range of its images ([0, 1] for EDM2), so that the student's images decode as the
+    teacher's. An empty dict for a pipeline without a VAE (pixel networks) or a network folder.
+
+    Args:
+        teacher (`str`): the teacher's folder or Hub id (`--teacher`).
+        revision (`str`, *optional*): the Hub revision (`--teacher_revision`).
+    """
+    import importlib
+
+    from ...hub.folders import local_folder
+    from ...utils import read_json
+
+    folder = local_folder(teacher)
+    if folder is not None:
+        path = os.path.join(folder, "model_index.json")
+        index = read_json(path) if os.path.isfile(path) else {}
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = read_json(hf_hub_download(teacher, "model_index.json", revision=revision))
+        except Exception:  # a network repository without model_index.json
+            index = {}
+    entry = index.get("vae")
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1] is not None):
+        return {}
+    library, name = entry
+    cls = getattr(importlib.import_module(library), name)
+    vae = cls.from_pretrained(folder or teacher, subfolder="vae", revision=None if folder else revision).eval()
+    parts = {"vae": vae}
+    if index.get("image_range") is not None:
+        parts["image_range"] = [float(v) for v in index["image_range"]]
+    return parts
 
 
 def finish_training(
@@ -106,6 +161,14 @@ def finish_training(
                 save_lora(network, output_dir, (components or {}).get("family_pipeline"))
             network = fuse_lora(network)
         parts = {network_component(network): network, **(components or {})}
+        family = (components or {}).get("family_pipeline")
+        if family is not None:
+            from ...families import get_family
+
+            if get_family(family).own_sampler == "scheduler":  # the family's own pipeline takes no sigmas=
+                from ...schedulers import TrigFlowFamilyScheduler
+
+                scheduler = TrigFlowFamilyScheduler.from_trigflow(scheduler)
         SCMPipeline(scheduler=scheduler, **parts).save_pretrained(output_dir)
         logger.info("Saved the EMA model to %s", output_dir)
     if end_training:
@@ -188,7 +251,12 @@ def publish_pipeline(args, accelerator, sample_steps, num_sample_images: int = 8
     prompts = getattr(args, "validation_prompts", None)
     size = getattr(args, "resolution", None) if prompts else None
     path = os.path.join(args.output_dir, SAMPLE_GRID)
-    save_sample_grid(pipe, path, sample_steps, num_sample_images, args.seed, prompts=prompts, image_size=size)
+    frames = getattr(args, "num_frames", None)
+    if frames is not None:  # a video student: at the training size and length, not its pipeline's defaults
+        size = getattr(args, "resolution", None)
+    save_sample_grid(
+        pipe, path, sample_steps, num_sample_images, args.seed, prompts=prompts, image_size=size, num_frames=frames
+    )
     card = save_model_card(args.output_dir, repo_id=args.hub_model_id, license=args.hub_license)
     logger.info("Wrote the model card %s", card)
     if not args.push_to_hub:

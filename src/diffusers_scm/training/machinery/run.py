@@ -151,7 +151,8 @@ def adam(params, sharded: bool = False, **kwargs) -> torch.optim.Adam:
 
 
 # flags that shape a checkpoint's state or what it means (run_config); the folders a network was loaded
-# from (--teacher, --student, --model, --model_config) are recorded too, and a change of them alone is only logged
+# from (--teacher, --student, --model, --model_config, --guidance_model) are recorded too, and a change of them alone
+# is only logged (adding or dropping --guidance_model is a change; its w, --guidance_scale, is recorded with it)
 RUN_CONFIG_FLAGS = (
     "method",
     "objective",
@@ -163,6 +164,7 @@ RUN_CONFIG_FLAGS = (
     "student",
     "model",
     "model_config",
+    "guidance_model",
 )
 
 
@@ -197,7 +199,8 @@ def run_config(args, model, teacher=None, sharded: bool = False, record: dict | 
         record (`dict`, *optional*): further entries, flag -> value (e.g. TCM Stage 1's `--tcm_stage1_method`).
 
     Returns:
-        `dict`: JSON values, keyed by flag (`"--lora_rank"`) or `"network"` / `"teacher network"`.
+        `dict`: JSON values, keyed by flag (`"--lora_rank"`) or `"network"` / `"teacher network"` / `"guidance network"`
+        (the network of `--guidance_model`, when `teacher` is a `GuidedDenoiser`).
     """
     entries = {f"--{name}": getattr(args, name) for name in RUN_CONFIG_FLAGS if hasattr(args, name)}
     entries["--fsdp"] = bool(sharded)
@@ -206,6 +209,10 @@ def run_config(args, model, teacher=None, sharded: bool = False, record: dict | 
     entries["network"] = network_record(model.inner_model, sources[0] if sources else None)
     if teacher is not None:
         entries["teacher network"] = network_record(teacher.inner_model, "--teacher")
+    if getattr(args, "guidance_model", None):  # the teacher guided by a second network, D_g + w (D - D_g)
+        entries["--guidance_scale"] = args.guidance_scale
+        if hasattr(teacher, "denoisers"):  # a GuidedDenoiser (not loaded with w = 1)
+            entries["guidance network"] = network_record(teacher.denoisers()[1].inner_model, "--guidance_model")
     return json.loads(json.dumps(entries, default=str))
 
 
@@ -249,8 +256,11 @@ def prepare_training(args, accelerator, model, dataset, module_name: str, teache
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
     )
     if accelerator.is_fsdp2:  # accelerate shards the one model it is given and remaps the optimizer
+        from .fsdp import update_shards_before_forward
+
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         logvar_head = model.logvar_head
+        update_shards_before_forward(model)  # EDM2's forced weight normalization on the shards
     elif sharded:  # sharded above: a DDP wrapper must not replicate it
         optimizer, loader = accelerator.prepare(optimizer, loader)
     else:
@@ -278,7 +288,7 @@ def _use_fsdp(args, accelerator, model) -> bool:
     if not sharded:
         return False
     network = model.inner_model
-    if not all(p.requires_grad for p in network.parameters()):
+    if getattr(network, "peft_config", None):  # adapters added by diffusers' add_adapter (lora.add_lora)
         raise ValueError(
             "--fsdp with a LoRA student is not supported: a LoRA student already fits where its base network does "
             "(drop --fsdp), or train all weights sharded (drop --lora_rank)."

@@ -71,22 +71,32 @@ def teacher_velocity(
     teacher, x_t, t, x0, z, sigma_data, guidance_scale=1.0, conditioning=None, uncond_conditioning=None
 ) -> torch.Tensor:
     """dx_t/dt along the teacher's PF-ODE, sd F_teacher(x_t, t) with guidance F_c + (w - 1)(F_c - F_u) (w a number, or
-    one per sample), or, without a teacher, the conditional velocity cos(t) z - sin(t) x0 of the noised sample
-    (SPEC.md sections 3 and 8). A teacher guided by a second network (`diffusers_scm.guidance.GuidedDenoiser`) gives
+    one per sample; where the family's pipeline combines its two predictions otherwise, as Qwen-Image's norm rescale,
+    that combination: `TrigFlowDenoiser.guided`), or, without a teacher, the conditional velocity cos(t) z - sin(t) x0
+    of the noised sample (SPEC.md sections 3 and 8). A teacher guided by a second network (`diffusers_scm.guidance.GuidedDenoiser`) gives
     EDM2's guided F_g + w (F - F_g) itself (SPEC.md section 10); its classifier-free `guidance_scale` is then 1."""
     conditioning = conditioning or {}
     if teacher is None:
         tb = _bcast(t, x0)
         return torch.cos(tb) * z - torch.sin(tb) * x0
     with torch.no_grad():
-        F_c = teacher(x_t, t, **conditioning).to(x_t.dtype)
         per_sample = isinstance(guidance_scale, torch.Tensor)  # one w per sample (a guidance range)
+        if (per_sample or guidance_scale != 1.0) and not getattr(teacher_adapter(teacher), "linear_guidance", True):
+            # a family whose pipeline combines the two predictions otherwise (Qwen-Image's norm rescale)
+            uncond = uncond_conditioning or null_class_conditioning(teacher, conditioning)
+            return sigma_data * unwrap_model(teacher).guided(x_t, t, guidance_scale, conditioning, uncond)
+        F_c = teacher(x_t, t, **conditioning).to(x_t.dtype)
         if per_sample or guidance_scale != 1.0:
             uncond = uncond_conditioning or null_class_conditioning(teacher, conditioning)
             F_u = teacher(x_t, t, **uncond).to(x_t.dtype)
             w = _bcast(guidance_scale.to(F_c), F_c) if per_sample else guidance_scale
             F_c = F_c + (w - 1.0) * (F_c - F_u)
     return sigma_data * F_c
+
+
+def teacher_adapter(teacher):
+    """The network adapter of a teacher (`TrigFlowDenoiser.adapter`), None for other callables."""
+    return getattr(unwrap_model(teacher), "adapter", None)
 
 
 def null_class_conditioning(denoiser, conditioning: dict) -> dict:

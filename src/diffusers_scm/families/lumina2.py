@@ -1,0 +1,81 @@
+"""Lumina-Image 2.0 (`Lumina2Pipeline`): a Gemma-2 text encoder behind a system prompt, a flow-matching DiT that
+takes the reversed time and predicts the negated velocity, and classifier-free guidance with a norm rescale
+(SPEC.md section 8).
+
+Prompts go through `Lumina2Pipeline.encode_prompt`, which puts the pipeline's `system_prompt` and " <Prompt Start> "
+before every prompt (not before the negative prompt) and pads Gemma's tokens to `max_sequence_length`
+(`PromptEncoding.sequence_length`: the pipeline's default 256, or the tokenizer's `model_max_length` where shorter);
+the network reads the second-to-last hidden states and their padding mask, `encoder_attention_mask`. The
+unconditional branch is the negative prompt (default: the empty prompt, as the pipeline's).
+
+Time and prediction (`Lumina2Adapter`, `diffusers_scm.adapters`): the pipeline's scheduler is flow matching, x_s =
+(1 - s) x0 + s n with timesteps 1000 s, but the network takes 1 - s (data at 1) and predicts x0 - n, which the
+pipeline negates before `scheduler.step`. The adapter passes 1 - timestep / 1000 and negates the output, so the
+teacher is the pipeline's flow-matching model.
+
+Guidance (`Lumina2GuidedAdapter`, registered here for `Lumina2Transformer2DModel`): `Lumina2Pipeline.__call__`
+combines comb = raw_u + w (raw_c - raw_u) and, with its default `cfg_normalization=True`, rescales comb to the norm of
+raw_c, the norms taken over the last axis of the latent image (its width: comb * |raw_c| / |comb| per channel and
+row). Its other option, `cfg_trunc_ratio` (default 1.0), drops guidance in the last steps of a sampling run; at its
+default it never does, and a time-independent teacher cannot depend on the position in a run, so the teacher
+guides at every time, as the pipeline at its defaults. The rescale is odd in the predictions, so it gives the same
+on the negated outputs of the adapter. A student distills the ODE that `Lumina2Pipeline(guidance_scale=w)` samples.
+
+Latents: x0 = (z - shift_factor) * scaling_factor (`LatentCodec`), as the pipeline decodes; its `vae_scale_factor`
+is 8 whatever the VAE. Students sample in `Lumina2Pipeline` too: it takes `sigmas=` and steps
+`FlowMatchLCMScheduler(shift=1.0)` on the negated network output, the flow velocity n - x0 (`guidance_scale=1`).
+"""
+
+import torch
+
+from ..adapters import Lumina2Adapter, register_adapter
+from ..conditioning import PromptEncoding
+from . import Family, register_family
+
+
+__all__ = ["Lumina2PromptEncoding", "Lumina2GuidedAdapter"]
+
+
+class Lumina2PromptEncoding(PromptEncoding):
+    """Lumina 2: Gemma-2 embeddings of the system prompt and the prompt, with their padding mask
+    (`encoder_attention_mask`); cond and negative from one `encode_prompt` call."""
+
+    sequence_tokenizer = "tokenizer"
+    embeds_with_prompt_embeds = ("prompt_attention_mask",)
+    embed_names = {"encoder_hidden_states": "prompt_embeds", "encoder_attention_mask": "prompt_attention_mask"}
+
+    def _encode(self, prompts, negative, device, guidance, embeds):
+        pe, mask, npe, nmask = self.pipeline.encode_prompt(
+            prompt=prompts,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=negative,
+            device=device,
+            **embeds,
+        )
+        cond = {"encoder_hidden_states": pe, "encoder_attention_mask": mask}
+        return cond, ({"encoder_hidden_states": npe, "encoder_attention_mask": nmask} if guidance else None)
+
+
+class Lumina2GuidedAdapter(Lumina2Adapter):
+    """`Lumina2Adapter` with the guidance of `Lumina2Pipeline` at its defaults (`cfg_normalization=True`,
+    `cfg_trunc_ratio=1.0`): the combination rescaled to the conditional prediction's norm over the last axis."""
+
+    linear_guidance = False
+
+    def inputs(self, model, sample, timestep, conditioning):
+        """The text mask as integers, as the pipeline passes the tokenizer's (the network counts the text tokens from
+        it); a mask read back from the latent cache is floating point."""
+        mask = conditioning.get("encoder_attention_mask")
+        if mask is not None and mask.is_floating_point():
+            conditioning["encoder_attention_mask"] = mask.round().long()
+        return super().inputs(model, sample, timestep, conditioning)
+
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale) -> torch.Tensor:
+        """comb = uncond + w (cond - uncond), then comb |cond| / |comb|, the norms over the last axis (the latent
+        image's width), as `Lumina2Pipeline.__call__` (SPEC.md section 8)."""
+        combined = super().guide(cond, uncond, guidance_scale)
+        return combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+
+
+register_adapter("Lumina2Transformer2DModel", Lumina2GuidedAdapter())
+register_family(Family("Lumina2Pipeline", Lumina2PromptEncoding))
