@@ -367,6 +367,13 @@ def teacher_cfg_scale(args) -> float:
     return 1.0 if getattr(args, "guidance_model", None) else args.guidance_scale
 
 
+def loss_cfg_scale(args) -> float:
+    """The classifier-free guidance scale the losses apply themselves: `teacher_cfg_scale`, or 1 for a teacher whose
+    network takes w as an input (Flux.1-dev, FLUX.2 [dev], HunyuanVideo: the batches carry w in its conditioning and
+    make no unconditional branch)."""
+    return 1.0 if getattr(args, "teacher_guidance_input", False) else teacher_cfg_scale(args)
+
+
 def with_guidance_model(args, teacher):
     """The teacher guided by --guidance_model (loaded like the teacher: frozen, eval mode), F_g + w (F - F_g) with
     w = --guidance_scale (SPEC.md section 10); the teacher itself without it."""
@@ -433,6 +440,8 @@ def build_models(args):
         teacher = load_teacher(
             args.teacher, args.teacher_parameterization, args.sigma_data, revision=args.teacher_revision
         )
+    network = getattr(teacher, "inner_model", None)
+    args.teacher_guidance_input = bool(getattr(network, "config", {}).get("guidance_embeds", False))
     if args.student is not None:
         init = load_teacher(args.student, args.teacher_parameterization, args.sigma_data)
     else:
@@ -498,7 +507,7 @@ def build_loss(args, method: str, sigma_data: float, start_stage: int = 0):
             stage_steps=dt_stage_steps(args),
             start_stage=start_stage,
             ratio_limit=args.dt_ratio_limit,
-            guidance_scale=teacher_cfg_scale(args),
+            guidance_scale=loss_cfg_scale(args),
         )
     return SCMLoss(
         sigma_data=sigma_data,
@@ -509,7 +518,7 @@ def build_loss(args, method: str, sigma_data: float, start_stage: int = 0):
         tangent_norm=args.tangent_norm,
         prior_weighting=args.prior_weighting,
         adaptive_weighting=not args.no_adaptive_weighting,
-        guidance_scale=teacher_cfg_scale(args),
+        guidance_scale=loss_cfg_scale(args),
         jvp_method=args.jvp_method,
         jvp_dtype=torch.float32 if args.jvp_dtype == "float32" else None,
         jvp_backend=args.jvp_backend,

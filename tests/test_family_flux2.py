@@ -384,11 +384,14 @@ def test_cache_round_trip_and_distillation_from_it(kind, tmp_path, data_dir, mon
     [
         ("klein", ["--method", "tcm", "--stage2_max_train_steps", "2"]),  # TCM: Stage 1 sCD, then Stage 2
         ("flux2", ["--method", "scd", "--lora_rank", "4"]),  # a LoRA student on the attention projections
+        ("flux2", ["--method", "tcm", "--stage2_max_train_steps", "2"]),  # TCM with a guidance-input teacher
+        ("klein", ["--method", "scd", "--lora_rank", "4"]),
     ],
 )
 def test_tcm_and_lora_students(kind, extra, tmp_path, data_dir):
-    """`distill.py` in process with the teacher encoding captions on the fly: TCM (Klein) and a LoRA student
-    (Flux.2 [dev]) train, and their students sample (c, d)."""
+    """`distill.py` in process with the teacher encoding captions on the fly: TCM and a LoRA student of each family
+    train (TCM of Flux.2 [dev]: w is its teacher's input, no unconditional branch), and their students sample (c,
+    d)."""
     from conftest import load_script
 
     teacher = tmp_path / kind

@@ -402,11 +402,13 @@ def test_distill_a_few_steps_and_sample_the_student_from_prompts(kind, tmp_path,
     [
         ("qwenimage", ["--method", "scd", "--lora_rank", "4"]),
         ("chroma", ["--method", "tcm", "--stage2_max_train_steps", "1"]),
+        ("qwenimage", ["--method", "tcm", "--stage2_max_train_steps", "1"]),
+        ("chroma", ["--method", "scd", "--lora_rank", "4"]),
     ],
 )
 def test_lora_and_tcm_students(kind, extra, tmp_path, data_dir):
     """A LoRA sCD student (Qwen-Image: adapters on the last block's unused text output are frozen too) and a TCM
-    student (Chroma), each a step or two, sample from prompts."""
+    student of each family, each a step or two, sample from prompts."""
     teacher = tmp_path / kind
     pipe = save_tiny_pipeline(kind, teacher)
     out = tmp_path / "student"

@@ -46,6 +46,13 @@ def square_image_grid(images: list):
     return make_image_grid(list(images) + filler, rows=rows, cols=cols)
 
 
+def video_filmstrips(frames):
+    """Videos (N, F, H, W, C), as `SCMPipeline(..., output_type="np").frames` returns them, as images (N, H, F * W, C):
+    each video's frames side by side, for grids and trackers."""
+    n, f, h, w, c = frames.shape
+    return frames.transpose(0, 2, 1, 3, 4).reshape(n, h, f * w, c)
+
+
 @contextlib.contextmanager
 def atomic_folder(final: str):
     """

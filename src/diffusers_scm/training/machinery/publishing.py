@@ -51,7 +51,7 @@ def log_validation(
     from diffusers.utils import numpy_to_pil
 
     from ...pipelines import SCMPipeline
-    from ...utils import square_image_grid
+    from ...utils import square_image_grid, video_filmstrips
 
     if not accelerator.is_main_process:  # a sharded student is gathered by every process, sampled by the main one
         return
@@ -75,11 +75,7 @@ def log_validation(
             output_type="np",
             generator=[torch.Generator().manual_seed(i) for i in range(num_images)],
         )
-        if num_frames is not None:  # (N, F, H, W, C) -> filmstrips (N, H, F * W, C)
-            n, f, h, w, c = out.frames.shape
-            images = out.frames.transpose(0, 2, 1, 3, 4).reshape(n, h, f * w, c)
-        else:
-            images = out.images
+        images = out.images if num_frames is None else video_filmstrips(out.frames)
         square_image_grid(numpy_to_pil(images)).save(
             os.path.join(output_dir, "samples", f"step-{step:07d}-{steps}step.png")
         )
