@@ -1,5 +1,5 @@
 """Evaluate a saved pipeline at a list of step counts: FD-digits, FID, paired RMSE and FD to a teacher's samples,
-per-prompt diversity, seconds per image.
+per-prompt diversity, seconds per image; for text-to-video pipelines (`--num_frames`) the same per video.
 
     python examples/evaluate.py --pipeline digits-teacher --name teacher --steps 4 8 16 32 --output_dir report
     python examples/evaluate.py --pipeline digits-student --name student --steps 1 2 \
@@ -24,6 +24,27 @@ classifier-free guidance `--guidance_scale`; NFE then counts both branches of th
         --prompts "digit zero" "digit one" ... --output_dir report
     python examples/evaluate.py --pipeline t2i-student --name student --steps 1 2 --paired_teacher t2i-teacher \
         --guidance_scale 4 --prompts "digit zero" "digit one" ... --output_dir report
+
+Text-to-video pipelines (`--num_frames F` with `--prompts`): a video student (an SCMPipeline folder of a video
+family: Wan, LTX-Video, HunyuanVideo, ...) or a video teacher (an SCMPipeline ODE folder, or the family's own
+pipeline folder, e.g. a `WanPipeline`, sampled by its own scheduler with `--guidance_scale`) draws video i of F frames
+for prompt i mod n, from the same latent noise (B, C, F', h, w) for every model, at `--height` x `--width` pixels
+(default `--resolution`, else the family pipeline's default size). Seconds are per video; the grids under `grids/` are
+filmstrips (one row of frames per video; with n prompts and `--num_grid_images` n^2, row p of the grid holds prompt
+p's first n videos); `--save_images` writes the videos (N, F, 3, H, W) in [-1, 1] as safetensors (with F in the
+metadata, checked by `--paired_reference`) and each as an animated GIF under `videos/<name>-<steps>step/`. The
+metrics of videos: `paired_rmse` over every pixel of every frame; the feature metrics treat every frame as an image
+(`fd_to_teacher`, `fd_digits`, `fid`: the Frechet distance between the two sets of frames; `prompt_accuracy`: the share
+of frames labelled as their prompt's digit), except `diversity`, which takes the distance between two videos as the
+distance between their frame features stacked in frame order (the mean over a prompt's pairs of videos). Default
+metrics: `paired_rmse`, `fd_to_teacher` (with `--paired_teacher` or `--paired_reference`) and `diversity`.
+
+    python examples/evaluate.py --pipeline wan-teacher --name teacher --steps 50 --guidance_scale 5 --num_frames 33 \
+        --height 480 --width 832 --prompts "a red fox running" "a bird in flight" --num_samples 8 --batch_size 2 \
+        --save_images --output_dir report
+    python examples/evaluate.py --pipeline wan-student --steps 1 2 --num_frames 33 --height 480 --width 832 \
+        --prompts "a red fox running" "a bird in flight" --num_samples 8 --batch_size 2 --output_dir report \
+        --paired_reference report/images/teacher-50step.safetensors
 
 Metrics (`--metrics`): `fd_digits` (Frechet distance in the features of the digits classifier of
 `diffusers_scm.metrics`, against the digits training split), `fid` (Inception features through torch-fidelity or
@@ -121,10 +142,24 @@ def parse_args(argv=None):
     p.add_argument("--prompt_labels", type=int, nargs="+", default=None, help="digit of each prompt (accuracy)")
     p.add_argument("--guidance_scale", type=float, default=None, help="CFG of ODE teachers (text-to-image)")
     p.add_argument("--resolution", type=int, default=None, help="text-to-image: image size in pixels")
+    p.add_argument("--height", type=int, default=None, help="text-to-video: frame height in pixels (or --resolution)")
+    p.add_argument("--width", type=int, default=None, help="text-to-video: frame width in pixels (or --resolution)")
+    p.add_argument("--num_frames", type=int, default=None, help="text-to-video: frames per video (needs --prompts)")
     p.add_argument("--output_dir", default="evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     args.default_metrics = args.metrics is None  # main adds class_accuracy for a class-conditional model
+    if args.num_frames is not None and not args.prompts:
+        p.error(
+            "--num_frames evaluates a text-to-video pipeline: give --prompts (video i is drawn for prompt i mod n)"
+        )
+    if (args.height is None) != (args.width is None):
+        p.error("give both --height and --width (pixels), or --resolution")
+    if args.height is not None and args.num_frames is None:
+        p.error("--height and --width are for videos (--num_frames); images take --resolution")
+    if args.metrics is None and args.num_frames is not None:  # videos: nothing digit-specific by default
+        paired = args.paired_teacher or args.paired_reference
+        args.metrics = (list(PAIRED) if paired else []) + ["diversity"]
     if args.metrics is None:
         paired = args.paired_teacher or args.paired_reference
         args.metrics = ["fd_digits"] + (list(PAIRED) if paired else [])
@@ -169,6 +204,55 @@ def network_of(pipe):
     return pipe.network if isinstance(pipe, SCMPipeline) else getattr(pipe, "transformer", None) or pipe.unet
 
 
+def networks_of(pipe) -> list:
+    """The networks whose calls count as NFE: the pipeline's network, and a second expert where it has one (Wan 2.2's
+    `transformer_2`, which the pipeline calls below its boundary timestep)."""
+    second = None if isinstance(pipe, SCMPipeline) else getattr(pipe, "transformer_2", None)
+    return [network_of(pipe)] + ([second] if second is not None else [])
+
+
+def is_video_pipeline(pipe) -> bool:
+    """Whether a loaded pipeline makes videos: a video student (`SCMPipeline.is_video`) or a video family's own
+    pipeline."""
+    from diffusers_scm.families import get_family
+
+    if isinstance(pipe, SCMPipeline):
+        return getattr(pipe, "vae", None) is not None and pipe.is_video()
+    try:
+        return get_family(pipe).video
+    except ValueError:  # not a declared family
+        return False
+
+
+# Family pipelines whose own call takes one video at a time: diffusers 0.42's AutoencoderKLHunyuanVideo15 decodes
+# batches of one (its attention mask does not broadcast over a batch)
+ONE_VIDEO_PER_CALL = ("HunyuanVideo15Pipeline",)
+
+
+def call_batch_size(pipe, batch_size: int) -> int:
+    """The batch size of each call of `pipe`: `batch_size`, or 1 for the family pipelines of `ONE_VIDEO_PER_CALL`
+    (the results do not depend on it: every sample has its own noise and generator)."""
+    if not isinstance(pipe, SCMPipeline) and type(pipe).__name__ in ONE_VIDEO_PER_CALL:
+        return 1
+    return batch_size
+
+
+def video_noise_shape(pipe, num_samples: int, num_frames: int, height: int | None, width: int | None):
+    """The latent noise (n, C, F', h, w) of `num_samples` videos of `num_frames` frames and their size in pixels
+    (height, width); sizes not given default to the family pipeline's."""
+    import inspect
+
+    if height is None:
+        family = pipe.config.family_pipeline if isinstance(pipe, SCMPipeline) else type(pipe).__name__
+        import diffusers
+
+        defaults = inspect.signature(getattr(diffusers, family).__call__).parameters
+        height, width = defaults["height"].default, defaults["width"].default
+        if height is None or width is None:
+            raise ValueError(f"{family} has no default video size: give --height and --width (pixels).")
+    return latent_codec(pipe).latent_shape(num_samples, height, width, num_frames), (height, width)
+
+
 def text_noise_shape(pipe, num_samples: int, resolution: int | None) -> tuple[int, ...]:
     """The unpacked latent noise (n, C, h, w) of a text-to-image pipeline at `resolution` pixels (default: the
     network's sample size)."""
@@ -210,30 +294,35 @@ def image_seed(seed: int, index: int) -> int:
 
 
 class NFECounter:
-    """Counts the samples a network evaluates (forward pre-hook): a guided call on a doubled batch counts twice."""
+    """Counts the samples a network evaluates (forward pre-hook): a guided call on a doubled batch counts twice.
+    `network` may be a list of networks (two experts): their calls add up."""
 
     def __init__(self, network):
         self.rows = 0
-        self._handle = network.register_forward_pre_hook(self._hook, with_kwargs=True)
+        networks = network if isinstance(network, (list, tuple)) else [network]
+        self._handles = [n.register_forward_pre_hook(self._hook, with_kwargs=True) for n in networks]
 
     def _hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
         self.rows += sample.shape[0]
 
     def remove(self):
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 @torch.no_grad()
 def generate(pipe, noise: torch.Tensor, steps: int, batch_size: int, desc: str, seed: int = 0, text=None):
-    """Images in [-1, 1] from `noise` (unit Gaussian), network evaluations per image, seconds per image.
+    """Images in [-1, 1] from `noise` (unit Gaussian), network evaluations per image, seconds per image; videos
+    (noise (n, C, F', h, w)): (n, F, 3, H, W) in [-1, 1], per video.
 
     Image i draws any further noise (multi-step consistency sampling) from its own generator, seeded
     `image_seed(seed, i)`, so the images do not depend on the batch size. `text`: `{"prompts", "guidance_scale",
-    "resolution"}` for text-to-image pipelines (image i gets prompt i mod n)."""
+    "resolution"}` for text-to-image pipelines (image i gets prompt i mod n), with `"height"`, `"width"` and
+    `"num_frames"` for text-to-video ones."""
     network = network_of(pipe)
     conditional = is_conditional(network)
-    counter = NFECounter(network)
+    counter = NFECounter(networks_of(pipe))
     images, seconds = [], 0.0
     try:
         for i in tqdm(range(0, len(noise), batch_size), desc=desc, leave=False):
@@ -248,7 +337,8 @@ def generate(pipe, noise: torch.Tensor, steps: int, batch_size: int, desc: str, 
             else:
                 labels = [(i + j) % 10 for j in range(len(chunk))] if conditional else None
                 kwargs.update(batch_size=len(chunk), latents=chunk, class_labels=labels)
-            out = pipe(**kwargs).images
+            out = pipe(**kwargs)
+            out = out.frames if hasattr(out, "frames") else out.images  # videos: (B, F, 3, H, W)
             seconds += time.perf_counter() - start
             images.append(out.float().cpu() * 2 - 1)
     finally:
@@ -263,20 +353,28 @@ def text_call(pipe, chunk: torch.Tensor, first: int, text: dict) -> dict:
 
     prompts = [text["prompts"][(first + j) % len(text["prompts"])] for j in range(len(chunk))]
     size = text["resolution"]
-    kwargs = {"prompt": prompts, "height": size, "width": size}
+    kwargs = {"prompt": prompts, "height": text.get("height") or size, "width": text.get("width") or size}
+    if text.get("num_frames") is not None:
+        kwargs["num_frames"] = text["num_frames"]
     if isinstance(pipe, SCMPipeline):
         ode = isinstance(pipe.scheduler, TrigFlowODEScheduler)
         return {**kwargs, "latents": chunk, "guidance_scale": text["guidance_scale"] if ode else None}
     latents = chunk
     pack = getattr(pipe, "_pack_latents", None)
-    if pack is not None and len(inspect.signature(pack).parameters) > 1:  # Flux.1-style: 2x2-packed tokens
+    pack_parameters = inspect.signature(pack).parameters if pack is not None else {}
+    if chunk.ndim == 5 and "patch_size_t" in pack_parameters:  # LTX-Video: (B, C, F', h, w) -> packed tokens
+        latents = pack(chunk, pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size)
+    elif chunk.ndim == 4 and len(pack_parameters) > 1:  # Flux.1-style: 2x2-packed tokens
         latents = pack(chunk, *chunk.shape)  # (Flux.2's pipelines take the patchified latent x0 itself)
     kwargs["latents"] = latents
     parameters = inspect.signature(pipe.__call__).parameters
     if "use_resolution_binning" in parameters:  # the exact size, not the nearest trained aspect-ratio bin
         kwargs["use_resolution_binning"] = False
     if text["guidance_scale"] is not None:
-        kwargs["guidance_scale"] = text["guidance_scale"]
+        if "guidance_scale" in parameters:
+            kwargs["guidance_scale"] = text["guidance_scale"]
+        elif getattr(pipe, "guider", None) is not None:  # HunyuanVideo 1.5: classifier-free guidance by its guider
+            pipe.guider = pipe.guider.new(guidance_scale=text["guidance_scale"])
     length = prompt_sequence_length(pipe)  # the text length the teacher was trained with (and is distilled at)
     if length is not None:
         kwargs["max_sequence_length"] = length
@@ -371,17 +469,49 @@ def save_grid(images: torch.Tensor, path: str, scale: int = 4):
     square_image_grid(numpy_to_pil(images.permute(0, 2, 3, 1).numpy())).save(path)
 
 
+def save_video_grid(videos: torch.Tensor, path: str):
+    """A near-square grid of filmstrips (`diffusers_scm.utils.video_filmstrips`: each video's frames side by side) of
+    videos (N, F, 3, H, W) in [-1, 1], small frames upscaled (nearest) to at least 64 pixels (at most 4 times), each
+    filmstrip framed in gray."""
+    from diffusers.utils import numpy_to_pil
+
+    from diffusers_scm.utils import video_filmstrips
+
+    scale = max(1, min(4, 64 // min(videos.shape[-2:])))
+    frames = ((videos.clamp(-1, 1) + 1) / 2).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    strips = torch.from_numpy(video_filmstrips(frames.permute(0, 1, 3, 4, 2).numpy()))  # (N, H, F * W, 3)
+    strips = torch.nn.functional.pad(strips.permute(0, 3, 1, 2), (1, 1, 1, 1), value=0.5)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    square_image_grid(numpy_to_pil(strips.permute(0, 2, 3, 1).numpy())).save(path)
+
+
+def save_gifs(videos: torch.Tensor, folder: str, fps: int = 8):
+    """Each video (N, F, 3, H, W) in [-1, 1] as an animated GIF `folder/video-000.gif`, ..."""
+    from diffusers.utils import export_to_gif, numpy_to_pil
+
+    os.makedirs(folder, exist_ok=True)
+    frames = ((videos.clamp(-1, 1) + 1) / 2).permute(0, 1, 3, 4, 2).numpy()
+    for i, video in enumerate(frames):
+        export_to_gif(numpy_to_pil(video), os.path.join(folder, f"video-{i:03d}.gif"), fps=fps)
+
+
+def frames_as_images(samples: torch.Tensor) -> torch.Tensor:
+    """Videos (N, F, 3, H, W) as N * F images (video-major) for the frame-level feature metrics; images unchanged."""
+    return samples.flatten(0, 1) if samples.ndim == 5 else samples
+
+
 def format_table(rows: list[dict]) -> str:
-    """Markdown table: model, sampler, steps, NFE, each metric present, seconds per image."""
+    """Markdown table: model, sampler, steps, NFE, each metric present, seconds per image (per video)."""
     metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
     guided = any(r.get("guidance_scale") is not None for r in rows)
-    header = ["model", "sampler", *(["CFG"] if guided else []), "steps", "NFE", *metrics, "s/image"]
+    per = "s/video" if rows and all("sec_per_video" in r for r in rows) else "s/image"
+    header = ["model", "sampler", *(["CFG"] if guided else []), "steps", "NFE", *metrics, per]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         cfg = [] if not guided else ["-" if r.get("guidance_scale") is None else f"{r['guidance_scale']:g}"]
         values = [r["model"], r["sampler"], *cfg, str(r["steps"]), f"{r['nfe']:g}"]
         values += ["-" if r.get(m) is None else f"{r[m]:.4g}" for m in metrics]
-        values.append(f"{r['sec_per_image']:.2e}")
+        values.append(f"{r.get('sec_per_image', r.get('sec_per_video')):.2e}")
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -400,6 +530,8 @@ def save_images(images: torch.Tensor, path: str, row: dict, args):
         "prompts": json.dumps(args.prompts),
         "guidance_scale": json.dumps(row.get("guidance_scale")),
     }
+    if getattr(args, "num_frames", None) is not None:  # videos (N, F, 3, H, W)
+        metadata["num_frames"] = str(args.num_frames)
     tmp = path + ".tmp"
     save_file({"images": images.detach().float().cpu().contiguous()}, tmp, metadata=metadata)
     os.replace(tmp, path)
@@ -416,12 +548,16 @@ def load_images(path: str, args) -> tuple[torch.Tensor, dict]:
     with safe_open(path, "pt") as f:
         meta, images = f.metadata() or {}, f.get_tensor("images")
     wanted = {"seed": str(args.seed), "num_samples": str(args.num_samples), "prompts": json.dumps(args.prompts)}
+    frames = getattr(args, "num_frames", None)
+    if frames is not None or meta.get("num_frames") is not None:  # videos of as many frames (images have none)
+        wanted["num_frames"] = None if frames is None else str(frames)
     wrong = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
     if wrong:
         raise ValueError(
             f"--paired_reference {path} was drawn with other settings than this run: "
             + ", ".join(f"{k} {theirs} (here {ours})" for k, (theirs, ours) in wrong.items())
-            + ". Evaluate with the reference's --seed, --num_samples and --prompts, or save a new reference."
+            + ". Evaluate with the reference's --seed, --num_samples, --prompts (and --num_frames), or save a new "
+            "reference."
         )
     description = {
         "pipeline": meta.get("pipeline"),
@@ -485,7 +621,17 @@ def main(argv=None):
         )
     name = args.name or ("teacher" if sampler.startswith("ode") else "student")
     text = None
-    if args.prompts:
+    video = is_video_pipeline(pipe)
+    if args.num_frames is not None and not video:
+        raise ValueError(f"--num_frames is for text-to-video pipelines; {args.pipeline} makes images: drop it.")
+    if video and args.num_frames is None:
+        raise ValueError(f"{args.pipeline} makes videos: give --num_frames F (a count its VAE encodes whole).")
+    if video:
+        height, width = (args.height, args.width) if args.height else (args.resolution, args.resolution)
+        shape, (height, width) = video_noise_shape(pipe, args.num_samples, args.num_frames, height, width)
+        text = {"prompts": args.prompts, "guidance_scale": args.guidance_scale, "resolution": height}
+        text.update(height=height, width=width, num_frames=args.num_frames)
+    elif args.prompts:
         shape = text_noise_shape(pipe, args.num_samples, args.resolution)
         size = args.resolution or shape[-1] * _scale_factor(pipe)
         text = {"prompts": args.prompts, "guidance_scale": args.guidance_scale, "resolution": size}
@@ -495,6 +641,8 @@ def main(argv=None):
         shape = pipe._sample_shape(args.num_samples)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     extra = {"num_samples": args.num_samples, "seed": args.seed}
+    if video:
+        extra.update(num_frames=args.num_frames, height=text["height"], width=text["width"])
 
     classifier = digits_stats = None
     if {"fd_digits", "prompt_accuracy", "class_accuracy", "fd_to_teacher", "diversity"} & set(args.metrics):
@@ -513,8 +661,8 @@ def main(argv=None):
             fid_stats = reference_stats
             extra.update(fid_backend=inception.backend, fid_reference=args.reference_stats)
         else:
-            size = shape[-1]
-            images = reference_images(args.reference, size, shape[1], args.image_column)
+            size = text["height"] if video else shape[-1]
+            images = reference_images(args.reference, size, 3 if video else shape[1], args.image_column)
             fid_stats = feature_statistics(inception(images))
             extra.update(fid_backend=inception.backend, fid_reference=args.reference)
     paired = paired_stats = None
@@ -523,10 +671,17 @@ def main(argv=None):
         paired = paired.to(args.device)
     elif set(PAIRED) & set(args.metrics):
         teacher = load_pipeline(args.paired_teacher, args.device)
+        if is_video_pipeline(teacher) != video:
+            kinds = {True: "videos", False: "images"}
+            raise ValueError(
+                f"--paired_teacher {args.paired_teacher} makes {kinds[not video]}, {args.pipeline} makes "
+                f"{kinds[video]}: pair a student with a teacher of its own family."
+            )
         family = not isinstance(teacher, SCMPipeline)
         teacher, solver = with_sampler(teacher, "ode", None if family else args.paired_teacher_solver)
+        batch = call_batch_size(teacher, args.batch_size)
         paired, _, _ = generate(
-            teacher, noise, args.paired_teacher_steps, args.batch_size, "teacher ODE (paired)", args.seed, text
+            teacher, noise, args.paired_teacher_steps, batch, "teacher ODE (paired)", args.seed, text
         )
         extra["paired_reference"] = {
             "pipeline": args.paired_teacher,
@@ -536,49 +691,57 @@ def main(argv=None):
         }
     if "fd_to_teacher" in args.metrics:
         with torch.no_grad():
-            paired_stats = feature_statistics(classifier.embed(paired))
+            paired_stats = feature_statistics(classifier.embed(frames_as_images(paired)))
     # diversity within the images of one prompt (image i: prompt i mod n), class (i mod 10), or all of them
     groups = len(args.prompts) if args.prompts else (10 if conditional else 1)
 
     rows = []
     for steps in tqdm(args.steps, desc=f"evaluate {name}"):
-        images, nfe, sec = generate(pipe, noise, steps, args.batch_size, f"{name} {steps} steps", args.seed, text)
+        batch = call_batch_size(pipe, args.batch_size)
+        images, nfe, sec = generate(pipe, noise, steps, batch, f"{name} {steps} steps", args.seed, text)
         row = {"model": name, "pipeline": args.pipeline, "sampler": sampler, "steps": steps, "nfe": nfe}
         if text is not None and text["guidance_scale"] is not None and sampler.startswith("ode"):
             row["guidance_scale"] = text["guidance_scale"]
+        if video:
+            row["num_frames"] = args.num_frames
         if paired is not None and paired.shape != images.shape:
             raise ValueError(
                 f"The paired reference holds images of shape {tuple(paired.shape)}; {name} draws "
                 f"{tuple(images.shape)}: pair models of one sample count, resolution and channel count."
             )
+        frames = frames_as_images(images)  # videos: every frame an image (video-major) for the feature metrics
         if classifier is not None:
             with torch.no_grad():
-                embedded = classifier.embed(images)
+                embedded = classifier.embed(frames)
                 if "fd_digits" in args.metrics:
                     row["fd_digits"] = frechet_distance(*feature_statistics(embedded), *digits_stats)
                 if "fd_to_teacher" in args.metrics:
                     row["fd_to_teacher"] = frechet_distance(*feature_statistics(embedded), *paired_stats)
-                if "diversity" in args.metrics:
-                    per_group = group_diversity(embedded, groups)
+                if "diversity" in args.metrics:  # videos: a video's frame features stacked in frame order
+                    per_group = group_diversity(embedded.reshape(len(images), -1), groups)
                     row["diversity"] = float(np.nanmean(per_group)) if not np.isnan(per_group).all() else None
                     row["diversity_per_group"] = [None if np.isnan(v) else float(v) for v in per_group]
-                if "prompt_accuracy" in args.metrics:
+                if "prompt_accuracy" in args.metrics:  # videos: each frame labelled with its video's prompt
                     wanted = torch.tensor([args.prompt_labels[i % len(args.prompts)] for i in range(len(images))])
-                    row["prompt_accuracy"] = (classifier(images).argmax(1) == wanted).float().mean().item()
+                    wanted = wanted.repeat_interleave(len(frames) // len(images))
+                    row["prompt_accuracy"] = (classifier(frames).argmax(1) == wanted).float().mean().item()
                 if "class_accuracy" in args.metrics:  # image i was drawn for class i mod 10 (generate)
                     wanted = torch.arange(len(images)) % 10
                     row["class_accuracy"] = (classifier(images).argmax(1) == wanted).float().mean().item()
         if inception is not None:
-            row["fid"] = frechet_distance(*feature_statistics(inception(images)), *fid_stats)
+            row["fid"] = frechet_distance(*feature_statistics(inception(frames)), *fid_stats)
         if "paired_rmse" in args.metrics:
             row["paired_rmse"] = rmse(images, paired)
-        row["sec_per_image"] = sec
+        row["sec_per_video" if video else "sec_per_image"] = sec
         rows.append(row)
         if args.save_images:
             save_images(images, os.path.join(args.output_dir, "images", f"{name}-{steps}step.safetensors"), row, args)
+            if video:
+                save_gifs(images, os.path.join(args.output_dir, "videos", f"{name}-{steps}step"))
         if args.num_grid_images:
             grid = grid_images(images, args.num_grid_images, len(args.prompts) if args.prompts else None)
-            save_grid(grid, os.path.join(args.output_dir, "grids", f"{name}-{steps}step.png"))
+            save = save_video_grid if video else save_grid
+            save(grid, os.path.join(args.output_dir, "grids", f"{name}-{steps}step.png"))
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     results = write_results(args.output_dir, rows, extra)
     print(format_table(results["rows"]))
