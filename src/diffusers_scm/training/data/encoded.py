@@ -46,6 +46,10 @@ class CaptionCache:
         else:
             fresh = {}
         rows = [self.rows.get(c) or fresh[c] for c in captions]
+        if any(len({tuple(r[k].shape) for r in rows}) > 1 for k in rows[0]):
+            # a family that pads each batch to its longest caption through the text encoder (CogView4): captions
+            # encoded in different batches differ in length, so the batch is encoded together, as its pipeline would
+            return unflatten_conditioning(self._encode(captions)), self.uncond(len(captions))
         cond = unflatten_conditioning({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
         return cond, self.uncond(len(captions))
 

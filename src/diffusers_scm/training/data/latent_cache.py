@@ -290,6 +290,21 @@ def _file_sizes(folder: str) -> dict:
 
 
 @torch.no_grad()
+def _check_equal_lengths(rows: list[dict], family: str):
+    """Every cached row's text conditioning must have one shape: training batches stack rows written from different
+    encode batches. A family whose `encode_prompt` pads each batch to its longest prompt and runs the padding through
+    the text encoder (CogView4) gives rows of different lengths, which no mask can join."""
+    for key in (k for k in rows[0] if k not in ("latents", "caption")):
+        shapes = {tuple(getattr(r[key], "shape", ())) for r in rows}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"{family}'s encode_prompt gave the cached conditioning {key!r} {len(shapes)} different shapes "
+                f"({sorted(shapes)[:4]}): it pads each batch of captions to its longest caption, so rows encoded in "
+                "different batches cannot be stacked into one training batch. Encode every caption in one batch "
+                "(prepare_data.py --batch_size at least the number of captions), or train without a cache."
+            )
+
+
 def write_cache(
     dataset,
     teacher,
@@ -340,6 +355,7 @@ def write_cache(
             row = {"latents": x0[i].cpu().numpy(), "caption": batch["caption"][i]}
             row.update({k: v[i].float().cpu().numpy() for k, v in flat.items()})
             rows.append(row)
+    _check_equal_lengths(rows, type(teacher.pipeline).__name__)
     _, uncond = batches.encode([""], device)
     with atomic_folder(folder) as tmp:  # an interrupted write leaves the earlier cache as it was
         datasets.Dataset.from_list(rows).save_to_disk(os.path.join(tmp, CACHE_DATA))
