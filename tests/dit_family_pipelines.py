@@ -36,10 +36,19 @@ from diffusers import (
     Lumina2Pipeline,
     Lumina2Transformer2DModel,
 )
-from t2i_pipelines import _ALPHABET, IMAGE_SIZE, WORDS, _autoencoder_kl, _gemma2_encoder, _hub_offline, t5_tokenizer
-from transformers import GemmaTokenizer, GlmConfig, GlmModel, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-from diffusers_scm.training.data.text_encoders import _word_merges
+from t2i_pipelines import (
+    IMAGE_SIZE,
+    WORDS,
+    _autoencoder_kl,
+    _gemma2_encoder,
+    build_tiny,
+    byte_fallback_vocab,
+    byte_level_vocab,
+    save_and_reload,
+    t5_tokenizer,
+    umt5_encoder,
+)
+from transformers import GemmaTokenizer, GlmConfig, GlmModel, PreTrainedTokenizerFast
 
 
 __all__ = [
@@ -72,13 +81,9 @@ LUMINA2_SYSTEM_WORDS = tuple(
 def lumina2_tokenizer(model_max_length: int = SEQUENCE_LENGTH["lumina2"]) -> GemmaTokenizer:
     """A Gemma BPE tokenizer with byte fallback: "▁word" and "word" tokens for `WORDS` and the words of
     Lumina2Pipeline's system prompt. Ids: 0 "<pad>", 1 "<eos>", 2 "<bos>" (prepended), 3 "<unk>", 4 "<mask>"."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for c in ["▁"] + _ALPHABET:
-        vocab[c] = len(vocab)
-    words = list(dict.fromkeys([*WORDS, *LUMINA2_SYSTEM_WORDS]))
-    merges = _word_merges(vocab, words + ["▁" + w for w in words], end_of_word_suffix="")
+    vocab, merges = byte_fallback_vocab(
+        ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"), [*WORDS, *LUMINA2_SYSTEM_WORDS]
+    )
     return GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, add_bos_token=True)
 
 
@@ -92,11 +97,7 @@ def glm_tokenizer(model_max_length: int = SEQUENCE_LENGTH["cogview4"]) -> PreTra
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
 
-    vocab = {t: i for i, t in enumerate(GLM_SPECIAL)}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    words = list(WORDS)
-    merges = _word_merges(vocab, words + ["Ġ" + w for w in words], end_of_word_suffix="")
+    vocab, merges = byte_level_vocab(GLM_SPECIAL, WORDS)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     backend = Tokenizer(BPE(vocab=vocab, merges=merges))
@@ -218,21 +219,7 @@ def _auraflow(seed):
         pos_embed_max_size=256,
     )
     torch.manual_seed(1000 * seed + 1)
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = UMT5EncoderModel(config)
+    text_encoder = umt5_encoder(tokenizer, 32)
     torch.manual_seed(1000 * seed + 2)
     vae = _autoencoder_kl(LATENT_CHANNELS["auraflow"], 0.13025)  # SDXL's VAE factor, as fal/AuraFlow
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.73)  # fal/AuraFlow's
@@ -247,15 +234,7 @@ _BUILDERS = {"lumina2": _lumina2, "cogview4": _cogview4, "auraflow": _auraflow}
 def tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
     """The tiny random pipeline of `kind` (float32, eval mode, progress bar off); the same `seed` gives the same
     weights. The global torch RNG is left as it was."""
-    if kind not in _BUILDERS:
-        raise ValueError(f"Unknown kind {kind!r}: use one of {', '.join(KINDS)}.")
-    with torch.random.fork_rng(devices=[]):
-        pipe = _BUILDERS[kind](seed)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_tiny(_BUILDERS, kind, seed)
 
 
 def call_kwargs(kind: str, size: int = IMAGE_SIZE) -> dict:
@@ -274,13 +253,5 @@ def save_tiny_pipeline(kind: str, folder, seed: int = 0) -> DiffusionPipeline:
     """Save `tiny_pipeline(kind, seed)` to `folder` (safetensors) and check that `DiffusionPipeline.from_pretrained`
     loads it back offline as the same class with the same components. Returns the pipeline that was saved."""
     pipe = tiny_pipeline(kind, seed)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    with _hub_offline():
-        loaded = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    if type(loaded) is not type(pipe):
-        raise RuntimeError(f"{folder} loads as {type(loaded).__name__}, not {type(pipe).__name__}.")
-    saved = {k: type(v) for k, v in pipe.components.items()}
-    reloaded = {k: type(v) for k, v in loaded.components.items()}
-    if saved != reloaded:
-        raise RuntimeError(f"{folder} loads back with components {reloaded}, not {saved}.")
+    save_and_reload(pipe, folder)
     return pipe

@@ -29,13 +29,22 @@ import torch
 from diffusers import (
     AutoencoderKLFlux2,
     DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
 )
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-from t2i_pipelines import IMAGE_SIZE, WORDS, _hub_offline
+from t2i_pipelines import (
+    IMAGE_SIZE,
+    WORDS,
+    _seed,
+    add_special_tokens,
+    byte_fallback_vocab,
+    byte_level_vocab,
+    finish_tiny,
+    flux_scheduler,
+    save_and_reload,
+)
 from transformers import (
     LlamaTokenizer,
     Mistral3Config,
@@ -44,8 +53,6 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
-
-from diffusers_scm.training.data.text_encoders import _word_merges
 
 
 __all__ = [
@@ -100,27 +107,12 @@ QWEN_CHAT_TEMPLATE = (  # Qwen3's layout: a generation prompt with an empty thin
 )
 
 
-def _special(tokenizer, tokens):
-    from tokenizers import AddedToken
-
-    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in tokens], special_tokens=True)
-    return tokenizer
-
-
 def mistral_tokenizer(model_max_length: int = SEQUENCE_LENGTH["flux2"]) -> LlamaTokenizer:
     """A `LlamaTokenizer` (BPE over "▁"-marked words with byte fallback) whose vocabulary holds the 256 bytes, the
     characters, Mistral's control tokens and one token for each of `WORDS` and of the words of Flux.2's system message
     (with and without the word mark); a Mistral chat template. Ids: 0 "<unk>", 1 "<s>" (bos), 2 "</s>" (eos), 3
     "<pad>"."""
-    import string
-
-    vocab = {token: i for i, token in enumerate(MISTRAL_SPECIAL)}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for c in ["▁"] + list(string.ascii_letters + string.digits + string.punctuation):
-        vocab[c] = len(vocab)
-    words = [*WORDS, *_SYSTEM_WORDS]
-    merges = _word_merges(vocab, words + ["▁" + w for w in words], end_of_word_suffix="")
+    vocab, merges = byte_fallback_vocab(MISTRAL_SPECIAL, [*WORDS, *_SYSTEM_WORDS])
     tokenizer = LlamaTokenizer(
         vocab=vocab,
         merges=merges,
@@ -131,7 +123,7 @@ def mistral_tokenizer(model_max_length: int = SEQUENCE_LENGTH["flux2"]) -> Llama
         model_max_length=model_max_length,
         chat_template=MISTRAL_CHAT_TEMPLATE,
     )
-    return _special(tokenizer, MISTRAL_SPECIAL[4:])
+    return add_special_tokens(tokenizer, MISTRAL_SPECIAL[4:])
 
 
 def pixtral_processor(tokenizer=None):
@@ -151,20 +143,15 @@ def qwen_tokenizer(model_max_length: int = SEQUENCE_LENGTH["klein"]) -> Qwen2Tok
     """A `Qwen2Tokenizer` (byte-level BPE) whose vocabulary holds the 256 byte symbols, Qwen's control tokens and one
     token for each of `WORDS` and the chat roles (after a space, "Ġword", and not); Qwen3's chat template. Id 0 "<|endoftext|>" (eos,
     pad)."""
-    from tokenizers import pre_tokenizers
-
-    vocab = {token: i for i, token in enumerate(QWEN_SPECIAL)}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    words = [*WORDS, "user", "assistant"]  # the chat roles, one token each as in Qwen's vocabulary
-    merges = _word_merges(vocab, words + ["Ġ" + w for w in words], end_of_word_suffix="")
+    # the chat roles, one token each as in Qwen's vocabulary
+    vocab, merges = byte_level_vocab(QWEN_SPECIAL, [*WORDS, "user", "assistant"])
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
         model_max_length=model_max_length,
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    return _special(tokenizer, QWEN_SPECIAL[1:])
+    return add_special_tokens(tokenizer, QWEN_SPECIAL[1:])
 
 
 # ---- text encoders (random weights) ---------------------------------------------------------------------------------
@@ -226,10 +213,6 @@ def _qwen3(tokenizer):
 
 
 # ---- network, VAE, scheduler ----------------------------------------------------------------------------------------
-def _seed(seed: int, component: int):
-    torch.manual_seed(1000 * seed + component)
-
-
 def _transformer(guidance_embeds: bool):
     return Flux2Transformer2DModel(
         patch_size=1,
@@ -265,15 +248,7 @@ def _vae():
 
 def _scheduler():
     """The released checkpoints' scheduler: dynamic shifting with mu from the pipeline (`compute_empirical_mu`)."""
-    return FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type="exponential",
-    )
+    return flux_scheduler(time_shift_type="exponential")
 
 
 def _components(kind: str, seed: int) -> dict:
@@ -301,12 +276,7 @@ def tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
     off; the same `seed` gives the same weights. The global torch RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
         components = _components(kind, seed)
-    for component in components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe = (Flux2Pipeline if kind == "flux2" else Flux2KleinPipeline)(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return finish_tiny((Flux2Pipeline if kind == "flux2" else Flux2KleinPipeline)(**components))
 
 
 def call_kwargs(kind: str, size: int = IMAGE_SIZE) -> dict:
@@ -324,13 +294,5 @@ def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> D
     """Save `tiny_pipeline(kind, seed)` to `folder` (safetensors) and check that `DiffusionPipeline.from_pretrained`
     loads it back offline as the same class with the same components. Returns the pipeline that was saved."""
     pipe = tiny_pipeline(kind, seed)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    with _hub_offline():
-        loaded = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    if type(loaded) is not type(pipe):
-        raise RuntimeError(f"{folder} loads as {type(loaded).__name__}, not {type(pipe).__name__}.")
-    saved = {k: type(v) for k, v in pipe.components.items()}
-    reloaded = {k: type(v) for k, v in loaded.components.items()}
-    if saved != reloaded:
-        raise RuntimeError(f"{folder} loads back with components {reloaded}, not {saved}.")
+    save_and_reload(pipe, folder)
     return pipe

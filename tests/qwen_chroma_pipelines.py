@@ -33,10 +33,19 @@ from diffusers import (
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
-from t2i_pipelines import IMAGE_SIZE, WORDS, _autoencoder_kl, _hub_offline, _t5_encoder, t5_tokenizer
+from t2i_pipelines import (
+    IMAGE_SIZE,
+    WORDS,
+    _autoencoder_kl,
+    _t5_encoder,
+    add_special_tokens,
+    build_tiny,
+    byte_level_vocab,
+    flux_scheduler,
+    save_and_reload,
+    t5_tokenizer,
+)
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-
-from diffusers_scm.training.data.text_encoders import _word_merges
 
 
 __all__ = [
@@ -44,6 +53,7 @@ __all__ = [
     "LATENT_CHANNELS",
     "SEQUENCE_LENGTH",
     "call_kwargs",
+    "qwen2_tokenizer",
     "qwen_tokenizer",
     "save_tiny_pipeline",
     "tiny_pipeline",
@@ -80,28 +90,28 @@ TEMPLATE_WORDS = tuple(
 )
 
 
-def qwen_tokenizer(model_max_length: int = QWEN_MODEL_MAX_LENGTH) -> Qwen2Tokenizer:
-    """A `Qwen2Tokenizer` (byte-level BPE): the 256 byte symbols, Qwen's control and vision tokens, and one token for
-    each of `WORDS` and of the template's words (after a space, "Ġword", and not). Id 0 "<|endoftext|>" (eos, pad)."""
-    from tokenizers import AddedToken, pre_tokenizers
-
-    vocab = {"<|endoftext|>": 0}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    words = list(dict.fromkeys([*WORDS, *TEMPLATE_WORDS]))
-    merges = _word_merges(vocab, words + ["Ġ" + w for w in words], end_of_word_suffix="")
+def qwen2_tokenizer(words, special, model_max_length: int, extra=(), **kwargs) -> Qwen2Tokenizer:
+    """A `Qwen2Tokenizer` over `byte_level_vocab(special[:1], words, extra)`: `special[0]`, "<|endoftext|>" (id 0),
+    is its eos and pad token (no bos, no unk), `special[1:]` are added as special tokens; `kwargs` (a chat template)
+    go to the tokenizer."""
+    vocab, merges = byte_level_vocab(special[:1], words, extra)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
         unk_token=None,
         bos_token=None,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        eos_token=special[0],
+        pad_token=special[0],
         model_max_length=model_max_length,
+        **kwargs,
     )
-    tokens = [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL[1:]]
-    tokenizer.add_tokens(tokens, special_tokens=True)
-    return tokenizer
+    return add_special_tokens(tokenizer, special[1:])
+
+
+def qwen_tokenizer(model_max_length: int = QWEN_MODEL_MAX_LENGTH) -> Qwen2Tokenizer:
+    """A `Qwen2Tokenizer` (byte-level BPE): the 256 byte symbols, Qwen's control and vision tokens, and one token for
+    each of `WORDS` and of the template's words (after a space, "Ġword", and not). Id 0 "<|endoftext|>" (eos, pad)."""
+    return qwen2_tokenizer([*WORDS, *TEMPLATE_WORDS], QWEN_SPECIAL, model_max_length)
 
 
 def _qwen_text_encoder(tokenizer) -> Qwen2_5_VLForConditionalGeneration:
@@ -197,14 +207,7 @@ def _chroma(seed):
     text_encoder = _t5_encoder(tokenizer, 32)
     torch.manual_seed(1000 * seed + 2)
     vae = _autoencoder_kl(LATENT_CHANNELS["chroma"], 0.3611, 0.1159, quant_conv=False)  # Flux's VAE factors
-    scheduler = FlowMatchEulerDiscreteScheduler(  # lodestones/Chroma's (Flux's) scheduler
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = flux_scheduler()  # lodestones/Chroma's (Flux's) scheduler
     return ChromaPipeline(
         transformer=transformer,
         vae=vae,
@@ -222,15 +225,7 @@ _BUILDERS = {"qwenimage": _qwenimage, "chroma": _chroma}
 def tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
     """The tiny random pipeline of `kind` (float32, eval mode, progress bar off); the same `seed` gives the same
     weights. The global torch RNG is left as it was."""
-    if kind not in _BUILDERS:
-        raise ValueError(f"Unknown kind {kind!r}: use one of {', '.join(KINDS)}.")
-    with torch.random.fork_rng(devices=[]):
-        pipe = _BUILDERS[kind](seed)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_tiny(_BUILDERS, kind, seed)
 
 
 def call_kwargs(kind: str, size: int = IMAGE_SIZE) -> dict:
@@ -243,13 +238,5 @@ def save_tiny_pipeline(kind: str, folder, seed: int = 0) -> DiffusionPipeline:
     """Save `tiny_pipeline(kind, seed)` to `folder` (safetensors) and check that `DiffusionPipeline.from_pretrained`
     loads it back offline as the same class with the same components. Returns the pipeline that was saved."""
     pipe = tiny_pipeline(kind, seed)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    with _hub_offline():
-        loaded = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    if type(loaded) is not type(pipe):
-        raise RuntimeError(f"{folder} loads as {type(loaded).__name__}, not {type(pipe).__name__}.")
-    saved = {k: type(v) for k, v in pipe.components.items()}
-    reloaded = {k: type(v) for k, v in loaded.components.items()}
-    if saved != reloaded:
-        raise RuntimeError(f"{folder} loads back with components {reloaded}, not {saved}.")
+    save_and_reload(pipe, folder)
     return pipe

@@ -53,6 +53,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from diffusers_scm.training.data import text_encoders
@@ -64,12 +66,20 @@ __all__ = [
     "IMAGE_SIZE",
     "VAE_SCALE_FACTOR",
     "WORDS",
+    "add_special_tokens",
+    "build_tiny",
+    "byte_fallback_vocab",
+    "byte_level_vocab",
     "call_kwargs",
     "clip_tokenizer",
+    "finish_tiny",
+    "flux_scheduler",
     "gemma_tokenizer",
+    "save_and_reload",
     "save_tiny_pipeline",
     "t5_tokenizer",
     "tiny_pipeline",
+    "umt5_encoder",
 ]
 
 # ---- vocabulary and tokenizers --------------------------------------------------------------------------------------
@@ -98,15 +108,44 @@ def t5_tokenizer(model_max_length: int = T5_MAX_LENGTH) -> T5Tokenizer:
     return text_encoders.t5_tokenizer(WORDS, model_max_length)
 
 
-def gemma_tokenizer(model_max_length: int = GEMMA_MAX_LENGTH) -> GemmaTokenizer:
-    """A Gemma BPE tokenizer with byte fallback: "▁word" and "word" (first word) tokens for `WORDS`. Ids: 0 "<pad>",
-    1 "<eos>", 2 "<bos>" (prepended to every sequence), 3 "<unk>", 4 "<mask>"."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+def byte_fallback_vocab(special, words) -> tuple[dict, list]:
+    """The vocabulary and merges of a BPE tokenizer with byte fallback (Gemma, Llama, Mistral): `special` tokens
+    first (ids 0, 1, ...), the 256 "<0xXX>" bytes, "▁" and the characters, and one token for each of `words` with and
+    without the word mark "▁"."""
+    vocab = {token: i for i, token in enumerate(special)}
     for byte in range(256):
         vocab[f"<0x{byte:02X}>"] = len(vocab)
     for c in ["▁"] + _ALPHABET:
         vocab[c] = len(vocab)
-    merges = text_encoders._word_merges(vocab, list(WORDS) + ["▁" + w for w in WORDS], end_of_word_suffix="")
+    words = list(dict.fromkeys(words))
+    return vocab, text_encoders._word_merges(vocab, words + ["▁" + w for w in words], end_of_word_suffix="")
+
+
+def byte_level_vocab(special, words, extra=()) -> tuple[dict, list]:
+    """The vocabulary and merges of a byte-level BPE tokenizer (Qwen, GLM): `special` tokens first, the 256 byte
+    symbols, and one token for each of `words` after a space ("Ġword") and not, and for each of `extra`."""
+    from tokenizers import pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(special)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    words = list(dict.fromkeys(words))
+    merges = text_encoders._word_merges(vocab, words + ["Ġ" + w for w in words] + list(extra), end_of_word_suffix="")
+    return vocab, merges
+
+
+def add_special_tokens(tokenizer, tokens):
+    """`tokenizer` with `tokens` added as special tokens (never split, not normalized)."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in tokens], special_tokens=True)
+    return tokenizer
+
+
+def gemma_tokenizer(model_max_length: int = GEMMA_MAX_LENGTH) -> GemmaTokenizer:
+    """A Gemma BPE tokenizer with byte fallback: "▁word" and "word" (first word) tokens for `WORDS`. Ids: 0 "<pad>",
+    1 "<eos>", 2 "<bos>" (prepended to every sequence), 3 "<unk>", 4 "<mask>"."""
+    vocab, merges = byte_fallback_vocab(("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"), WORDS)
     return GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, add_bos_token=True)
 
 
@@ -128,8 +167,8 @@ def _clip_text_encoder(tokenizer, hidden_size, projection_dim=None, hidden_act="
     return (CLIPTextModelWithProjection if projection_dim else CLIPTextModel)(config)
 
 
-def _t5_encoder(tokenizer, d_model):
-    config = T5Config(
+def _t5_encoder(tokenizer, d_model, umt5=False):
+    config = (UMT5Config if umt5 else T5Config)(
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=8,
@@ -143,7 +182,12 @@ def _t5_encoder(tokenizer, d_model):
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    return T5EncoderModel(config)
+    return (UMT5EncoderModel if umt5 else T5EncoderModel)(config)
+
+
+def umt5_encoder(tokenizer, d_model: int = 32) -> UMT5EncoderModel:
+    """A `UMT5EncoderModel` (AuraFlow's and Wan's text encoder) of `d_model`, configured as `_t5_encoder`'s T5."""
+    return _t5_encoder(tokenizer, d_model, umt5=True)
 
 
 def _gemma2_encoder(tokenizer, hidden_size):
@@ -275,6 +319,20 @@ def _sd3(spec, seed):
     }
 
 
+def flux_scheduler(**kwargs) -> FlowMatchEulerDiscreteScheduler:
+    """Flux's released scheduler (also Chroma's and FLUX.2's, with `kwargs` on top): shift 3 and dynamic shifting,
+    mu from the image sequence length."""
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        **kwargs,
+    )
+
+
 def _flux(spec, seed):
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     _seed(seed, 0)
@@ -296,14 +354,7 @@ def _flux(spec, seed):
     text_encoder_2 = _t5_encoder(tokenizer_2, 32)
     _seed(seed, 3)
     vae = _autoencoder_kl(spec.latent_channels, spec.scaling_factor, spec.shift_factor, quant_conv=False)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,  # mu from the image sequence length
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = flux_scheduler()
     return {
         "transformer": transformer,
         "text_encoder": text_encoder,
@@ -476,18 +527,32 @@ def _spec(family: str) -> FamilySpec:
     return FAMILY_SPECS[family]
 
 
+def finish_tiny(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """`pipe` with every network in eval mode and its progress bar off."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny(builders: dict, kind: str, seed: int) -> DiffusionPipeline:
+    """`builders[kind](seed)`, a tiny pipeline, built with the global torch RNG left as it was and finished by
+    `finish_tiny`."""
+    if kind not in builders:
+        raise ValueError(f"Unknown kind {kind!r}: use one of {', '.join(builders)}.")
+    with torch.random.fork_rng(devices=[]):
+        pipe = builders[kind](seed)
+    return finish_tiny(pipe)
+
+
 def tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
     """The tiny random pipeline of `family` (its diffusers class, float32, eval mode, progress bar off); the same
     `seed` gives the same weights. The global torch RNG is left as it was."""
     spec = _spec(family)
     with torch.random.fork_rng(devices=[]):
         components = _BUILDERS[family](spec, seed)
-    for component in components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe = spec.pipeline_class(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return finish_tiny(spec.pipeline_class(**components))
 
 
 def call_kwargs(family: str, size: int = IMAGE_SIZE) -> dict:
@@ -514,6 +579,13 @@ def save_tiny_pipeline(family: str, folder: str | os.PathLike, seed: int = 0) ->
     """Save `tiny_pipeline(family, seed)` to `folder` (safetensors) and check that `DiffusionPipeline.from_pretrained`
     loads it back offline as the same class with the same components. Returns the pipeline that was saved."""
     pipe = tiny_pipeline(family, seed)
+    save_and_reload(pipe, folder)
+    return pipe
+
+
+def save_and_reload(pipe: DiffusionPipeline, folder: str | os.PathLike) -> DiffusionPipeline:
+    """Save `pipe` to `folder` (safetensors) and check that `DiffusionPipeline.from_pretrained` loads it back offline
+    as the same class with components of the same classes. Returns the pipeline loaded back."""
     pipe.save_pretrained(folder, safe_serialization=True)
     with _hub_offline():
         loaded = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
@@ -523,4 +595,4 @@ def save_tiny_pipeline(family: str, folder: str | os.PathLike, seed: int = 0) ->
     reloaded = {k: type(v) for k, v in loaded.components.items()}
     if saved != reloaded:
         raise RuntimeError(f"{folder} loads back with components {reloaded}, not {saved}.")
-    return pipe
+    return loaded

@@ -4,36 +4,38 @@ JVP, the teacher's guided ODE from a prompt, a student folder sampled by SCMPipe
 latent cache, and distillation with `examples/distill.py` (in process from the cache; two processes, slow). Tiny random
 pipelines from tests/flux2_pipelines.py; nothing is downloaded."""
 
-import json
 import math
 
 import pytest
 import torch
+from family_checks import (
+    RUN,
+    SD,
+    cache_batches,
+    captioned_data_dir,
+    check_losses,
+    check_student,
+    distill_from_cache,
+    family_pipeline,
+    prepare_cache,
+    rel,
+    scm_pipeline,
+    teacher_ode,
+    two_process_distillation,
+)
 from flux2_pipelines import KINDS, SEQUENCE_LENGTH, call_kwargs, save_tiny_pipeline, tiny_pipeline
 from t2i_pipelines import IMAGE_SIZE
 
-from diffusers_scm import SCMPipeline, TrigFlowODEScheduler, TrigFlowScheduler
+from diffusers_scm import SCMPipeline, TrigFlowScheduler
 from diffusers_scm.adapters import get_adapter
-from diffusers_scm.conditioning import TEXT_COMPONENTS
 from diffusers_scm.families import get_family, prompt_encoding, prompt_sequence_length
 from diffusers_scm.families.flux2 import Flux2Adapter, Flux2LatentCodec
-from diffusers_scm.training.teacher import TextToImageTeacher
 
 
-SD = 0.5
 PROMPTS = ["a red fox", "a bowl of soup"]
 LATENT = (2, 16, IMAGE_SIZE // 8, IMAGE_SIZE // 8)  # x0: 4 VAE channels in 2x2 patches, 32 pixels / (4 * 2)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def scm_pipeline(pipe, scheduler) -> SCMPipeline:
-    parts = {k: getattr(pipe, k) for k in TEXT_COMPONENTS if getattr(pipe, k, None) is not None}
-    out = SCMPipeline(
-        scheduler=scheduler, vae=pipe.vae, transformer=pipe.transformer, family_pipeline=type(pipe).__name__, **parts
-    )
-    out.set_progress_bar_config(disable=True)
-    return out
 
 
 def _bn(pipe):
@@ -169,26 +171,14 @@ def test_teacher_guided_ode_from_a_prompt_equals_the_family_pipeline(kind, guida
     with torch.no_grad():
         native = pipe(prompt=PROMPTS, num_inference_steps=4, latents=noise, output_type="latent", **kwargs).images
     native = _native_x0(pipe, native)
-    teacher = TextToImageTeacher(pipe)
-    p = teacher.denoiser.parameterization
-    assert p.name == "flow_matching"
-    s = pipe.scheduler.sigmas[:-1].double()  # the grid the native run used (shifted by its mu)
-    grid = torch.atan2(s, SD * (1 - s))
-    start = torch.cos(grid[0]) + SD * torch.sin(grid[0])  # x_t = (cos t + sd sin t) x_s, x_s = n
-    ours = TrigFlowODEScheduler(parameterization=p.name, solver="ddim", **p.config())
-    student_like = scm_pipeline(pipe, ours)
-    with torch.no_grad():
-        mine = student_like(
-            prompt=PROMPTS,
-            timesteps=grid,
-            latents=noise * start.float() / ours.init_noise_sigma,
-            guidance_scale=guidance,
-            output_type="latent",
-            height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
-        ).images
+    # on the grid the native run used (shifted by its mu)
+    out, teacher = teacher_ode(
+        pipe, PROMPTS, noise, guidance, network=pipe.transformer, height=IMAGE_SIZE, width=IMAGE_SIZE
+    )
+    assert teacher.denoiser.parameterization.name == "flow_matching"
+    mine = out.images
     assert mine.shape == LATENT
-    assert ((mine - native).abs().max() / native.abs().max()).item() < 1e-4
+    assert rel(mine, native) < 1e-4
 
 
 def _student_folder(kind, tmp_path):
@@ -201,15 +191,9 @@ def _student_folder(kind, tmp_path):
 
 
 def _own_pipeline_images(folder, kind, noise, steps, scheduler):
-    import diffusers
-    from diffusers import FlowMatchLCMScheduler
-
     ours = SCMPipeline.from_pretrained(folder)
     ours.set_progress_bar_config(disable=True)
-    theirs = getattr(diffusers, ours.config.family_pipeline).from_pretrained(
-        folder, scheduler=FlowMatchLCMScheduler(shift=1.0)
-    )
-    theirs.set_progress_bar_config(disable=True)
+    theirs = family_pipeline(folder, ours.config.family_pipeline)
     guidance = 3.5 if kind == "flux2" else 1.0  # Klein's student samples without classifier-free guidance
     kwargs = {**call_kwargs(kind), "guidance_scale": guidance}
     torch.manual_seed(7)  # the re-noising draws of both schedulers (the family pipelines pass no generator)
@@ -244,7 +228,7 @@ def test_student_folder_samples_the_same_in_scm_pipeline_and_the_family_pipeline
     scheduler = SCMPipeline.from_pretrained(folder).scheduler
     image, reference = _own_pipeline_images(folder, kind, noise, 1, scheduler)
     assert image.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert ((image - reference).abs().max() / reference.abs().max()).item() < 1e-4
+    assert rel(image, reference) < 1e-4
 
 
 def test_evaluate_a_student_against_its_klein_teacher(tmp_path):
@@ -278,104 +262,54 @@ def test_evaluate_a_student_against_its_klein_teacher(tmp_path):
 
 # ---- distillation ---------------------------------------------------------------------------------------------------
 TRAIN_PROMPTS = ["a red fox", "a bowl of soup", "a blue bird", "a small cat"]
-COMMON = [
-    "--resolution", str(IMAGE_SIZE), "--train_batch_size", "2", "--tangent_warmup_steps", "2", "--report_to", "none",
-    "--num_validation_images", "2", "--validation_prompts", "a red fox", "a small cat", "--seed", "3",
-    "--guidance_scale", "4.0",
-]  # fmt: skip
+COMMON = [*RUN, "--guidance_scale", "4.0"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A captioned image folder in the `datasets` imagefolder convention."""
-    import numpy as np
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("captioned")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-            f.write(json.dumps({"file_name": f"{i:03d}.png", "text": TRAIN_PROMPTS[i]}) + "\n")
-    return folder
+data_dir = captioned_data_dir(TRAIN_PROMPTS, shape=(40, 36, 3))  # a captioned image folder (`datasets` imagefolder)
 
 
 def _check_student(out, kind):
     """(c) the student samples from prompts in 1 and 2 steps; (d) its folder gives the same one-step image in the
     family's own pipeline."""
-    student = SCMPipeline.from_pretrained(out)
-    student.set_progress_bar_config(disable=True)
-    assert student.config.family_pipeline == type(tiny_pipeline(kind)).__name__
+    student = check_student(out, type(tiny_pipeline(kind)).__name__, PROMPTS, IMAGE_SIZE, output_type="pt")
     assert next(student.transformer.parameters()).dtype == torch.float32
     # Flux.2 [dev]: the w its guidance input was distilled at is the student's default
     assert student.config.guidance_scale == (4.0 if kind == "flux2" else None)
-    for steps in (1, 2):
-        gens = [torch.Generator().manual_seed(i) for i in range(2)]
-        images = student(
-            prompt=PROMPTS, num_inference_steps=steps, generator=gens, output_type="pt", height=32, width=32
-        ).images
-        assert torch.isfinite(images).all() and images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(2))
     image, reference = _own_pipeline_images(out, kind, noise, 1, student.scheduler)
-    assert ((image - reference).abs().max() / reference.abs().max()).item() < 1e-4
+    assert rel(image, reference) < 1e-4
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cache_round_trip_and_distillation_from_it(kind, tmp_path, data_dir, monkeypatch):
     """(e) prepare_data.py's cache gives the batches that the teacher gives on the fly; `distill.py --cache_dir` then
     distills (sCD, 2 steps) without loading the text encoders, and the student samples (c, d)."""
-    from conftest import load_script
-
-    from diffusers_scm.training.data import latent_cache
     from diffusers_scm.training.data.captions import load_text_image_dataset
-    from diffusers_scm.training.teacher import load_text_to_image_teacher
 
     teacher_dir = tmp_path / kind
-    save_tiny_pipeline(kind, teacher_dir)
+    pipe = save_tiny_pipeline(kind, teacher_dir)
     cache = tmp_path / "cache"
-    load_script("prepare_data").main(
-        ["--teacher", str(teacher_dir), "--dataset_name", str(data_dir), "--resolution", str(IMAGE_SIZE)]
-        + ["--cache_dir", str(cache), "--batch_size", "3"]
-    )
-    data, uncond, info = latent_cache.load_cache(str(cache))
-    teacher = load_text_to_image_teacher(str(teacher_dir))
-    assert len(data) == 4 and info["family"] == teacher.family
-    guided = teacher.denoiser.inner_model.config.guidance_embeds  # Flux.2 [dev]: w is the network's input
-    on_the_fly = latent_cache.TextBatches(teacher, 4.0, teacher_guidance_input=guided, resolution=IMAGE_SIZE)
-    cached = latent_cache.TextBatches(None, 4.0, teacher_guidance_input=guided, uncond=uncond, resolution=IMAGE_SIZE)
+    prepare_cache(teacher_dir, data_dir, cache, IMAGE_SIZE, "--batch_size", "3")
+    guided = pipe.transformer.config.guidance_embeds  # Flux.2 [dev]: w is the network's input
     rows = load_text_image_dataset(str(data_dir), IMAGE_SIZE)
-    batch = next(iter(torch.utils.data.DataLoader(rows, batch_size=4)))
-    cached_batch = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
-    x0, cond, un, w = on_the_fly(batch, "cpu")
-    cx0, ccond, cun, cw = cached(cached_batch, "cpu")
-    assert x0.shape == (4, *LATENT[1:]) and w == cw == (1.0 if guided else 4.0)
-    torch.testing.assert_close(cx0, x0)
-    torch.testing.assert_close(x0, teacher.codec.encode(batch["pixel_values"]))
-    for mine, theirs in ((ccond, cond), (cun, un)):
-        assert (mine is None) == (theirs is None)
-        if theirs is not None:
-            flat, cflat = latent_cache.flatten_conditioning(theirs), latent_cache.flatten_conditioning(mine)
-            assert flat.keys() == cflat.keys()
-            for key in flat:
-                torch.testing.assert_close(cflat[key].float(), flat[key].float())
-    if guided:
-        assert cond["guidance"].tolist() == [4.0] * 4 and un is None
-    else:
-        assert "guidance" not in cond and un is not None
-
-    distill = load_script("distill")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the text encoders were loaded although the cache exists")
-
-    monkeypatch.setattr(distill, "load_text_to_image_teacher", refuse)
-    out = tmp_path / "from-cache"
-    distill.main(
-        ["--teacher", str(teacher_dir), "--cache_dir", str(cache), "--dataset_name", str(data_dir)]
-        + ["--output_dir", str(out), "--max_train_steps", "2", *COMMON]
+    b = cache_batches(
+        teacher_dir, cache, rows, 4, guidance_scale=4.0, teacher_guidance_input=guided, resolution=IMAGE_SIZE
     )
-    losses = [json.loads(line)["loss"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert len(b.data) == 4 and b.teacher.denoiser.inner_model.config.guidance_embeds == guided
+    assert b.x0.shape == (4, *LATENT[1:]) and b.w == b.cw == (1.0 if guided else 4.0)
+    torch.testing.assert_close(b.x0, b.teacher.codec.encode(b.batch["pixel_values"]))
+    if guided:
+        assert b.cond["guidance"].tolist() == [4.0] * 4 and b.uncond is None
+    else:
+        assert "guidance" not in b.cond and b.uncond is not None
+
+    out = tmp_path / "from-cache"
+    distill_from_cache(
+        monkeypatch,
+        ["--teacher", str(teacher_dir), "--cache_dir", str(cache), "--dataset_name", str(data_dir)]
+        + ["--output_dir", str(out), "--max_train_steps", "2", *COMMON],
+    )
+    check_losses(out, 2)
     _check_student(out, kind)
 
 
@@ -401,8 +335,7 @@ def test_tcm_and_lora_students(kind, extra, tmp_path, data_dir):
         ["--teacher", str(teacher), "--dataset_name", str(data_dir), "--output_dir", str(out)]
         + ["--max_train_steps", "2", *COMMON, *extra]
     )
-    losses = [json.loads(line)["loss"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    check_losses(out, 2)
     if "tcm" in extra:
         assert SCMPipeline.from_pretrained(out).scheduler.config.dividing_timestep
     _check_student(out, kind)
@@ -413,15 +346,11 @@ def test_tcm_and_lora_students(kind, extra, tmp_path, data_dir):
 def test_two_process_distillation(kind, tmp_path, data_dir):
     """`accelerate launch --multi_gpu --num_processes 2 examples/distill.py --method scd` on the family's tiny
     pipeline (on-the-fly encoding through the teacher): the replicas stay in sync and the student samples (c, d)."""
-    from test_distill_script import _launch
-
     teacher = tmp_path / kind
     save_tiny_pipeline(kind, teacher)
     out = tmp_path / "student"
-    _launch(
+    two_process_distillation(
         ["--teacher", str(teacher), "--method", "scd", "--dataset_name", str(data_dir), *COMMON]
         + ["--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"]
     )
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["num_processes"] == 2 and summary["replicas_in_sync"]
     _check_student(out, kind)

@@ -9,6 +9,17 @@ import math
 import pytest
 import torch
 from conftest import load_script
+from family_checks import (
+    SD,
+    cache_batches,
+    check_losses,
+    distill_from_cache,
+    prepare_cache,
+    rel,
+    scm_pipeline,
+    teacher_ode,
+    two_process_distillation,
+)
 from video_family_pipelines import (
     KINDS,
     NUM_FRAMES,
@@ -20,13 +31,11 @@ from video_family_pipelines import (
     tiny_pipeline,
 )
 
-from diffusers_scm import SCMPipeline, TrigFlowDenoiser, TrigFlowODEScheduler
-from diffusers_scm.conditioning import TEXT_COMPONENTS
+from diffusers_scm import SCMPipeline, TrigFlowDenoiser
 from diffusers_scm.families import get_family, prompt_encoding
 from diffusers_scm.training.teacher import TextToImageTeacher
 
 
-SD = 0.5
 PROMPTS = {
     "ltx": ["a red fox", "a blue bird"],
     "hunyuan": ["a red fox", "a blue bird"],
@@ -34,19 +43,6 @@ PROMPTS = {
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def scm_pipeline(pipe, scheduler, network=None) -> SCMPipeline:
-    parts = {k: getattr(pipe, k) for k in TEXT_COMPONENTS if getattr(pipe, k, None) is not None}
-    out = SCMPipeline(
-        scheduler=scheduler,
-        transformer=network if network is not None else pipe.transformer,
-        vae=pipe.vae,
-        family_pipeline=type(pipe).__name__,
-        **parts,
-    )
-    out.set_progress_bar_config(disable=True)
-    return out
 
 
 def _native(kind, pipe, noise, guidance, steps):
@@ -81,26 +77,12 @@ def test_teacher_guided_ode_from_prompts_equals_the_family_pipeline(kind, guidan
     pipe = tiny_pipeline(kind)
     noise = torch.randn(latent_shape(kind), generator=torch.Generator().manual_seed(0))
     native = _native(kind, pipe, noise, guidance, steps=3)
-    teacher = TextToImageTeacher(pipe)
-    p = teacher.denoiser.parameterization
-    assert p.name == "flow_matching"
-    ours = TrigFlowODEScheduler(parameterization=p.name, solver="ddim", **p.config())
-    s = pipe.scheduler.sigmas[:-1].double()  # the grid the native run used
-    grid = torch.atan2(s, SD * (1 - s))
-    start = torch.cos(grid[0]) + SD * torch.sin(grid[0])  # x_t = (cos t + sd sin t) x_s, x_s = n
-    sampler = scm_pipeline(pipe, ours, teacher.denoiser.inner_model)
     size = {k: v for k, v in call_kwargs(kind).items() if k != "max_sequence_length"}
-    with torch.no_grad():
-        mine = sampler(
-            prompt=PROMPTS[kind],
-            timesteps=grid,
-            latents=noise * start.float() / ours.init_noise_sigma,
-            guidance_scale=guidance,
-            output_type="latent",
-            **size,
-        ).frames
+    out, teacher = teacher_ode(pipe, PROMPTS[kind], noise, guidance, **size)  # on the grid the native run used
+    assert teacher.denoiser.parameterization.name == "flow_matching"
+    mine = out.frames
     assert mine.shape == noise.shape
-    assert ((mine - native).abs().max() / native.abs().max()).item() < 1e-4
+    assert rel(mine, native) < 1e-4
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -318,7 +300,7 @@ def test_student_folder_samples_the_same_in_scm_pipeline_and_the_family_pipeline
             prompt=prompts, num_inference_steps=steps, latents=noise, output_type="np", guidance_scale=guidance, **size
         ).frames
     assert frames.shape == (len(prompts), size["num_frames"], size["height"], size["width"], 3)
-    assert (abs(frames - reference).max() / abs(reference).max()) < 1e-4
+    assert rel(frames, reference) < 1e-4
 
 
 # ---- distillation with --num_frames, the trained folder in both pipelines, the latent cache --------------------------
@@ -365,8 +347,6 @@ def test_short_distillation_samples_frames_and_loads_in_the_family_pipeline(kind
     """Two sCD steps with --num_frames; the student folder samples `.frames` in SCMPipeline with prompts, and its
     family's own pipeline gives the same frames from the same noise (one step; HunyuanVideo at the student's
     guidance value 3.0, recorded in its folder)."""
-    import json
-
     import numpy as np
 
     from diffusers_scm import TrigFlowFamilyScheduler
@@ -376,8 +356,7 @@ def test_short_distillation_samples_frames_and_loads_in_the_family_pipeline(kind
         ["--teacher", str(teachers(kind)), "--dataset_name", clips(kind), "--output_dir", str(out)]
         + ["--max_train_steps", "2", "--validation_steps", "2", *_common(kind)]
     )
-    losses = [json.loads(line)["loss"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(np.isfinite(losses))
+    check_losses(out, 2)
     student = SCMPipeline.from_pretrained(out)
     student.set_progress_bar_config(disable=True)
     assert student.config.family_pipeline == PIPELINES[kind]
@@ -398,7 +377,7 @@ def test_short_distillation_samples_frames_and_loads_in_the_family_pipeline(kind
     reference = _family_sample(kind, out, prompts, noise, 1, sigmas, "np", guidance=3.0)
     with torch.no_grad():
         ours = student(prompt=prompts, num_inference_steps=1, latents=noise, output_type="np", **size).frames
-    assert (np.abs(ours - reference).max() / np.abs(reference).max()) < 1e-4
+    assert rel(ours, reference) < 1e-4
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -406,48 +385,26 @@ def test_cache_round_trip_and_training_from_it(kind, tmp_path, teachers, clips, 
     """prepare_data's cache holds the same x0 and conditioning as on-the-fly encoding (LTX's rope scale rows,
     HunyuanVideo's pooled projections and masks, 1.5's glyph states), and a run trains from it without text
     encoders."""
-    from diffusers_scm.training.data import latent_cache
     from diffusers_scm.training.data.videos import load_text_video_dataset
-    from diffusers_scm.training.teacher import load_text_to_image_teacher
 
     teacher_folder, data_folder, frames, size = str(teachers(kind)), clips(kind), NUM_FRAMES[kind], SIZE[kind]
     cache = tmp_path / "cache"
-    load_script("prepare_data").main(
-        ["--teacher", teacher_folder, "--dataset_name", data_folder, "--resolution", str(size)]
-        + ["--num_frames", str(frames), "--cache_dir", str(cache), "--device", "cpu"]
-    )
-    data, uncond, info = latent_cache.load_cache(str(cache))
-    assert info["num_frames"] == frames and info["family"] == PIPELINES[kind]
-    teacher = load_text_to_image_teacher(teacher_folder)
+    prepare_cache(teacher_folder, data_folder, cache, size, "--num_frames", str(frames), "--device", "cpu")
     common = {"guidance_scale": 3.0, "resolution": size, "teacher_guidance_input": kind == "hunyuan"}
-    on_the_fly = latent_cache.TextBatches(teacher, num_frames=frames, **common)
-    cached = latent_cache.TextBatches(None, uncond=uncond, **common)
-    batch = next(iter(torch.utils.data.DataLoader(load_text_video_dataset(data_folder, size, frames), batch_size=2)))
-    cached_batch = next(iter(torch.utils.data.DataLoader(data, batch_size=2)))
-    x0, cond, un, _ = on_the_fly(batch, "cpu")
-    cx0, ccond, cun, _ = cached(cached_batch, "cpu")
-    assert x0.shape == latent_shape(kind)
-    torch.testing.assert_close(cx0, x0)
-    assert sorted(ccond) == sorted(cond)
-    for key in cond:
-        torch.testing.assert_close(ccond[key].float(), cond[key].float())
-    assert (un is None) == (kind == "hunyuan")  # HunyuanVideo: its guidance input w, no unconditional pass
+    rows = load_text_video_dataset(data_folder, size, frames)
+    b = cache_batches(teacher_folder, cache, rows, 2, num_frames=frames, **common)
+    assert b.info["num_frames"] == frames and b.info["family"] == PIPELINES[kind]
+    assert b.x0.shape == latent_shape(kind)
+    assert sorted(b.cached_cond) == sorted(b.cond)
+    assert (b.uncond is None) == (kind == "hunyuan")  # HunyuanVideo: its guidance input w, no unconditional pass
     if kind == "hunyuan":
-        torch.testing.assert_close(cond["guidance"], torch.full((2,), 3.0))
-    if un is not None:
-        for key in un:
-            torch.testing.assert_close(cun[key].float(), un[key].float())
+        torch.testing.assert_close(b.cond["guidance"], torch.full((2,), 3.0))
 
-    distill = load_script("distill")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the text encoders were loaded although the cache exists")
-
-    monkeypatch.setattr(distill, "load_text_to_image_teacher", refuse)
     out = tmp_path / "from-cache"
-    distill.main(
+    distill_from_cache(
+        monkeypatch,
         ["--teacher", teacher_folder, "--cache_dir", str(cache), "--dataset_name", data_folder]
-        + ["--output_dir", str(out), "--max_train_steps", "1", *_common(kind)]
+        + ["--output_dir", str(out), "--max_train_steps", "1", *_common(kind)],
     )
     assert SCMPipeline.from_pretrained(out).config.family_pipeline == PIPELINES[kind]
 
@@ -497,21 +454,15 @@ def test_lora_and_tcm_runs(kind, tmp_path, teachers, clips):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_process_distillation(kind, tmp_path, teachers):
-    import json
-
-    import numpy as np
-    from test_distill_script import _launch
     from video_pipelines import save_clips
 
     captions = (*PROMPTS[kind], "a small cat", "a white dog")
     data_folder = save_clips(tmp_path / "clips", captions=captions, num_frames=NUM_FRAMES[kind], size=40)
     out = tmp_path / "student"
-    _launch(
+    two_process_distillation(
         ["--teacher", str(teachers(kind)), "--dataset_name", data_folder, "--output_dir", str(out)]
         + ["--max_train_steps", "2", *_common(kind)]
     )
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["num_processes"] == 2 and summary["replicas_in_sync"]
     student = SCMPipeline.from_pretrained(out)
     student.set_progress_bar_config(disable=True)
     prompts = PROMPTS[kind][1:] if kind == "hunyuan15" else PROMPTS[kind]
@@ -522,4 +473,4 @@ def test_two_process_distillation(kind, tmp_path, teachers):
     )
     with torch.no_grad():
         ours = student(prompt=prompts, num_inference_steps=1, latents=noise, output_type="np", **size).frames
-    assert np.abs(ours - reference).max() / np.abs(reference).max() < 1e-4
+    assert rel(ours, reference) < 1e-4

@@ -4,7 +4,6 @@ normalized guidance; CogView4's unshifted network time and size conditioning), t
 and in the family pipeline, distillation with `examples/distill.py` and the latent cache. Tiny random pipelines from
 tests/dit_family_pipelines.py; nothing is downloaded."""
 
-import json
 import math
 
 import pytest
@@ -20,36 +19,37 @@ from dit_family_pipelines import (
     save_tiny_pipeline,
 )
 from dit_family_pipelines import tiny_pipeline as tiny
+from family_checks import (
+    RUN,
+    SD,
+    cache_batches,
+    captioned_data_dir,
+    check_losses,
+    check_student,
+    distill_from_cache,
+    family_pipeline,
+    prepare_cache,
+    scm_pipeline,
+    teacher_ode,
+    trigflow_grid,
+    two_process_distillation,
+)
+from family_checks import rel as _rel
 from t2i_pipelines import IMAGE_SIZE
 
 from diffusers_scm import SCMPipeline, TrigFlowODEScheduler, TrigFlowScheduler
 from diffusers_scm.adapters import get_adapter
-from diffusers_scm.conditioning import TEXT_COMPONENTS
 from diffusers_scm.families import get_family
 from diffusers_scm.families.cogview4 import RELEASED_TIME_SHIFT, CogView4Adapter, cogview4_sampling_kwargs
 from diffusers_scm.training.objectives.common import teacher_velocity
 from diffusers_scm.training.teacher import TextToImageTeacher
 
 
-SD = 0.5
 PROMPTS = ["a red fox", "a bowl of soup with a small blue bird"]  # different lengths: padding and masks show
 KINDS = ("lumina2", "cogview4", "auraflow")
 SIZE = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _scm_pipeline(pipe, scheduler):
-    parts = {k: getattr(pipe, k) for k in TEXT_COMPONENTS if getattr(pipe, k, None) is not None}
-    out = SCMPipeline(
-        scheduler=scheduler, vae=pipe.vae, transformer=pipe.transformer, family_pipeline=type(pipe).__name__, **parts
-    )
-    out.set_progress_bar_config(disable=True)
-    return out
-
-
-def _rel(a, b) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def test_the_family_declarations_and_codecs():
@@ -125,24 +125,10 @@ def test_teacher_guided_ode_from_a_prompt_equals_the_family_pipeline(kind, guida
             prompt=PROMPTS, latents=x, output_type="latent", num_inference_steps=4, guidance_scale=guidance,
             **call_kwargs(kind),
         ).images  # fmt: skip
-    teacher = TextToImageTeacher(pipe)
+    mine, teacher = teacher_ode(pipe, PROMPTS, x, guidance, network=pipe.transformer, **SIZE)
     p = teacher.denoiser.parameterization
     assert p.name == "flow_matching"
-    ours = TrigFlowODEScheduler(parameterization=p.name, solver="ddim", **p.config())
-    s = pipe.scheduler.sigmas[:-1].double()  # the grid the native run used
-    grid = torch.atan2(s, SD * (1 - s))
-    start = torch.cos(grid[0]) + SD * torch.sin(grid[0])  # x_t = (cos t + sd sin t) x_s, x_s = n
-    ours.set_timesteps(timesteps=grid)
-    with torch.no_grad():
-        mine = _scm_pipeline(pipe, ours)(
-            prompt=PROMPTS,
-            timesteps=grid,
-            latents=x * start.float() / ours.init_noise_sigma,
-            guidance_scale=guidance,
-            output_type="latent",
-            **SIZE,
-        ).images
-    assert _rel(mine, native) < 1e-4
+    assert _rel(mine.images, native) < 1e-4
     if guidance == 1.0:
         return
     if kind == "lumina2":  # the normalization is exercised: the pipeline without it differs
@@ -211,8 +197,7 @@ def test_cogview4_network_time_follows_the_teacher_scheduler():
     with torch.no_grad():
         native = pipe(prompt=PROMPTS, latents=x, output_type="latent", num_inference_steps=3, guidance_scale=1.0,
                       **call_kwargs("cogview4")).images  # fmt: skip
-    teacher = TextToImageTeacher(pipe)
-    record = teacher.denoiser.inner_model.config["_time_shift"]
+    record = TextToImageTeacher(pipe).denoiser.inner_model.config["_time_shift"]
     assert record["time_shift_type"] == "exponential" and record["base_shift"] == 0.5 and record != RELEASED_TIME_SHIFT
     m = CogView4Adapter.shift_factor(pipe.transformer, 8, 8)
     assert m == pytest.approx(math.exp(math.sqrt(16 / 8) * 1.15 + 0.5))
@@ -221,19 +206,14 @@ def test_cogview4_network_time_follows_the_teacher_scheduler():
         CogView4Adapter().network_time(None, 1000 * s, m), pipe.scheduler.timesteps.double(), rtol=0, atol=1e-3
     )
     ours = TrigFlowODEScheduler(parameterization="flow_matching", solver="ddim")
-    grid = torch.atan2(s, SD * (1 - s))
-    start = torch.cos(grid[0]) + SD * torch.sin(grid[0])
+    grid, start = trigflow_grid(s)
+    run = {"prompt": PROMPTS, "timesteps": grid, "latents": x * start.float() / ours.init_noise_sigma, **SIZE}
     with torch.no_grad():
-        mine = _scm_pipeline(pipe, ours)(
-            prompt=PROMPTS, timesteps=grid, latents=x * start.float() / ours.init_noise_sigma, output_type="latent",
-            **SIZE,
-        ).images  # fmt: skip
+        mine = scm_pipeline(pipe, ours)(**run, output_type="latent").images
     assert _rel(mine, native) < 1e-4
     pipe.transformer.register_to_config(_time_shift=None)  # without the record: the released settings, another ODE
     with torch.no_grad():
-        unrecorded = _scm_pipeline(pipe, ours)(prompt=PROMPTS, timesteps=grid,
-                                               latents=x * start.float() / ours.init_noise_sigma,
-                                               output_type="latent", **SIZE).images  # fmt: skip
+        unrecorded = scm_pipeline(pipe, ours)(**run, output_type="latent").images
     assert _rel(unrecorded, native) > 1e-3
 
 
@@ -271,7 +251,7 @@ def _student_folder(kind, tmp_path, intermediate=None):
     get_family(pipe).teacher_network_of(pipe)
     extra = {} if intermediate is None else {"intermediate_timesteps": intermediate}
     scheduler = TrigFlowScheduler(parameterization="flow_matching", max_timesteps=math.pi / 2, **extra)
-    _scm_pipeline(pipe, scheduler).save_pretrained(folder)
+    scm_pipeline(pipe, scheduler).save_pretrained(folder)
     return folder
 
 
@@ -300,9 +280,6 @@ def test_student_folder_samples_the_same_in_scm_pipeline_and_the_family_pipeline
     diffusers' FlowMatchLCMScheduler give the same image from the same noise, prompts and re-noising draws. CogView4's
     pipeline truncates its network times to integers: its 2-step check takes an intermediate time whose network time
     is one (500), and the default intermediate time stays within the rounding of its network time."""
-    import diffusers
-    from diffusers import FlowMatchLCMScheduler
-
     intermediate = None
     if kind == "cogview4" and steps == 2:
         m = CogView4Adapter.shift_factor(tiny(kind).transformer, LATENT_SIZE[kind], LATENT_SIZE[kind])
@@ -312,9 +289,7 @@ def test_student_folder_samples_the_same_in_scm_pipeline_and_the_family_pipeline
     ours.set_progress_bar_config(disable=True)
     if kind == "cogview4":
         assert ours.transformer.config["_time_shift"] == RELEASED_TIME_SHIFT  # the teacher's settings, saved
-    family_cls = getattr(diffusers, ours.config.family_pipeline)
-    theirs = family_cls.from_pretrained(folder, scheduler=FlowMatchLCMScheduler(shift=1.0))
-    theirs.set_progress_bar_config(disable=True)
+    theirs = family_pipeline(folder, ours.config.family_pipeline)
     x = noise(kind, 2)
     torch.manual_seed(7)  # the re-noising draws of both schedulers (the family pipelines pass no generator)
     reference = _family_samples(kind, theirs, ours.scheduler, x, steps)
@@ -349,37 +324,13 @@ def test_student_folder_samples_the_same_in_scm_pipeline_and_the_family_pipeline
 
 
 # ---- distillation ---------------------------------------------------------------------------------------------------
-RUN = [
-    "--resolution", str(IMAGE_SIZE), "--train_batch_size", "2", "--tangent_warmup_steps", "2", "--report_to", "none",
-    "--num_validation_images", "2", "--validation_prompts", "a red fox", "a small cat", "--seed", "3",
-]  # fmt: skip
-CAPTIONS = ["a red fox", "a bowl of soup", "a blue bird in a small green bowl", "a small cat"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A captioned image folder in the `datasets` imagefolder convention."""
-    import numpy as np
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("captioned")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-            f.write(json.dumps({"file_name": f"{i:03d}.png", "text": CAPTIONS[i]}) + "\n")
-    return folder
+data_dir = captioned_data_dir()  # a captioned image folder in the `datasets` imagefolder convention
 
 
 def _check_student(out, kind):
-    student = SCMPipeline.from_pretrained(out)
-    student.set_progress_bar_config(disable=True)
-    assert student.config.family_pipeline == PIPELINES[kind]
-    for steps in (1, 2):
-        gens = [torch.Generator().manual_seed(i) for i in range(2)]
-        images = student(prompt=PROMPTS, num_inference_steps=steps, generator=gens, output_type="np", **SIZE).images
-        assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and (images >= 0).all() and (images <= 1).all()
-    return student
+    return check_student(out, PIPELINES[kind], PROMPTS, IMAGE_SIZE)
 
 
 def _distill(kind, tmp_path, data_dir, method="scd", extra=()):
@@ -391,23 +342,18 @@ def _distill(kind, tmp_path, data_dir, method="scd", extra=()):
         + ["--method", method, "--guidance_scale", str(GUIDANCE_SCALE[kind]), "--output_dir", str(out)]
         + ["--max_train_steps", "2", *extra]
     )
-    losses = [json.loads(line)["loss"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    check_losses(out, 2)
     return out
 
 
 def _distill_and_sample(kind, tmp_path, data_dir):
     """2 guided sCD steps in this process, then the student from prompts at 1 and 2 steps in SCMPipeline, and at 1
     step in its family pipeline (the same images)."""
-    import diffusers
-    from diffusers import FlowMatchLCMScheduler
-
     out = _distill(kind, tmp_path, data_dir)
     student = _check_student(out, kind)
     if kind == "cogview4":  # the teacher's time map went into the student
         assert student.transformer.config["_time_shift"] == RELEASED_TIME_SHIFT
-    family = getattr(diffusers, PIPELINES[kind]).from_pretrained(out, scheduler=FlowMatchLCMScheduler(shift=1.0))
-    family.set_progress_bar_config(disable=True)
+    family = family_pipeline(out, PIPELINES[kind])
     x = noise(kind, 3)
     theirs = _family_samples(kind, family, student.scheduler, x, 1)
     ours = student(prompt=PROMPTS, num_inference_steps=1, latents=x, output_type="pt", **SIZE).images
@@ -439,48 +385,24 @@ def test_tcm_and_lora_runs(kind, tmp_path, data_dir):
 def test_cache_round_trip_and_training_from_it(kind, tmp_path, data_dir, monkeypatch):
     """prepare_data.py writes the latent cache (batches of prompts of different lengths); cached and on-the-fly
     batches are equal; a run from the cache never loads the teacher's text encoders."""
-    from diffusers_scm.training.data import latent_cache
     from diffusers_scm.training.data.captions import load_text_image_dataset
-    from diffusers_scm.training.teacher import load_text_to_image_teacher
 
     teacher_dir = tmp_path / kind
     save_tiny_pipeline(kind, teacher_dir)
     cache = tmp_path / "cache"
-    load_script("prepare_data").main(
-        ["--teacher", str(teacher_dir), "--dataset_name", str(data_dir), "--resolution", str(IMAGE_SIZE)]
-        + ["--cache_dir", str(cache), "--batch_size", "3"]
-    )
-    data, uncond, info = latent_cache.load_cache(str(cache))
-    teacher = load_text_to_image_teacher(str(teacher_dir))
-    assert len(data) == 4 and info["family"] == teacher.family
+    prepare_cache(teacher_dir, data_dir, cache, IMAGE_SIZE, "--batch_size", "3")
     w = GUIDANCE_SCALE[kind]
-    on_the_fly = latent_cache.TextBatches(teacher, guidance_scale=w, resolution=IMAGE_SIZE)
-    cached = latent_cache.TextBatches(None, guidance_scale=w, uncond=uncond, resolution=IMAGE_SIZE)
     rows = load_text_image_dataset(str(data_dir), IMAGE_SIZE)
-    for batch, cached_batch in zip(
-        torch.utils.data.DataLoader(rows, batch_size=4), torch.utils.data.DataLoader(data, batch_size=4)
-    ):
-        x0, cond, un, _ = on_the_fly(batch, "cpu")
-        cx0, ccond, cun, _ = cached(cached_batch, "cpu")
-        torch.testing.assert_close(cx0, x0)
-        for mine, theirs in ((ccond, cond), (cun, un)):
-            flat, cflat = latent_cache.flatten_conditioning(theirs), latent_cache.flatten_conditioning(mine)
-            assert flat.keys() == cflat.keys()
-            for key in flat:
-                torch.testing.assert_close(cflat[key].float(), flat[key].float())
-    distill = load_script("distill")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the text encoders were loaded although the cache exists")
-
-    monkeypatch.setattr(distill, "load_text_to_image_teacher", refuse)
+    batches = cache_batches(teacher_dir, cache, rows, 4, guidance_scale=w, resolution=IMAGE_SIZE)
+    assert len(batches.data) == 4 and len(rows) == 4  # one batch: all rows
     out = tmp_path / "from-cache"
-    distill.main(
+    distill_from_cache(
+        monkeypatch,
         ["--teacher", str(teacher_dir), "--cache_dir", str(cache), "--dataset_name", str(data_dir)]
-        + ["--output_dir", str(out), "--max_train_steps", "1", "--guidance_scale", str(w), *RUN]
+        + ["--output_dir", str(out), "--max_train_steps", "1", "--guidance_scale", str(w), *RUN],
     )
     student = SCMPipeline.from_pretrained(out)
-    assert student.config.family_pipeline == teacher.family
+    assert student.config.family_pipeline == batches.teacher.family
     if kind == "cogview4":  # the network-only teacher of a cache run records the time map too
         assert student.transformer.config["_time_shift"] == RELEASED_TIME_SHIFT
 
@@ -490,15 +412,11 @@ def test_cache_round_trip_and_training_from_it(kind, tmp_path, data_dir, monkeyp
 def test_two_process_distillation(kind, tmp_path, data_dir):
     """`accelerate launch --multi_gpu --num_processes 2 examples/distill.py --method scd` with a guided teacher, then
     the student from prompts at 1 and 2 steps."""
-    from test_distill_script import _launch
-
     teacher = tmp_path / kind
     save_tiny_pipeline(kind, teacher)
     out = tmp_path / "student"
-    _launch(
+    two_process_distillation(
         ["--teacher", str(teacher), "--dataset_name", str(data_dir), "--caption_column", "text", *RUN]
         + ["--guidance_scale", str(GUIDANCE_SCALE[kind]), "--output_dir", str(out), "--max_train_steps", "2"]
     )
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["num_processes"] == 2 and summary["replicas_in_sync"]
     _check_student(out, kind)

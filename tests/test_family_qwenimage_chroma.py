@@ -10,19 +10,32 @@ import math
 import pytest
 import torch
 from conftest import load_script
+from family_checks import (
+    RUN,
+    SD,
+    cache_batches,
+    captioned_data_dir,
+    check_losses,
+    check_student,
+    distill_from_cache,
+    family_pipeline,
+    prepare_cache,
+    rel,
+    scm_pipeline,
+    teacher_ode,
+    two_process_distillation,
+)
 from qwen_chroma_pipelines import GUIDANCE_SCALE, LATENT_CHANNELS, SEQUENCE_LENGTH, call_kwargs, save_tiny_pipeline
 from qwen_chroma_pipelines import tiny_pipeline as tiny
 from t2i_pipelines import IMAGE_SIZE
 
-from diffusers_scm import SCMPipeline, TrigFlowDenoiser, TrigFlowODEScheduler, TrigFlowScheduler
+from diffusers_scm import SCMPipeline, TrigFlowDenoiser, TrigFlowScheduler
 from diffusers_scm.adapters import pack_latents, unpack_latents
-from diffusers_scm.conditioning import TEXT_COMPONENTS
 from diffusers_scm.families import get_family, prompt_encoding
 from diffusers_scm.training.objectives.common import teacher_velocity
 from diffusers_scm.training.teacher import TextToImageTeacher
 
 
-SD = 0.5
 PROMPTS = ["a red fox", "a bowl of soup with a small blue bird"]  # different lengths: Qwen-Image pads the batch
 KINDS = ("qwenimage", "chroma")
 LATENT = IMAGE_SIZE // 4  # both VAEs downsample by 4
@@ -32,15 +45,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _noise(kind, seed, n=len(PROMPTS)):
     return torch.randn(n, LATENT_CHANNELS[kind], LATENT, LATENT, generator=torch.Generator().manual_seed(seed))
-
-
-def _scm_pipeline(pipe, scheduler):
-    parts = {k: getattr(pipe, k) for k in TEXT_COMPONENTS if getattr(pipe, k, None) is not None}
-    out = SCMPipeline(
-        scheduler=scheduler, vae=pipe.vae, transformer=pipe.transformer, family_pipeline=type(pipe).__name__, **parts
-    )
-    out.set_progress_bar_config(disable=True)
-    return out
 
 
 def _guidance_kwargs(kind, w):
@@ -137,25 +141,12 @@ def test_teacher_guided_ode_from_a_prompt_equals_the_family_pipeline(kind, guida
     noise = _noise(kind, 0)
     with torch.no_grad():
         native = _native(kind, pipe, noise, num_inference_steps=4, **_guidance_kwargs(kind, guidance))
-    teacher = TextToImageTeacher(pipe)
+    mine, teacher = teacher_ode(
+        pipe, PROMPTS, noise, guidance, network=pipe.transformer, height=IMAGE_SIZE, width=IMAGE_SIZE
+    )
     p = teacher.denoiser.parameterization
     assert p.name == "flow_matching"
-    ours = TrigFlowODEScheduler(parameterization=p.name, solver="ddim", **p.config())
-    s = pipe.scheduler.sigmas[:-1].double()  # the grid the native run used
-    grid = torch.atan2(s, SD * (1 - s))
-    start = torch.cos(grid[0]) + SD * torch.sin(grid[0])  # x_t = (cos t + sd sin t) x_s, x_s = n
-    ours.set_timesteps(timesteps=grid)
-    with torch.no_grad():
-        mine = _scm_pipeline(pipe, ours)(
-            prompt=PROMPTS,
-            timesteps=grid,
-            latents=noise * start.float() / ours.init_noise_sigma,
-            guidance_scale=guidance,
-            output_type="latent",
-            height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
-        ).images
-    assert ((mine - native).abs().max() / native.abs().max()).item() < 1e-4
+    assert rel(mine.images, native) < 1e-4
     if guidance == 1.0:
         return
     # the training velocity (sCD's teacher, SPEC.md section 3) guides the same way: sd F of the pipeline's combination
@@ -277,7 +268,7 @@ def _student_folder(kind, tmp_path):
     text encoder and tokenizer, with the consistency scheduler of a flow-matching student (t_max = pi/2)."""
     folder = tmp_path / f"{kind}-student"
     scheduler = TrigFlowScheduler(parameterization="flow_matching", max_timesteps=math.pi / 2)
-    _scm_pipeline(tiny(kind), scheduler).save_pretrained(folder)
+    scm_pipeline(tiny(kind), scheduler).save_pretrained(folder)
     return folder
 
 
@@ -288,16 +279,12 @@ def test_student_folder_samples_the_same_in_scm_pipeline_and_the_family_pipeline
     diffusers' FlowMatchLCMScheduler give the same image from the same noise and prompts. The family pipelines draw
     the 2-step re-noising noise in their packed token layout; it is drawn here in the latent layout and packed, so
     that both samplers re-noise with the same draws."""
-    import diffusers
-    from diffusers import FlowMatchLCMScheduler
     from diffusers.schedulers import scheduling_flow_match_lcm
 
     folder = _student_folder(kind, tmp_path)
     ours = SCMPipeline.from_pretrained(folder)
     ours.set_progress_bar_config(disable=True)
-    family_cls = getattr(diffusers, ours.config.family_pipeline)
-    theirs = family_cls.from_pretrained(folder, scheduler=FlowMatchLCMScheduler(shift=1.0))
-    theirs.set_progress_bar_config(disable=True)
+    theirs = family_pipeline(folder, ours.config.family_pipeline)
     draw = scheduling_flow_match_lcm.randn_tensor
 
     def latent_layout_draw(shape, **kwargs):
@@ -329,52 +316,19 @@ def test_student_folder_samples_the_same_in_scm_pipeline_and_the_family_pipeline
 
 
 # ---- distillation ---------------------------------------------------------------------------------------------------
-RUN = [
-    "--resolution", str(IMAGE_SIZE), "--train_batch_size", "2", "--tangent_warmup_steps", "2", "--report_to", "none",
-    "--num_validation_images", "2", "--validation_prompts", "a red fox", "a small cat", "--seed", "3",
-]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A captioned image folder in the `datasets` imagefolder convention."""
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("captioned")
-    rng = np.random.default_rng(0)
-    captions = ["a red fox", "a bowl of soup", "a blue bird in a small green bowl", "a small cat"]
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-            f.write(json.dumps({"file_name": f"{i:03d}.png", "text": captions[i]}) + "\n")
-    return folder
+data_dir = captioned_data_dir()  # a captioned image folder in the `datasets` imagefolder convention
 
 
 def _check_student(out, family):
-    student = SCMPipeline.from_pretrained(out)
-    student.set_progress_bar_config(disable=True)
-    assert student.config.family_pipeline == family
-    for steps in (1, 2):
-        gens = [torch.Generator().manual_seed(i) for i in range(2)]
-        images = student(
-            prompt=PROMPTS, num_inference_steps=steps, generator=gens, output_type="np", height=32, width=32
-        ).images
-        assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and (images >= 0).all() and (images <= 1).all()
-    return student
+    return check_student(out, family, PROMPTS, IMAGE_SIZE)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_distill_a_few_steps_and_sample_the_student_from_prompts(kind, tmp_path, data_dir):
     """`distill.py --teacher FOLDER --method scd` in this process (2 sCD steps with guidance), then the student from
     prompts at 1 and 2 steps, in SCMPipeline and in its family pipeline (1 step, the same images)."""
-    import json
-
-    import diffusers
-    from diffusers import FlowMatchLCMScheduler
-
     teacher = tmp_path / kind
     pipe = save_tiny_pipeline(kind, teacher)
     out = tmp_path / "student"
@@ -383,11 +337,9 @@ def test_distill_a_few_steps_and_sample_the_student_from_prompts(kind, tmp_path,
         + ["--method", "scd", "--guidance_scale", str(GUIDANCE_SCALE[kind]), "--output_dir", str(out)]
         + ["--max_train_steps", "2"]
     )
-    losses = [json.loads(line)["loss"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    check_losses(out, 2)
     student = _check_student(out, type(pipe).__name__)
-    family = getattr(diffusers, type(pipe).__name__).from_pretrained(out, scheduler=FlowMatchLCMScheduler(shift=1.0))
-    family.set_progress_bar_config(disable=True)
+    family = family_pipeline(out, type(pipe).__name__)
     noise = _noise(kind, 3)
     cfg_off = {"true_cfg_scale": 1.0} if kind == "qwenimage" else {"guidance_scale": 1.0}
     sigmas = student.scheduler.flow_sigmas(1)
@@ -424,47 +376,23 @@ def test_cache_round_trip_and_training_from_it(kind, tmp_path, data_dir, monkeyp
     """prepare_data.py writes the latent cache (batches of prompts of different lengths: Qwen-Image's fixed-length
     padding keeps one shape); cached and on-the-fly batches are equal; a run from the cache never loads the
     teacher's text encoders."""
-    from diffusers_scm.training.data import latent_cache
     from diffusers_scm.training.data.captions import load_text_image_dataset
-    from diffusers_scm.training.teacher import load_text_to_image_teacher
 
     teacher_dir = tmp_path / kind
     save_tiny_pipeline(kind, teacher_dir)
     cache = tmp_path / "cache"
-    load_script("prepare_data").main(
-        ["--teacher", str(teacher_dir), "--dataset_name", str(data_dir), "--resolution", str(IMAGE_SIZE)]
-        + ["--cache_dir", str(cache), "--batch_size", "3"]
-    )
-    data, uncond, info = latent_cache.load_cache(str(cache))
-    teacher = load_text_to_image_teacher(str(teacher_dir))
-    assert len(data) == 4 and info["family"] == teacher.family
+    prepare_cache(teacher_dir, data_dir, cache, IMAGE_SIZE, "--batch_size", "3")
     w = GUIDANCE_SCALE[kind]
-    on_the_fly = latent_cache.TextBatches(teacher, guidance_scale=w, resolution=IMAGE_SIZE)
-    cached = latent_cache.TextBatches(None, guidance_scale=w, uncond=uncond, resolution=IMAGE_SIZE)
     rows = load_text_image_dataset(str(data_dir), IMAGE_SIZE)
-    for batch, cached_batch in zip(
-        torch.utils.data.DataLoader(rows, batch_size=4), torch.utils.data.DataLoader(data, batch_size=4)
-    ):
-        x0, cond, un, _ = on_the_fly(batch, "cpu")
-        cx0, ccond, cun, _ = cached(cached_batch, "cpu")
-        torch.testing.assert_close(cx0, x0)
-        for mine, theirs in ((ccond, cond), (cun, un)):
-            flat, cflat = latent_cache.flatten_conditioning(theirs), latent_cache.flatten_conditioning(mine)
-            assert flat.keys() == cflat.keys()
-            for key in flat:
-                torch.testing.assert_close(cflat[key].float(), flat[key].float())
-    distill = load_script("distill")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the text encoders were loaded although the cache exists")
-
-    monkeypatch.setattr(distill, "load_text_to_image_teacher", refuse)
+    batches = cache_batches(teacher_dir, cache, rows, 4, guidance_scale=w, resolution=IMAGE_SIZE)
+    assert len(batches.data) == 4 and len(rows) == 4  # one batch: all rows
     out = tmp_path / "from-cache"
-    distill.main(
+    distill_from_cache(
+        monkeypatch,
         ["--teacher", str(teacher_dir), "--cache_dir", str(cache), "--dataset_name", str(data_dir)]
-        + ["--output_dir", str(out), "--max_train_steps", "1", "--guidance_scale", str(w), *RUN]
+        + ["--output_dir", str(out), "--max_train_steps", "1", "--guidance_scale", str(w), *RUN],
     )
-    assert SCMPipeline.from_pretrained(out).config.family_pipeline == teacher.family
+    assert SCMPipeline.from_pretrained(out).config.family_pipeline == batches.teacher.family
 
 
 @pytest.mark.slow  # two processes (gloo on CPU), about 25 s each: `python -m pytest -m slow`
@@ -473,17 +401,11 @@ def test_two_process_distillation(kind, extra, tmp_path, data_dir):
     """`accelerate launch --multi_gpu --num_processes 2 examples/distill.py --method scd` with a guided teacher (and a
     LoRA student of Qwen-Image: DDP with its unused text-stream output frozen), then the student from prompts at 1
     and 2 steps."""
-    from test_distill_script import _launch
-
     teacher = tmp_path / kind
     pipe = save_tiny_pipeline(kind, teacher)
     out = tmp_path / "student"
-    _launch(
+    two_process_distillation(
         ["--teacher", str(teacher), "--dataset_name", str(data_dir), "--caption_column", "text", *RUN, *extra]
         + ["--guidance_scale", str(GUIDANCE_SCALE[kind]), "--output_dir", str(out), "--max_train_steps", "2"]
     )
-    import json
-
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["num_processes"] == 2 and summary["replicas_in_sync"]
     _check_student(out, type(pipe).__name__)

@@ -11,15 +11,24 @@ import pytest
 import torch
 from conftest import load_script
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+from family_checks import (
+    cache_batches,
+    check_losses,
+    distill_from_cache,
+    prepare_cache,
+    rel,
+    scm_pipeline,
+    teacher_ode,
+    two_process_distillation,
+)
 from video_pipelines import NUM_FRAMES, SIZE, save_clips, save_tiny_wan, tiny_wan
 
-from diffusers_scm import SCMPipeline, TrigFlowFamilyScheduler, TrigFlowODEScheduler, TrigFlowScheduler
+from diffusers_scm import SCMPipeline, TrigFlowFamilyScheduler, TrigFlowScheduler
 from diffusers_scm.families import get_family
 from diffusers_scm.families.wan import TimestepExperts
 from diffusers_scm.training.teacher import TextToImageTeacher
 
 
-SD = 0.5
 PROMPTS = ["a red fox", "a blue bird"]
 LATENT = (2, 16, 2, SIZE // 8, SIZE // 8)  # 5 frames: 2 latent frames
 COMMON = [
@@ -51,19 +60,6 @@ def wan22(tmp_path_factory):
     return folder
 
 
-def _scm(pipe, scheduler, network) -> SCMPipeline:
-    out = SCMPipeline(
-        scheduler=scheduler,
-        transformer=network,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        family_pipeline="WanPipeline",
-    )
-    out.set_progress_bar_config(disable=True)
-    return out
-
-
 def _ode(version, guidance, network=None):
     """(ours, WanPipeline's) latents of the teacher's guided ODE on the same 4-step grid from the same noise."""
     pipe = tiny_wan(version)
@@ -74,26 +70,15 @@ def _ode(version, guidance, network=None):
         native = pipe(
             prompt=PROMPTS, num_inference_steps=4, latents=noise, output_type="latent", guidance_scale=guidance, **size
         ).frames
-    teacher = TextToImageTeacher(pipe)
-    p = teacher.denoiser.parameterization
-    ours = TrigFlowODEScheduler(parameterization=p.name, solver="ddim", **p.config())
-    s = pipe.scheduler.sigmas[:-1].double()
-    grid = torch.atan2(s, SD * (1 - s))
-    start = torch.cos(grid[0]) + SD * torch.sin(grid[0])  # x_t = (cos t + sd sin t) x_s, x_s = n
-    sampler = _scm(pipe, ours, network(pipe) if network else teacher.denoiser.inner_model)
-    latents = noise * start.float() / ours.init_noise_sigma
-    with torch.no_grad():
-        mine = sampler(
-            prompt=PROMPTS, timesteps=grid, latents=latents, guidance_scale=guidance, output_type="latent", **size
-        )
-    return mine.frames, native, pipe, s
+    mine, _ = teacher_ode(pipe, PROMPTS, noise, guidance, network=network(pipe) if network else None, **size)
+    return mine.frames, native, pipe, pipe.scheduler.sigmas[:-1].double()
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_wan21_teacher_guided_ode_equals_wan_pipeline(guidance):
     mine, native, pipe, _ = _ode("2.1", guidance)
     assert type(TextToImageTeacher(pipe).denoiser.inner_model).__name__ == "WanTransformer3DModel"
-    assert ((mine - native).abs().max() / native.abs().max()).item() < 1e-4
+    assert rel(mine, native) < 1e-4
 
 
 def test_wan22_teacher_switches_experts_at_the_boundary_as_wan_pipeline():
@@ -103,9 +88,9 @@ def test_wan22_teacher_switches_experts_at_the_boundary_as_wan_pipeline():
     mine, native, pipe, sigmas = _ode("2.2", 4.0)
     assert (sigmas * 1000 >= 875).any() and (sigmas * 1000 < 875).any()
     assert isinstance(TextToImageTeacher(pipe).denoiser.inner_model, TimestepExperts)
-    assert ((mine - native).abs().max() / native.abs().max()).item() < 1e-4
+    assert rel(mine, native) < 1e-4
     alone, native, _, _ = _ode("2.2", 4.0, network=lambda p: p.transformer)
-    assert ((alone - native).abs().max() / native.abs().max()).item() > 1e-3
+    assert rel(alone, native) > 1e-3
 
 
 def test_experts_route_each_sample_of_a_mixed_batch():
@@ -144,7 +129,7 @@ def test_student_folder_samples_the_same_in_wan_pipeline_and_scm_pipeline(steps,
     scheduler = TrigFlowFamilyScheduler.from_trigflow(
         TrigFlowScheduler(parameterization="flow_matching", max_timesteps=math.pi / 2)
     )
-    _scm(pipe, scheduler, pipe.transformer).save_pretrained(tmp_path / "student")
+    scm_pipeline(pipe, scheduler, pipe.transformer).save_pretrained(tmp_path / "student")
     ours = SCMPipeline.from_pretrained(tmp_path / "student")
     ours.set_progress_bar_config(disable=True)
     theirs = WanPipeline.from_pretrained(tmp_path / "student")
@@ -159,7 +144,7 @@ def test_student_folder_samples_the_same_in_wan_pipeline_and_scm_pipeline(steps,
     torch.manual_seed(7)
     frames = ours(prompt=PROMPTS, num_inference_steps=steps, latents=noise, output_type="np", **size).frames
     assert frames.shape == (2, NUM_FRAMES, SIZE, SIZE, 3)
-    assert (np.abs(frames - reference).max() / np.abs(reference).max()) < 1e-4
+    assert rel(frames, reference) < 1e-4
     if steps == 2:  # the re-noising draw matters: other draws give other frames
         torch.manual_seed(8)
         other = ours(prompt=PROMPTS, num_inference_steps=steps, latents=noise, output_type="np", **size).frames
@@ -168,7 +153,7 @@ def test_student_folder_samples_the_same_in_wan_pipeline_and_scm_pipeline(steps,
 
 def test_video_student_outputs_frames_in_diffusers_layouts(tmp_path):
     pipe = tiny_wan("2.1")
-    student = _scm(
+    student = scm_pipeline(
         pipe, TrigFlowScheduler(parameterization="flow_matching", max_timesteps=math.pi / 2), pipe.transformer
     )
     size = {"height": SIZE, "width": SIZE, "num_frames": NUM_FRAMES}
@@ -197,8 +182,7 @@ def test_short_wan21_distillation_saves_a_student_for_both_pipelines(tmp_path, w
         ["--teacher", str(wan21), "--dataset_name", clips, "--output_dir", str(out), "--max_train_steps", "2"]
         + ["--validation_steps", "2", *COMMON]
     )
-    losses = [json.loads(line)["loss"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(np.isfinite(losses))
+    check_losses(out, 2)
     assert (out / "samples" / "step-0000002-2step.png").is_file() and (out / "sample_grid.png").is_file()
     from PIL import Image
 
@@ -290,38 +274,21 @@ def test_wan_tcm_and_lora_runs(tmp_path, wan21, wan22, clips):
 def test_wan22_cache_round_trip_and_training_from_it(tmp_path, wan22, clips, monkeypatch):
     from diffusers_scm.training.data import latent_cache
     from diffusers_scm.training.data.videos import load_text_video_dataset
-    from diffusers_scm.training.teacher import load_teacher, load_text_to_image_teacher
+    from diffusers_scm.training.teacher import load_teacher
 
     cache = tmp_path / "cache"
-    load_script("prepare_data").main(
-        ["--teacher", str(wan22), "--dataset_name", clips, "--resolution", str(SIZE), "--num_frames", str(NUM_FRAMES)]
-        + ["--cache_dir", str(cache), "--device", "cpu"]
-    )
-    data, uncond, info = latent_cache.load_cache(str(cache))
-    assert info["num_frames"] == NUM_FRAMES and info["family"] == "WanPipeline"
-    teacher = load_text_to_image_teacher(str(wan22))
-    on_the_fly = latent_cache.TextBatches(teacher, guidance_scale=3.0, resolution=SIZE, num_frames=NUM_FRAMES)
-    cached = latent_cache.TextBatches(None, guidance_scale=3.0, uncond=uncond, resolution=SIZE)
-    batch = next(iter(torch.utils.data.DataLoader(load_text_video_dataset(clips, SIZE, NUM_FRAMES), batch_size=2)))
-    cached_batch = next(iter(torch.utils.data.DataLoader(data, batch_size=2)))
-    x0, cond, un, _ = on_the_fly(batch, "cpu")
-    cx0, ccond, cun, _ = cached(cached_batch, "cpu")
-    assert x0.shape == LATENT
-    torch.testing.assert_close(cx0, x0)
-    torch.testing.assert_close(ccond["encoder_hidden_states"], cond["encoder_hidden_states"])
-    torch.testing.assert_close(cun["encoder_hidden_states"], un["encoder_hidden_states"])
+    prepare_cache(wan22, clips, cache, SIZE, "--num_frames", str(NUM_FRAMES), "--device", "cpu")
+    rows = load_text_video_dataset(clips, SIZE, NUM_FRAMES)
+    b = cache_batches(wan22, cache, rows, 2, num_frames=NUM_FRAMES, guidance_scale=3.0, resolution=SIZE)
+    assert b.info["num_frames"] == NUM_FRAMES and b.info["family"] == "WanPipeline"
+    assert b.x0.shape == LATENT and "encoder_hidden_states" in b.cond and "encoder_hidden_states" in b.uncond
     assert isinstance(load_teacher(str(wan22)).inner_model, TimestepExperts)  # the network-only teacher of a cache run
 
-    distill = load_script("distill")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the text encoders were loaded although the cache exists")
-
-    monkeypatch.setattr(distill, "load_text_to_image_teacher", refuse)
     out = tmp_path / "from-cache"
-    distill.main(
+    distill_from_cache(
+        monkeypatch,
         ["--teacher", str(wan22), "--cache_dir", str(cache), "--dataset_name", clips, "--output_dir", str(out)]
-        + ["--max_train_steps", "2", *COMMON]
+        + ["--max_train_steps", "2", *COMMON],
     )
     assert SCMPipeline.from_pretrained(out).config.family_pipeline == "WanPipeline"
     with pytest.raises(ValueError, match="--num_frames 5, this run has --num_frames 9"):
@@ -342,15 +309,11 @@ def test_prompt_only_video_data_uses_the_teachers_ode(tmp_path, wan21):
 
 @pytest.mark.slow
 def test_two_process_wan_distillation(tmp_path, wan21):
-    from test_distill_script import _launch
-
     clips = save_clips(tmp_path / "clips", captions=(*PROMPTS, "a small cat", "a white dog"), num_frames=5)
     out = tmp_path / "student"
-    _launch(
+    two_process_distillation(
         ["--teacher", str(wan21), "--dataset_name", clips, "--output_dir", str(out), "--max_train_steps", "2", *COMMON]
     )
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["num_processes"] == 2 and summary["replicas_in_sync"]
     theirs = WanPipeline.from_pretrained(out)
     theirs.set_progress_bar_config(disable=True)
     ours = SCMPipeline.from_pretrained(out)
@@ -361,4 +324,4 @@ def test_two_process_wan_distillation(tmp_path, wan21):
         prompt=PROMPTS, num_inference_steps=1, latents=noise, guidance_scale=1.0, output_type="np", **size
     ).frames
     b = ours(prompt=PROMPTS, num_inference_steps=1, latents=noise, output_type="np", **size).frames
-    assert np.abs(a - b).max() / np.abs(a).max() < 1e-4
+    assert rel(b, a) < 1e-4

@@ -24,7 +24,6 @@ the words of each pipeline's prompt template, so that the template's tokens are 
 
 import os
 import re
-import string
 
 import numpy as np
 import torch
@@ -42,7 +41,15 @@ from diffusers import (
     LTXVideoTransformer3DModel,
 )
 from diffusers.guiders import ClassifierFreeGuidance
-from t2i_pipelines import WORDS, _hub_offline
+from qwen_chroma_pipelines import qwen2_tokenizer
+from t2i_pipelines import (
+    WORDS,
+    _seed,
+    add_special_tokens,
+    build_tiny,
+    byte_fallback_vocab,
+    save_and_reload,
+)
 from transformers import (
     ByT5Tokenizer,
     CLIPTextConfig,
@@ -56,7 +63,6 @@ from transformers import (
 )
 
 from diffusers_scm.training.data import text_encoders
-from diffusers_scm.training.data.text_encoders import _word_merges
 
 
 __all__ = [
@@ -114,15 +120,9 @@ def llama_tokenizer(model_max_length: int = SEQUENCE_LENGTH["hunyuan"]) -> Llama
     Llama-3 header tokens of the template. Ids: 0 "<unk>", 1 "<|begin_of_text|>" (bos), 2 "<|end_of_text|>" (eos),
     3 "<pad>"."""
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-    from tokenizers import AddedToken
 
-    vocab = {token: i for i, token in enumerate(LLAMA_SPECIAL)}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for c in ["▁"] + list(string.ascii_letters + string.digits + string.punctuation):
-        vocab[c] = len(vocab)
-    words = list(dict.fromkeys([*WORDS, *_template_words(DEFAULT_PROMPT_TEMPLATE["template"])]))
-    merges = _word_merges(vocab, words + ["▁" + w for w in words], end_of_word_suffix="")
+    words = [*WORDS, *_template_words(DEFAULT_PROMPT_TEMPLATE["template"])]
+    vocab, merges = byte_fallback_vocab(LLAMA_SPECIAL, words)
     tokenizer = LlamaTokenizer(
         vocab=vocab,
         merges=merges,
@@ -132,8 +132,7 @@ def llama_tokenizer(model_max_length: int = SEQUENCE_LENGTH["hunyuan"]) -> Llama
         pad_token="<pad>",
         model_max_length=model_max_length,
     )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA_HEADERS], special_tokens=True)
-    return tokenizer
+    return add_special_tokens(tokenizer, LLAMA_HEADERS)
 
 
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -149,33 +148,11 @@ def qwen_tokenizer() -> Qwen2Tokenizer:
     chat template. Id 0 "<|endoftext|>" (eos, pad)."""
     import inspect
 
-    from tokenizers import AddedToken, pre_tokenizers
-
     # the pipeline's system message (`_get_mllm_prompt_embeds`'s default, the one its __init__ sets)
     system = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters["system_message"].default
-    vocab = {"<|endoftext|>": 0}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    words = list(dict.fromkeys([*WORDS, *_template_words(system), "system", "user", "assistant"]))
-    merges = _word_merges(vocab, words + ["Ġ" + w for w in words] + ["ĠĠ", "ĠĠĠĠ", "ĠĠĠĠĠĠĠĠ"], "")
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    tokenizer.add_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL[1:]], special_tokens=True
-    )
-    return tokenizer
-
-
-def _seed(seed: int, component: int):
-    torch.manual_seed(1000 * seed + component)
+    words = [*WORDS, *_template_words(system), "system", "user", "assistant"]
+    spaces = ["ĠĠ", "ĠĠĠĠ", "ĠĠĠĠĠĠĠĠ"]
+    return qwen2_tokenizer(words, QWEN_SPECIAL, 32768, extra=spaces, chat_template=QWEN_CHAT_TEMPLATE)
 
 
 # ---- the pipelines --------------------------------------------------------------------------------------------------
@@ -377,26 +354,14 @@ _BUILDERS = {"ltx": _ltx, "hunyuan": _hunyuan, "hunyuan15": _hunyuan15}
 def tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
     """The tiny pipeline of `kind` (float32, eval mode, progress bar off); the same `seed` gives the same weights.
     The global torch RNG is left as it was."""
-    if kind not in _BUILDERS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    with torch.random.fork_rng(devices=[]):
-        pipe = _BUILDERS[kind](seed)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_tiny(_BUILDERS, kind, seed)
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> DiffusionPipeline:
     """Save `tiny_pipeline(kind, seed)` to `folder` (safetensors) and check that `DiffusionPipeline.from_pretrained`
-    loads it back offline as the same class. Returns the pipeline that was saved."""
+    loads it back offline as the same class with the same components. Returns the pipeline that was saved."""
     pipe = tiny_pipeline(kind, seed)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    with _hub_offline():
-        loaded = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    if type(loaded) is not type(pipe):
-        raise RuntimeError(f"{folder} loads as {type(loaded).__name__}, not {type(pipe).__name__}.")
+    loaded = save_and_reload(pipe, folder)
     if kind == "ltx" and not np.allclose(loaded.vae.latents_std.numpy(), LTX_LATENTS_STD):
         raise RuntimeError(f"{folder}: the LTX VAE's latents_std did not load back.")
     return pipe

@@ -19,14 +19,12 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKLWan,
-    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
     WanPipeline,
     WanTransformer3DModel,
 )
-from t2i_pipelines import WORDS, _hub_offline
-from transformers import UMT5Config, UMT5EncoderModel
+from t2i_pipelines import WORDS, finish_tiny, save_and_reload, umt5_encoder
 
 from diffusers_scm.training.data import text_encoders
 
@@ -56,21 +54,7 @@ def _transformer(seed):
 
 def _umt5(tokenizer, seed):
     torch.manual_seed(seed)
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return UMT5EncoderModel(config)
+    return umt5_encoder(tokenizer, 32)
 
 
 def tiny_wan(version: str = "2.1", seed: int = 0) -> WanPipeline:
@@ -101,19 +85,14 @@ def tiny_wan(version: str = "2.1", seed: int = 0) -> WanPipeline:
             transformer=_transformer(seed + 2),
             **extra,
         )
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return finish_tiny(pipe)
 
 
 def save_tiny_wan(folder, version: str = "2.1", seed: int = 0) -> WanPipeline:
-    """Save `tiny_wan(version, seed)` to `folder` and check that it loads back offline as a WanPipeline."""
+    """Save `tiny_wan(version, seed)` to `folder` and check that it loads back offline as a WanPipeline with the same
+    components."""
     pipe = tiny_wan(version, seed)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    with _hub_offline():
-        loaded = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    loaded = save_and_reload(pipe, folder)
     if type(loaded) is not WanPipeline or (version == "2.2") != (loaded.transformer_2 is not None):
         raise RuntimeError(f"{folder} does not load back as the Wan {version} pipeline it was saved as.")
     return pipe
