@@ -87,27 +87,28 @@ def _dit_call(model, x, timestep, cond):
     return out.chunk(2, dim=1)[0]  # DiTPipeline: learned sigma
 
 
-def tiny_pixart():
+def tiny_pixart(**overrides):
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(0)
-    return PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=1,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_channels=32,
-        in_channels=4,
-        cross_attention_dim=16,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    ).eval()
+    config = {
+        "sample_size": 8,
+        "num_layers": 1,
+        "patch_size": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "caption_channels": 32,
+        "in_channels": 4,
+        "cross_attention_dim": 16,
+        "out_channels": 8,
+        "attention_bias": True,
+        "activation_fn": "gelu-approximate",
+        "num_embeds_ada_norm": 1000,
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+    }
+    return PixArtTransformer2DModel(**{**config, **overrides}).eval()
 
 
 def _pixart_call(model, x, timestep, cond):  # PixArtSigmaPipeline
@@ -123,44 +124,46 @@ def _pixart_call(model, x, timestep, cond):  # PixArtSigmaPipeline
 
 
 # ---- flow-matching transformers ------------------------------------------------------------------------------------
-def tiny_sd3():
+def tiny_sd3(**overrides):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=64,
-        out_channels=4,
-    ).eval()
+    config = {
+        "sample_size": 8,
+        "patch_size": 1,
+        "in_channels": 4,
+        "num_layers": 1,
+        "attention_head_dim": 8,
+        "num_attention_heads": 4,
+        "caption_projection_dim": 32,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 64,
+        "out_channels": 4,
+    }
+    return SD3Transformer2DModel(**{**config, **overrides}).eval()
 
 
 def _sd3_call(model, x, timestep, cond):  # StableDiffusion3Pipeline
     return model(hidden_states=x, timestep=timestep.expand(x.shape[0]), **cond, return_dict=False)[0]
 
 
-def tiny_flux(guidance_embeds=False):
+def tiny_flux(guidance_embeds=False, **overrides):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
-        guidance_embeds=guidance_embeds,
-    ).eval()
+    config = {
+        "patch_size": 1,
+        "in_channels": 16,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+        "axes_dims_rope": [4, 4, 8],
+        "guidance_embeds": guidance_embeds,
+    }
+    return FluxTransformer2DModel(**{**config, **overrides}).eval()
 
 
 def _flux_call(model, x, timestep, cond, pipeline="FluxPipeline"):  # FluxPipeline / ChromaPipeline
@@ -183,23 +186,24 @@ def _flux_call(model, x, timestep, cond, pipeline="FluxPipeline"):  # FluxPipeli
     return pipe._unpack_latents(out, h * vae_scale, w * vae_scale, vae_scale)
 
 
-def tiny_chroma():
+def tiny_chroma(**overrides):
     from diffusers import ChromaTransformer2DModel
 
     torch.manual_seed(0)
-    return ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        axes_dims_rope=[4, 4, 8],
-        approximator_num_channels=8,
-        approximator_hidden_dim=16,
-        approximator_layers=1,
-    ).eval()
+    config = {
+        "patch_size": 1,
+        "in_channels": 16,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "axes_dims_rope": [4, 4, 8],
+        "approximator_num_channels": 8,
+        "approximator_hidden_dim": 16,
+        "approximator_layers": 1,
+    }
+    return ChromaTransformer2DModel(**{**config, **overrides}).eval()
 
 
 def _chroma_call(model, x, timestep, cond):  # ChromaPipeline: the text mask joined with the image tokens
@@ -267,24 +271,25 @@ def _qwen_call(model, x, timestep, cond):  # QwenImagePipeline
     return pipe._unpack_latents(out, h * 8, w * 8, 8)[:, :, 0]  # (B, C, 1, H, W) -> (B, C, H, W)
 
 
-def tiny_wan():
+def tiny_wan(**overrides):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=1,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    config = {
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 2,
+        "attention_head_dim": 12,
+        "in_channels": 4,
+        "out_channels": 4,
+        "text_dim": 16,
+        "freq_dim": 256,
+        "ffn_dim": 32,
+        "num_layers": 1,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "rope_max_seq_len": 32,
+    }
+    return WanTransformer3DModel(**{**config, **overrides}).eval()
 
 
 def _wan_call(model, x, timestep, cond):  # WanPipeline

@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from families import FAMILIES, B, _padding, _text, tiny_sana
+from families import FAMILIES, B, _padding, _text, tiny_chroma, tiny_flux, tiny_pixart, tiny_sana, tiny_sd3, tiny_wan
 
 from diffusers_scm.jvp import jvp, jvp_attention
 
@@ -258,100 +258,23 @@ def _sd15_unet():
 
 
 def _sd3():
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=32,
-        num_attention_heads=1,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=64,
-        out_channels=4,
-    ).eval()
+    return tiny_sd3(attention_head_dim=32, num_attention_heads=1)
 
 
 def _flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=32,
-        num_attention_heads=1,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[8, 8, 16],
-    ).eval()
+    return tiny_flux(attention_head_dim=32, num_attention_heads=1, axes_dims_rope=[8, 8, 16])
 
 
 def _chroma():
-    from diffusers import ChromaTransformer2DModel
-
-    torch.manual_seed(0)
-    return ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=32,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        axes_dims_rope=[8, 8, 16],
-        approximator_num_channels=8,
-        approximator_hidden_dim=16,
-        approximator_layers=1,
-    ).eval()
+    return tiny_chroma(attention_head_dim=32, axes_dims_rope=[8, 8, 16])
 
 
 def _pixart():
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(0)
-    return PixArtTransformer2DModel(
-        sample_size=16,
-        num_layers=1,
-        patch_size=2,
-        attention_head_dim=32,
-        num_attention_heads=1,
-        caption_channels=32,
-        in_channels=4,
-        cross_attention_dim=32,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    ).eval()
+    return tiny_pixart(sample_size=16, attention_head_dim=32, num_attention_heads=1, cross_attention_dim=32)
 
 
 def _wan():
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=1,
-        attention_head_dim=32,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=1,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    return tiny_wan(num_attention_heads=1, attention_head_dim=32)
 
 
 CROSS = "query length {} != key length {} (cross-attention)"
