@@ -59,7 +59,7 @@ def test_the_family_declarations_and_codecs():
     for kind in KINDS:
         family = get_family(PIPELINES[kind])
         assert family.own_sampler == "sigmas" and not family.video and family.network == "transformer"
-    assert type(get_adapter(tiny("lumina2").transformer)).__name__ == "Lumina2GuidedAdapter"
+    assert type(get_adapter(tiny("lumina2").transformer)).__name__ == "Lumina2Adapter"
     assert type(get_adapter(tiny("cogview4").transformer)).__name__ == "CogView4Adapter"
     assert type(get_adapter(tiny("auraflow").transformer)).__name__ == "UnitTimeAdapter"
     for kind in KINDS:

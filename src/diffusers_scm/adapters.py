@@ -364,19 +364,34 @@ class SanaAdapter(NetworkAdapter):
 
 
 class Lumina2Adapter(NetworkAdapter):
-    """Lumina-Image 2.0: time 1 - s (data at 1) and the negated velocity x0 - n (its pipeline negates it)."""
+    """Lumina-Image 2.0: time 1 - s (data at 1) and the negated velocity x0 - n (its pipeline negates it). Its
+    pipeline's guidance at its defaults (`cfg_normalization=True`, `cfg_trunc_ratio=1.0`) rescales the combination
+    to the conditional prediction's norm over the last axis (`guide`)."""
+
+    linear_guidance = False
 
     def network_time(self, model, timestep):
         return 1 - timestep / 1000
 
     def inputs(self, model, sample, timestep, conditioning):
         text = conditioning.get("encoder_hidden_states")
-        if text is not None and conditioning.get("encoder_attention_mask") is None:  # a required argument
+        mask = conditioning.get("encoder_attention_mask")
+        if text is not None and mask is None:  # a required argument
             conditioning["encoder_attention_mask"] = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        elif mask is not None and mask.is_floating_point():
+            # integers, as the pipeline passes the tokenizer's (the network counts the text tokens from it); a mask
+            # read back from the latent cache is floating point
+            conditioning["encoder_attention_mask"] = mask.round().long()
         return super().inputs(model, sample, timestep, conditioning)
 
     def output(self, model, out, sample):
         return -super().output(model, out, sample)
+
+    def guide(self, cond, uncond, guidance_scale):
+        """comb = uncond + w (cond - uncond), then comb |cond| / |comb|, the norms over the last axis (the latent
+        image's width), as `Lumina2Pipeline.__call__` (SPEC.md section 8)."""
+        combined = super().guide(cond, uncond, guidance_scale)
+        return combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
 
 
 class KeywordAdapter(NetworkAdapter):

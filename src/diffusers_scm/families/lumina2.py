@@ -13,7 +13,7 @@ Time and prediction (`Lumina2Adapter`, `diffusers_scm.adapters`): the pipeline's
 pipeline negates before `scheduler.step`. The adapter passes 1 - timestep / 1000 and negates the output, so the
 teacher is the pipeline's flow-matching model.
 
-Guidance (`Lumina2GuidedAdapter`, registered here for `Lumina2Transformer2DModel`): `Lumina2Pipeline.__call__`
+Guidance (`Lumina2Adapter.guide`): `Lumina2Pipeline.__call__`
 combines comb = raw_u + w (raw_c - raw_u) and, with its default `cfg_normalization=True`, rescales comb to the norm of
 raw_c, the norms taken over the last axis of the latent image (its width: comb * |raw_c| / |comb| per channel and
 row). Its other option, `cfg_trunc_ratio` (default 1.0), drops guidance in the last steps of a sampling run; at its
@@ -26,14 +26,11 @@ is 8 whatever the VAE. Students sample in `Lumina2Pipeline` too: it takes `sigma
 `FlowMatchLCMScheduler(shift=1.0)` on the negated network output, the flow velocity n - x0 (`guidance_scale=1`).
 """
 
-import torch
-
-from ..adapters import Lumina2Adapter, register_adapter
 from ..conditioning import PromptEncoding
 from . import Family, register_family
 
 
-__all__ = ["Lumina2PromptEncoding", "Lumina2GuidedAdapter"]
+__all__ = ["Lumina2PromptEncoding"]
 
 
 class Lumina2PromptEncoding(PromptEncoding):
@@ -56,26 +53,4 @@ class Lumina2PromptEncoding(PromptEncoding):
         return cond, ({"encoder_hidden_states": npe, "encoder_attention_mask": nmask} if guidance else None)
 
 
-class Lumina2GuidedAdapter(Lumina2Adapter):
-    """`Lumina2Adapter` with the guidance of `Lumina2Pipeline` at its defaults (`cfg_normalization=True`,
-    `cfg_trunc_ratio=1.0`): the combination rescaled to the conditional prediction's norm over the last axis."""
-
-    linear_guidance = False
-
-    def inputs(self, model, sample, timestep, conditioning):
-        """The text mask as integers, as the pipeline passes the tokenizer's (the network counts the text tokens from
-        it); a mask read back from the latent cache is floating point."""
-        mask = conditioning.get("encoder_attention_mask")
-        if mask is not None and mask.is_floating_point():
-            conditioning["encoder_attention_mask"] = mask.round().long()
-        return super().inputs(model, sample, timestep, conditioning)
-
-    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale) -> torch.Tensor:
-        """comb = uncond + w (cond - uncond), then comb |cond| / |comb|, the norms over the last axis (the latent
-        image's width), as `Lumina2Pipeline.__call__` (SPEC.md section 8)."""
-        combined = super().guide(cond, uncond, guidance_scale)
-        return combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
-
-
-register_adapter("Lumina2Transformer2DModel", Lumina2GuidedAdapter())
 register_family(Family("Lumina2Pipeline", Lumina2PromptEncoding))
