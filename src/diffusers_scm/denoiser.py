@@ -11,13 +11,22 @@ from .adapters import NetworkAdapter, get_adapter
 from .parameterizations import Parameterization, get_parameterization
 
 
-__all__ = ["TrigFlowDenoiser", "call_network"]
+__all__ = ["TrigFlowDenoiser", "call_network", "combine_guidance"]
 
 
 def call_network(model, sample: torch.Tensor, timestep: torch.Tensor, adapter=None, **conditioning) -> torch.Tensor:
     """Call a diffusers (or plain) network on `(sample, timestep)` through its adapter (`get_adapter(model)` unless
     given) and return its prediction, shaped as `sample`, in the convention of the family's scheduler."""
     return (adapter or get_adapter(model))(model, sample, timestep, **conditioning)
+
+
+def combine_guidance(F_c: torch.Tensor, F_u: torch.Tensor, guidance_scale) -> torch.Tensor:
+    """Classifier-free guidance of TrigFlow outputs, F_c + (w - 1)(F_c - F_u) (SPEC.md section 8); `guidance_scale`
+    w a number or a tensor of one per sample."""
+    w = guidance_scale
+    if isinstance(w, torch.Tensor):
+        w = w.to(F_c).reshape(-1, *(1,) * (F_c.ndim - 1))
+    return F_c + (w - 1.0) * (F_c - F_u)
 
 
 class TrigFlowDenoiser(nn.Module):
@@ -80,11 +89,7 @@ class TrigFlowDenoiser(nn.Module):
         """
         if self.adapter.linear_guidance:
             F_c = self(x_t, t, **conditioning).to(x_t.dtype)
-            F_u = self(x_t, t, **uncond_conditioning).to(x_t.dtype)
-            w = guidance_scale
-            if isinstance(w, torch.Tensor) and w.ndim == 1:
-                w = w.to(F_c).view(-1, *(1,) * (F_c.ndim - 1))
-            return F_c + (w - 1.0) * (F_c - F_u)
+            return combine_guidance(F_c, self(x_t, t, **uncond_conditioning).to(x_t.dtype), guidance_scale)
         cond = self.raw_output(x_t, t, **conditioning)
         uncond = self.raw_output(x_t, t, **uncond_conditioning)
         raw = self.adapter.guide(cond, uncond, guidance_scale)

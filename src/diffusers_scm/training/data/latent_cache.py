@@ -84,6 +84,7 @@ def unflatten_conditioning(flat: dict, prefix: str = "cond") -> dict:
 def sample_ode(denoiser, x_T, cond, uncond=None, guidance_scale=1.0, num_inference_steps=16, solver="dpmsolver++"):
     """x0 from the teacher's guided probability-flow ODE (SPEC.md sections 1 and 8) from x_T = sd n at t_max:
     `TrigFlowODEScheduler` steps on F = F_c + (w - 1)(F_c - F_u)."""
+    from ...denoiser import combine_guidance
     from ...schedulers import TrigFlowODEScheduler
 
     # the denoiser answers in TrigFlow F whatever the network's family: a "trigflow" sampler steps it
@@ -97,7 +98,7 @@ def sample_ode(denoiser, x_T, cond, uncond=None, guidance_scale=1.0, num_inferen
         else:
             F = denoiser(x, tb, **cond)
             if uncond is not None and guidance_scale != 1.0:
-                F = F + (guidance_scale - 1.0) * (F - denoiser(x, tb, **uncond))
+                F = combine_guidance(F, denoiser(x, tb, **uncond), guidance_scale)
         x = scheduler.step(F, t, x).prev_sample
     return x
 

@@ -3,6 +3,7 @@ over the samples with finite targets (SPEC.md section 3, pitfall 9)."""
 
 import torch
 
+from ...denoiser import combine_guidance
 from ...jvp import unwrap_model
 from .time_proposals import clamp_times, lognormal_times
 
@@ -88,9 +89,7 @@ def teacher_velocity(
         F_c = teacher(x_t, t, **conditioning).to(x_t.dtype)
         if per_sample or guidance_scale != 1.0:
             uncond = uncond_conditioning or null_class_conditioning(teacher, conditioning)
-            F_u = teacher(x_t, t, **uncond).to(x_t.dtype)
-            w = _bcast(guidance_scale.to(F_c), F_c) if per_sample else guidance_scale
-            F_c = F_c + (w - 1.0) * (F_c - F_u)
+            F_c = combine_guidance(F_c, teacher(x_t, t, **uncond).to(x_t.dtype), guidance_scale)
     return sigma_data * F_c
 
 
