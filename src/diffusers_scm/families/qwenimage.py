@@ -79,8 +79,9 @@ class QwenImagePromptEncoding(PromptEncoding):
 
 
 class QwenImageCodec(LatentCodec):
-    """`AutoencoderKLQwenImage` (a video VAE) on images: a frame axis of one frame around the VAE's encode and decode,
-    x0 = (z - latents_mean) / latents_std (SPEC.md section 8), as `QwenImagePipeline` and its img2img pipeline."""
+    """`AutoencoderKLQwenImage` (a video VAE) on images: a frame axis of one frame around `LatentCodec`'s encode and
+    decode, x0 = (z - latents_mean) / latents_std (SPEC.md section 8; the VAE has no scaling factor), as
+    `QwenImagePipeline` and its img2img pipeline."""
 
     @property
     def latent_channels(self) -> int:
@@ -94,17 +95,12 @@ class QwenImageCodec(LatentCodec):
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents x0 (B, z_dim, h, w) of images (B, 3, H, W) in [-1, 1]."""
-        out = self.vae.encode(images.to(self.vae.device, self.vae.dtype)[:, :, None])
-        z = out.latent_dist.sample(generator) if self.sample else out.latent_dist.mode()
-        mean, std = self._stats(z.float())
-        return ((z.float() - mean) / std)[:, :, 0]
+        return super().encode(images[:, :, None], generator)[:, :, 0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in about [-1, 1] from latents x0 (B, z_dim, h, w)."""
-        mean, std = self._stats(latents)
-        z = (latents * std + mean)[:, :, None]
-        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0][:, :, 0]
+        return super().decode(latents[:, :, None])[:, :, 0]
 
 
 register_family(Family("QwenImagePipeline", QwenImagePromptEncoding, codec=QwenImageCodec))
