@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "LatentCodec",
+    "ScaledLatentCodec",
     "VideoLatentCodec",
     "PromptEncoding",
     "check_tokenizers",
@@ -127,6 +128,16 @@ class LatentCodec:
         else:
             z = latents / self.scaling_factor + self.shift_factor
         return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+
+
+class ScaledLatentCodec(LatentCodec):
+    """x0 = z * scaling_factor and back (SPEC.md section 8): the VAE's `shift_factor` and latent statistics are not
+    used, as CogView4's and AuraFlow's pipelines decode z = x0 / scaling_factor."""
+
+    def __init__(self, vae, sample: bool = True):
+        super().__init__(vae, sample)
+        self.shift_factor = 0.0
+        self.latents_mean = self.latents_std = None
 
 
 class VideoLatentCodec(LatentCodec):

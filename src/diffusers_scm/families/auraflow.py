@@ -11,9 +11,8 @@ Latents (`ScaledLatentCodec`): x0 = z * scaling_factor, as the pipeline decodes 
 sample in `AuraFlowPipeline` too: it takes `sigmas=` (`FlowMatchLCMScheduler(shift=1.0)`, `guidance_scale=1`).
 """
 
-from ..conditioning import PromptEncoding
+from ..conditioning import PromptEncoding, ScaledLatentCodec
 from . import Family, register_family
-from .cogview4 import ScaledLatentCodec
 
 
 __all__ = ["AuraFlowPromptEncoding"]

@@ -38,14 +38,13 @@ import math
 import torch
 
 from ..adapters import NetworkAdapter, register_adapter
-from ..conditioning import LatentCodec, PromptEncoding
+from ..conditioning import PromptEncoding, ScaledLatentCodec
 from . import Family, register_family
 
 
 __all__ = [
     "CogView4PromptEncoding",
     "CogView4Adapter",
-    "ScaledLatentCodec",
     "cogview4_sampling_kwargs",
     "record_time_shift",
     "RELEASED_TIME_SHIFT",
@@ -61,16 +60,6 @@ RELEASED_TIME_SHIFT = {
     "shift": 1.0,
 }
 _UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
-
-
-class ScaledLatentCodec(LatentCodec):
-    """x0 = z * scaling_factor and back (SPEC.md section 8): the VAE's `shift_factor` and latent statistics are not
-    used, as CogView4's and AuraFlow's pipelines decode z = x0 / scaling_factor."""
-
-    def __init__(self, vae, sample: bool = True):
-        super().__init__(vae, sample)
-        self.shift_factor = 0.0
-        self.latents_mean = self.latents_std = None
 
 
 class CogView4PromptEncoding(PromptEncoding):
