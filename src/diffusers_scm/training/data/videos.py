@@ -10,7 +10,7 @@ Clips are read whole: animated GIF, WebP and PNG (APNG) through PIL (every frame
 PyAV (`pip install diffusers-scm[video]`; without it such a file is an error that says so). Each item is
 `num_frames` frames sampled evenly from the start, a constant stride of max(1, total // num_frames) frames from frame
 0 (a 16-frame clip sampled to 5 frames keeps frames 0, 3, 6, 9, 12: the clip's motion at a constant frame rate), each
-frame resized on its shorter side and center-cropped to `resolution` as the image path does, as a tensor (C, F, H, W)
+frame center-cropped to a square and resized to `resolution` as the image path does, as a tensor (C, F, H, W)
 in [-1, 1], the layout video VAEs encode.
 
 Every clip is opened once when the data is loaded (its frames counted, not decoded): a file that cannot be read, or a
@@ -26,11 +26,10 @@ teacher's own guided ODE (`TextBatches`), at `num_frames` frames.
 import logging
 import os
 
-import numpy as np
 import torch
 
 from .captions import CaptionedImageDataset, _caption_text, _metadata_rows, _text_lines
-from .images import _NAMED
+from .images import _NAMED, _pil_to_tensor
 
 
 __all__ = [
@@ -114,18 +113,6 @@ def read_video_frames(path: str, num_frames: int | None = None) -> list:
     return [frames[i] for i in frame_indices(len(frames), num_frames)]
 
 
-def _center_crop_frame(image, resolution: int) -> np.ndarray:
-    from PIL import Image
-
-    w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-
-
 def video_tensor(path: str, num_frames: int, resolution: int) -> torch.Tensor:
     """A clip as (3, num_frames, resolution, resolution) in [-1, 1] (module docstring)."""
     try:
@@ -134,8 +121,7 @@ def video_tensor(path: str, num_frames: int, resolution: int) -> torch.Tensor:
         raise
     except Exception as e:
         raise ValueError(f"Cannot read the video {path} ({type(e).__name__}: {e}). {_SKIP_HINT}") from e
-    array = np.stack([_center_crop_frame(f, resolution) for f in frames])  # (F, H, W, 3)
-    return torch.from_numpy(array).permute(3, 0, 1, 2).contiguous()
+    return torch.stack([_pil_to_tensor(f, resolution, 3) for f in frames], dim=1)  # as images: (3, F, H, W)
 
 
 class CaptionedVideoDataset(CaptionedImageDataset):
@@ -210,7 +196,7 @@ def load_text_video_dataset(
 
     Args:
         name (`str`): the folder or prompt file.
-        resolution (`int`): frame size in pixels (resized on the shorter side, center-cropped).
+        resolution (`int`): frame size in pixels (center-cropped to a square, resized).
         num_frames (`int`): frames per clip, sampled evenly from the start.
         caption_column (`str`): the caption key of `metadata.jsonl`.
         skip_bad_videos (`bool`, defaults to `False`): leave unusable clips out instead of stopping.
