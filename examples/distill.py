@@ -293,7 +293,7 @@ def check_video_args(p, args):
     if video:
         import types
 
-        config = teacher_vae_config(args.teacher, args.teacher_revision)
+        config = teacher_json(args.teacher, "vae/config.json", args.teacher_revision)
         if config is not None:
             codec = family.latent_codec(types.SimpleNamespace(config=config))
             try:
@@ -302,20 +302,21 @@ def check_video_args(p, args):
                 p.error(str(e))
 
 
-def teacher_vae_config(teacher: str, revision: str | None = None) -> dict | None:
-    """The `vae/config.json` of a pipeline folder or Hub id (None where there is none)."""
+def teacher_json(teacher: str, filename: str, revision: str | None = None) -> dict | None:
+    """A JSON file of a pipeline folder or Hub id (`model_index.json`, `vae/config.json`), None where there is none
+    (a network repository has no model_index.json; a teacher without a VAE no vae/config.json)."""
     from diffusers_scm.hub.folders import local_folder
     from diffusers_scm.utils import read_json
 
     folder = local_folder(teacher)
     if folder is not None:
-        path = os.path.join(folder, "vae", "config.json")
+        path = os.path.join(folder, *filename.split("/"))
         return read_json(path) if os.path.isfile(path) else None
     from huggingface_hub import hf_hub_download
 
     try:
-        return read_json(hf_hub_download(teacher, "vae/config.json", revision=revision))
-    except Exception:  # no VAE config to read: the codec checks the frames when it encodes
+        return read_json(hf_hub_download(teacher, filename, revision=revision))
+    except Exception:  # not in the repository
         return None
 
 
@@ -335,20 +336,8 @@ def load_text_data(args):
 def text_to_image_family(teacher: str, revision: str | None = None) -> str | None:
     """The family pipeline class of a text-to-image teacher (its model_index.json), else None."""
     from diffusers_scm.families import is_family
-    from diffusers_scm.hub.folders import local_folder
-    from diffusers_scm.utils import read_json
 
-    folder = local_folder(teacher)
-    if folder is not None:
-        index = os.path.join(folder, "model_index.json")
-        name = read_json(index).get("_class_name") if os.path.isfile(index) else None
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            name = read_json(hf_hub_download(teacher, "model_index.json", revision=revision)).get("_class_name")
-        except Exception:  # a network repository without model_index.json: not a pipeline
-            name = None
+    name = (teacher_json(teacher, "model_index.json", revision) or {}).get("_class_name")
     return name if is_family(name) else None
 
 
