@@ -30,6 +30,7 @@ __all__ = [
     "ScaledLatentCodec",
     "VideoLatentCodec",
     "PromptEncoding",
+    "MaskedPromptEncoding",
     "check_tokenizers",
     "TEXT_COMPONENTS",
 ]
@@ -343,14 +344,34 @@ class FluxPromptEncoding(PromptEncoding):
         return cond, {"encoder_hidden_states": npe, "pooled_projections": nppe}
 
 
-class MaskedT5PromptEncoding(PromptEncoding):
-    """Sana and PixArt: embeddings with a padding mask, `encoder_attention_mask`."""
+class MaskedPromptEncoding(PromptEncoding):
+    """
+    Families whose `encode_prompt` gives the text states with their padding mask, and the negative prompt's, in one
+    call: the network reads them as `encoder_hidden_states` and `encoder_attention_mask`. Subclasses override
+    `_states` (the call, returning `(states, mask, negative_states, negative_mask)`).
+    """
 
     sequence_tokenizer = "tokenizer"
     embeds_with_prompt_embeds = ("prompt_attention_mask",)
+    embed_names = {"encoder_hidden_states": "prompt_embeds", "encoder_attention_mask": "prompt_attention_mask"}
+
+    @abc.abstractmethod
+    def _states(self, prompts, negative, device, guidance, embeds) -> tuple:
+        """The family's `encode_prompt` call: `(states, mask, negative_states, negative_mask)`."""
 
     def _encode(self, prompts, negative, device, guidance, embeds):
-        pe, mask, npe, nmask = self.pipeline.encode_prompt(
+        pe, mask, npe, nmask = self._states(prompts, negative, device, guidance, embeds)
+        cond = {"encoder_hidden_states": pe, "encoder_attention_mask": mask}
+        return cond, ({"encoder_hidden_states": npe, "encoder_attention_mask": nmask} if guidance else None)
+
+
+class MaskedT5PromptEncoding(MaskedPromptEncoding):
+    """Sana and PixArt: embeddings with a padding mask, `encoder_attention_mask`."""
+
+    embed_names = {"encoder_hidden_states": "prompt_embeds"}
+
+    def _states(self, prompts, negative, device, guidance, embeds):
+        return self.pipeline.encode_prompt(
             prompts,
             do_classifier_free_guidance=guidance,
             negative_prompt="" if negative is None else negative,
@@ -358,8 +379,6 @@ class MaskedT5PromptEncoding(PromptEncoding):
             clean_caption=False,
             **embeds,
         )
-        cond = {"encoder_hidden_states": pe, "encoder_attention_mask": mask}
-        return cond, ({"encoder_hidden_states": npe, "encoder_attention_mask": nmask} if guidance else None)
 
 
 class SanaPromptEncoding(MaskedT5PromptEncoding):

@@ -10,22 +10,18 @@ F_u + w (F_c - F_u). The latents are Flux's, `(z - shift_factor) * scaling_facto
 in `ChromaPipeline` too: it takes `sigmas=` (`FlowMatchLCMScheduler`).
 """
 
-from ..conditioning import PromptEncoding
+from ..conditioning import MaskedPromptEncoding
 from . import Family, register_family
 
 
 __all__ = ["ChromaPromptEncoding"]
 
 
-class ChromaPromptEncoding(PromptEncoding):
+class ChromaPromptEncoding(MaskedPromptEncoding):
     """Chroma: T5 embeddings and the pipeline's text mask (`encoder_attention_mask`), cond and negative from one
     `encode_prompt` call."""
 
-    sequence_tokenizer = "tokenizer"
-    embeds_with_prompt_embeds = ("prompt_attention_mask",)
-    embed_names = {"encoder_hidden_states": "prompt_embeds", "encoder_attention_mask": "prompt_attention_mask"}
-
-    def _encode(self, prompts, negative, device, guidance, embeds):
+    def _states(self, prompts, negative, device, guidance, embeds):
         pe, _, mask, npe, _, nmask = self.pipeline.encode_prompt(
             prompt=prompts,
             negative_prompt=negative,
@@ -33,8 +29,7 @@ class ChromaPromptEncoding(PromptEncoding):
             do_classifier_free_guidance=guidance,
             **embeds,
         )
-        cond = {"encoder_hidden_states": pe, "encoder_attention_mask": mask}
-        return cond, ({"encoder_hidden_states": npe, "encoder_attention_mask": nmask} if guidance else None)
+        return pe, mask, npe, nmask
 
 
 register_family(Family("ChromaPipeline", ChromaPromptEncoding))

@@ -28,7 +28,7 @@ re-noising draw alone: LTXPipeline's scheduler draws it in the packed token layo
 import torch
 
 from ..adapters import NetworkAdapter, register_adapter
-from ..conditioning import PromptEncoding, VideoLatentCodec
+from ..conditioning import MaskedPromptEncoding, VideoLatentCodec
 from . import Family, register_family
 
 
@@ -70,34 +70,26 @@ def rope_interpolation_scale(vae, frame_rate: float = DEFAULT_FRAME_RATE) -> tup
     return (temporal / frame_rate, spatial, spatial)
 
 
-class LTXPromptEncoding(PromptEncoding):
+class LTXPromptEncoding(MaskedPromptEncoding):
     """`LTXPipeline.encode_prompt`: T5 states and their padding mask (`encoder_hidden_states`,
     `encoder_attention_mask`), the negative prompt's (default: the empty prompt) for classifier-free guidance; the
     pipeline's `rope_interpolation_scale` at its default frame rate, one row per prompt."""
 
-    sequence_tokenizer = "tokenizer"
-    embeds_with_prompt_embeds = ("prompt_attention_mask",)
-    embed_names = {"encoder_hidden_states": "prompt_embeds", "encoder_attention_mask": "prompt_attention_mask"}
-
-    def _encode(self, prompts, negative, device, guidance, embeds):
-        pe, mask, npe, nmask = self.pipeline.encode_prompt(
+    def _states(self, prompts, negative, device, guidance, embeds):
+        return self.pipeline.encode_prompt(
             prompt=prompts,
             negative_prompt=negative,
             do_classifier_free_guidance=guidance,
             device=device,
             **embeds,
         )
+
+    def _encode(self, prompts, negative, device, guidance, embeds):
+        cond, uncond = super()._encode(prompts, negative, device, guidance, embeds)
         scale = torch.tensor(rope_interpolation_scale(self.pipeline.vae), device=device, dtype=torch.float32)
-
-        def conditioning(states, attention_mask):
-            rows = scale.expand(states.shape[0], 3).clone()
-            return {
-                "encoder_hidden_states": states,
-                "encoder_attention_mask": attention_mask,
-                "rope_interpolation_scale": rows,
-            }
-
-        return conditioning(pe, mask), (conditioning(npe, nmask) if guidance else None)
+        for part in [c for c in (cond, uncond) if c is not None]:
+            part["rope_interpolation_scale"] = scale.expand(part["encoder_hidden_states"].shape[0], 3).clone()
+        return cond, uncond
 
 
 class LTXLatentCodec(VideoLatentCodec):

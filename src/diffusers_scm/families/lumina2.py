@@ -26,31 +26,25 @@ is 8 whatever the VAE. Students sample in `Lumina2Pipeline` too: it takes `sigma
 `FlowMatchLCMScheduler(shift=1.0)` on the negated network output, the flow velocity n - x0 (`guidance_scale=1`).
 """
 
-from ..conditioning import PromptEncoding
+from ..conditioning import MaskedPromptEncoding
 from . import Family, register_family
 
 
 __all__ = ["Lumina2PromptEncoding"]
 
 
-class Lumina2PromptEncoding(PromptEncoding):
+class Lumina2PromptEncoding(MaskedPromptEncoding):
     """Lumina 2: Gemma-2 embeddings of the system prompt and the prompt, with their padding mask
     (`encoder_attention_mask`); cond and negative from one `encode_prompt` call."""
 
-    sequence_tokenizer = "tokenizer"
-    embeds_with_prompt_embeds = ("prompt_attention_mask",)
-    embed_names = {"encoder_hidden_states": "prompt_embeds", "encoder_attention_mask": "prompt_attention_mask"}
-
-    def _encode(self, prompts, negative, device, guidance, embeds):
-        pe, mask, npe, nmask = self.pipeline.encode_prompt(
+    def _states(self, prompts, negative, device, guidance, embeds):
+        return self.pipeline.encode_prompt(
             prompt=prompts,
             do_classifier_free_guidance=guidance,
             negative_prompt=negative,
             device=device,
             **embeds,
         )
-        cond = {"encoder_hidden_states": pe, "encoder_attention_mask": mask}
-        return cond, ({"encoder_hidden_states": npe, "encoder_attention_mask": nmask} if guidance else None)
 
 
 register_family(Family("Lumina2Pipeline", Lumina2PromptEncoding))
